@@ -1,0 +1,83 @@
+"""One validated config per stage. TOML files (`--config`) and CLI flags both fill it; flags win."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from mrantool.errors import ConfigError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class StageConfig(BaseModel):
+    """Base of every stage's config: unknown keys are errors, values are type-checked."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def load(cls: type[C], path: str | Path | None = None, section: str | None = None, **overrides: Any) -> C:
+        """Read `path` (TOML; keys at the top or under [section]), then apply non-None `overrides`."""
+        values: dict[str, Any] = {}
+        source = "command-line options"
+        if path is not None:
+            values = read_toml(path)
+            if section and isinstance(values.get(section), dict):
+                values = values[section]
+            source = str(path)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return validate(cls, values, source)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file with a one-sentence error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist; check the --config path.") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix the syntax.") from None
+
+
+def validate(cls: type[C], values: dict[str, Any], source: str) -> C:
+    """Build `cls` from `values`, reporting every bad key or value at once."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(config)"
+            if err["type"] == "extra_forbidden":
+                known = ", ".join(sorted(cls.model_fields))
+                problems.append(f"unknown key '{key}' (known: {known})")
+            else:
+                problems.append(f"'{key}': {err['msg']}")
+        raise ConfigError(f"Invalid settings in {source}: " + "; ".join(problems) + ".") from None
+
+
+class ExtractConfig(StageConfig):
+    """`mrantool extract`: which slides, which store, which encoder and geometry, how to run."""
+
+    slides: list[str] = []
+    store: str
+    preset: str = "mran"
+    encoder: str | None = None  # a timm name replacing the preset's architecture
+    weights: str | None = None  # local weights file (safetensors or state dict)
+    pretrained: bool = False  # load the preset's hub weights (needs access to the hub)
+    encoder_from: str | None = None  # a fine-tuning run whose encoder to use
+    mpp: float | None = None  # scan resolution override for slides without (or with wrong) metadata
+    target_mpp: float | None = None
+    bag_px: int | None = None
+    grid: int | None = None
+    cells: int | None = None
+    min_tissue: float = 0.1
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 2
+    shard: str | None = None
+    quiet: bool = False

@@ -1,0 +1,99 @@
+"""Place bags on a slide and measure the tissue in every patch.
+
+Edge behaviour: bags start at level-0 (0, 0) and step by the bag's level-0 size without overlap. A bag that crosses
+the right or bottom edge is kept when its in-slide part holds enough tissue; its pixels outside the slide read as
+white and its patches there have tissue fraction 0 (masked out by the models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from mrantool.tiling.presets import Geometry
+
+
+@dataclass(frozen=True)
+class BagPlan:
+    """Where a slide's bags are and how much tissue each patch holds."""
+
+    coords: np.ndarray  # (n_bags, 2) int64 level-0 top-left (x, y)
+    bag_size_l0: float  # bag side in level-0 pixels
+    patch_tissue: np.ndarray  # (n_bags, grid*grid) float32, row-major patches
+    bag_tissue: np.ndarray  # (n_bags,) float32
+    n_candidates: int  # bags on the grid before the tissue filter
+
+    @property
+    def n_bags(self) -> int:
+        return len(self.coords)
+
+
+def bag_size_l0(geometry: Geometry, slide_mpp: float) -> float:
+    """Level-0 pixels spanned by one bag side."""
+    return geometry.bag_px * geometry.mpp / slide_mpp
+
+
+def thumbnail_size_for(dimensions: tuple[int, int], geometry: Geometry, slide_mpp: float) -> int:
+    """A thumbnail side at which every patch spans at least ~4 pixels (bounded to 512..4096)."""
+    patch_l0 = bag_size_l0(geometry, slide_mpp) / geometry.grid
+    return int(min(4096, max(512, math.ceil(max(dimensions) / (patch_l0 / 4)))))
+
+
+def plan_bags(
+    dimensions: tuple[int, int],
+    slide_mpp: float,
+    geometry: Geometry,
+    mask: np.ndarray,
+    mask_downsample: float,
+    min_tissue: float = 0.1,
+) -> BagPlan:
+    """Grid the slide into bags, measure tissue per patch from a thumbnail mask, keep bags with enough tissue.
+
+    `mask` is a boolean tissue mask of the thumbnail; `mask_downsample` is level-0 pixels per mask pixel.
+    A bag is kept when its tissue fraction (mean over its patches) is at least `min_tissue`.
+    """
+    w, h = dimensions
+    size = bag_size_l0(geometry, slide_mpp)
+    nx, ny = math.ceil(w / size - 1e-9), math.ceil(h / size - 1e-9)
+    g = geometry.grid
+    # Patch boundaries along each axis in mask pixels, for all bags at once.
+    edges_x = _edges(nx, g, size, mask_downsample)
+    edges_y = _edges(ny, g, size, mask_downsample)
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
+    ex = np.clip(edges_x, 0, mask.shape[1])
+    ey = np.clip(edges_y, 0, mask.shape[0])
+    # counts[j, i] = tissue pixels in the patch cell between y-edges j, j+1 and x-edges i, i+1.
+    s = integral[np.ix_(ey, ex)]
+    counts = s[1:, 1:] - s[:-1, 1:] - s[1:, :-1] + s[:-1, :-1]
+    area = np.outer(np.diff(edges_y), np.diff(edges_x)).astype(np.float64)
+    frac = np.where(area > 0, counts / np.maximum(area, 1), 0.0)  # (ny*g, nx*g)
+    per_bag = frac.reshape(ny, g, nx, g).transpose(0, 2, 1, 3).reshape(ny * nx, g * g)
+    bag_tissue = per_bag.mean(axis=1)
+    keep = bag_tissue >= min_tissue
+    iy, ix = np.divmod(np.arange(ny * nx), nx)
+    coords = np.stack([np.round(ix * size), np.round(iy * size)], axis=1).astype(np.int64)
+    return BagPlan(
+        coords=coords[keep],
+        bag_size_l0=size,
+        patch_tissue=per_bag[keep].astype(np.float32),
+        bag_tissue=bag_tissue[keep].astype(np.float32),
+        n_candidates=int(ny * nx),
+    )
+
+
+def _edges(n_bags: int, grid: int, bag_l0: float, downsample: float) -> np.ndarray:
+    """Patch edges along one axis in mask pixels (n_bags*grid + 1 values), rounded to whole mask pixels."""
+    steps = np.arange(n_bags * grid + 1, dtype=np.float64) * (bag_l0 / grid)
+    return np.round(steps / downsample).astype(np.int64)
+
+
+def patch_coords(plan: BagPlan, geometry: Geometry) -> np.ndarray:
+    """Level-0 top-left of every patch: (n_bags, grid*grid, 2), row-major inside each bag."""
+    g = geometry.grid
+    step = plan.bag_size_l0 / g
+    rows, cols = np.divmod(np.arange(g * g), g)
+    offsets = np.stack([cols * step, rows * step], axis=1)
+    return np.round(plan.coords[:, None, :] + offsets[None]).astype(np.int64)

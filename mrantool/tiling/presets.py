@@ -1,0 +1,117 @@
+"""Presets as data: the bag/patch/cell geometry at a physical resolution plus the encoder that fills it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from mrantool.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A bag is `bag_px` px square at `mpp` microns/px, cut into `grid` x `grid` patches of `cells` x `cells` cells."""
+
+    bag_px: int
+    mpp: float
+    grid: int
+    cells: int
+
+    def __post_init__(self) -> None:
+        if self.bag_px <= 0 or self.grid <= 0 or self.cells <= 0 or self.mpp <= 0:
+            raise ConfigError(f"Geometry values must be positive, got {self}; fix bag_px, mpp, grid or cells.")
+        if self.bag_px % self.grid:
+            raise ConfigError(
+                f"bag_px={self.bag_px} is not divisible by grid={self.grid}; choose a bag size that is a "
+                "multiple of the patch grid."
+            )
+
+    @property
+    def patch_px(self) -> int:
+        """Patch side in pixels at `mpp`."""
+        return self.bag_px // self.grid
+
+    @property
+    def n_patches(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def n_cells(self) -> int:
+        return self.cells * self.cells
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A geometry and the patch encoder that embeds it (input size, normalisation, how tokens become cells).
+
+    `arch` is the timm architecture built without downloads; `hub` is the pretrained name (e.g. an `hf-hub:` id)
+    loaded only when the user asks for pretrained weights. `tokens` says how spatial tokens become the cell grid:
+    "cnn" pools the last feature map, "vit" reshapes patch tokens (prefix/register tokens excluded) and pools.
+    `feature_index` truncates a CNN after that stage (CLAM's ResNet-50 stops after stage 3: 1024-d).
+    """
+
+    name: str
+    geometry: Geometry
+    arch: str
+    embed_dim: int
+    input_px: int
+    tokens: Literal["cnn", "vit"]
+    hub: str | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    feature_index: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preset:
+        data = dict(data)
+        data["geometry"] = Geometry(**data["geometry"])
+        data["mean"] = tuple(data["mean"])
+        data["std"] = tuple(data["std"])
+        return cls(**data)
+
+    def with_overrides(self, *, mpp: float | None = None, bag_px: int | None = None, grid: int | None = None,
+                       cells: int | None = None, arch: str | None = None, embed_dim: int | None = None) -> Preset:
+        """A copy with some geometry or encoder fields replaced (the CLI's --mpp, --encoder ... flags)."""
+        g = self.geometry
+        geometry = Geometry(
+            bag_px=bag_px or g.bag_px, mpp=mpp or g.mpp, grid=grid or g.grid, cells=cells or g.cells
+        )
+        return replace(self, geometry=geometry, arch=arch or self.arch, embed_dim=embed_dim or self.embed_dim)
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        # The MRAN reference geometry: 1024 px bag at 1.0 mpp, 8x8 patches of 128 px, ResNet-18 4x4 map -> 16 cells.
+        Preset("mran", Geometry(1024, 1.0, 8, 4), arch="resnet18", embed_dim=512, input_px=128, tokens="cnn"),
+        # CLAM's encoder: ResNet-50 truncated after stage 3 (1024-d), 256 px patches at 0.5 mpp (20x).
+        Preset("resnet50-trunc", Geometry(1024, 0.5, 4, 4), arch="resnet50", embed_dim=1024, input_px=256,
+               tokens="cnn", feature_index=3),
+        Preset("vit-s16", Geometry(896, 0.5, 4, 7), arch="vit_small_patch16_224", embed_dim=384, input_px=224,
+               tokens="vit"),
+        # Foundation-model shape (UNI): ViT-L/16 at 224 px, 0.5 mpp; hub weights only where the user has access.
+        Preset("uni", Geometry(896, 0.5, 4, 7), arch="vit_large_patch16_224", embed_dim=1024, input_px=224,
+               tokens="vit", hub="hf-hub:MahmoodLab/UNI", model_kwargs={"init_values": 1e-5}),
+        # Small and fast: for tests and CPU demos (ResNet-18 cut after stage 2, 128-d, 64 px patches at 2 mpp).
+        Preset("tiny", Geometry(256, 2.0, 4, 2), arch="resnet18", embed_dim=128, input_px=64, tokens="cnn",
+               feature_index=2),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by name, with an error that lists the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"Unknown preset '{name}'; choose one of: {', '.join(sorted(PRESETS))}.") from None
