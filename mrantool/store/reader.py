@@ -1,0 +1,292 @@
+"""`FeatureStore`: open or create a store, read committed slides lazily, and hand out writers and locks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.storage
+
+from mrantool import __version__
+from mrantool.errors import StoreError
+from mrantool.store import locks as _locks
+from mrantool.store.locks import DEFAULT_MAX_AGE_S, SlideLock, owner_tag
+from mrantool.store.schema import (
+    CELL_EMB,
+    COORDS,
+    PATCH_EMB,
+    PATCH_TISSUE,
+    SCHEMA_VERSION,
+    Dims,
+    Layout,
+    identity_differences,
+    jsonable,
+    validate_identity,
+    validate_slide_id,
+)
+from mrantool.store.writer import SlideWriter, clean_orphans, read_failures, record_failure
+
+
+def read_provenance(slide_dir: Path) -> dict[str, Any]:
+    """A committed slide's provenance (its group attributes) without opening its arrays."""
+    return json.loads((slide_dir / "zarr.json").read_text()).get("attributes", {})
+
+
+class SlideFeatures:
+    """One committed slide: lazy zarr arrays plus provenance; reads load only what they index."""
+
+    def __init__(self, slide_id: str, path: Path) -> None:
+        self.slide_id = slide_id
+        self.path = path
+        group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+        missing = [name for name in (COORDS, PATCH_TISSUE, PATCH_EMB) if name not in group]
+        if missing:
+            raise StoreError(f"Slide '{slide_id}' at {path} lacks {', '.join(missing)}; run `mrantool check` on "
+                             "the store and re-extract that slide.")
+        self.coords = group[COORDS]
+        self.patch_tissue = group[PATCH_TISSUE]
+        self.patch_emb = group[PATCH_EMB]
+        self.cell_emb = group.get(CELL_EMB)
+        self.provenance: dict[str, Any] = dict(group.attrs)
+
+    @property
+    def n_bags(self) -> int:
+        return self.patch_emb.shape[0]
+
+    @property
+    def n_patches(self) -> int:
+        return self.patch_emb.shape[1]
+
+    @property
+    def n_cells(self) -> int:
+        return 0 if self.cell_emb is None else self.cell_emb.shape[2]
+
+    @property
+    def dim(self) -> int:
+        return self.patch_emb.shape[2]
+
+    def _bag(self, bag: int) -> int:
+        if not 0 <= bag < self.n_bags:
+            raise StoreError(f"Bag {bag} is outside slide '{self.slide_id}' ({self.n_bags} bags); use 0.."
+                             f"{self.n_bags - 1}.")
+        return int(bag)
+
+    def _read(self, array: Any, index: Any) -> np.ndarray:
+        try:
+            return array[index]
+        except (RuntimeError, ValueError, OSError) as exc:
+            raise StoreError(f"Slide '{self.slide_id}' at {self.path} has a damaged chunk ({exc}); run `mrantool "
+                             "check` on the store and re-extract that slide.") from None
+
+    def read_bag(self, bag: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(patch embeddings (P, D), cell embeddings (P, C, D) or None) of one bag."""
+        bag = self._bag(bag)
+        cells = None if self.cell_emb is None else self._read(self.cell_emb, bag)
+        return self._read(self.patch_emb, bag), cells
+
+    def read_patches(self) -> np.ndarray:
+        """All patch embeddings of the slide, (n_bags, P, D) float16."""
+        return self._read(self.patch_emb, slice(None))
+
+    def read_cells(self, bag: int, patch: int) -> np.ndarray:
+        """Cell embeddings (C, D) of one patch."""
+        if self.cell_emb is None:
+            raise StoreError(f"Slide '{self.slide_id}' at {self.path} has no cell embeddings (imported or "
+                             "patch-only store); use a head that needs only patches.")
+        if not 0 <= patch < self.n_patches:
+            raise StoreError(f"Patch {patch} is outside a bag of {self.n_patches} patches; use 0.."
+                             f"{self.n_patches - 1}.")
+        return self._read(self.cell_emb, (self._bag(bag), int(patch)))
+
+    def __repr__(self) -> str:
+        return (f"SlideFeatures({self.slide_id!r}, n_bags={self.n_bags}, P={self.n_patches}, C={self.n_cells}, "
+                f"D={self.dim})")
+
+
+class FeatureStore:
+    """One store per (cohort, encoder, geometry); see docs/store-format.md for the layout."""
+
+    def __init__(self, path: Path, attrs: dict[str, Any], writable: bool, lock_max_age_s: float) -> None:
+        self.path = path
+        self.layout = Layout(path)
+        self.identity: dict[str, Any] = attrs["identity"]
+        self.schema_version: int = attrs["schema_version"]
+        self.mrantool_version: str | None = attrs.get("mrantool_version")
+        self.created: str | None = attrs.get("created")
+        self.dims = Dims.from_identity(self.identity)
+        self.writable = writable
+        self.lock_max_age_s = lock_max_age_s
+
+    # --- opening -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], identity: dict[str, Any], *,
+               lock_max_age_s: float = DEFAULT_MAX_AGE_S) -> FeatureStore:
+        """Create a store at `path`, or open the existing one there if its identity equals `identity`."""
+        root = Path(path)
+        identity = validate_identity(identity, root)
+        if not (root / "zarr.json").is_file():
+            if root.exists() and (not root.is_dir() or any(root.iterdir())):
+                raise StoreError(f"{root} exists and is not a feature store; choose a new --store path.")
+            _create_root(root, identity)
+        return cls.open(root, identity, writable=True, lock_max_age_s=lock_max_age_s)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], identity: dict[str, Any] | None = None, *, writable: bool = False,
+             lock_max_age_s: float = DEFAULT_MAX_AGE_S) -> FeatureStore:
+        """Open an existing store; with `identity`, refuse a store written with another encoder or geometry."""
+        root = Path(path)
+        if not root.exists():
+            raise StoreError(f"Store {root} does not exist; create it with `mrantool extract ... --store {root}` "
+                             "or `mrantool import`.")
+        attrs = _read_root_attrs(root)
+        if attrs.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(f"Store {root} has schema version {attrs.get('schema_version')} (written by mrantool "
+                             f"{attrs.get('mrantool_version')}) but mrantool {__version__} reads version "
+                             f"{SCHEMA_VERSION}; use a new --store or the mrantool version that wrote it.")
+        if identity is not None:
+            diffs = identity_differences(attrs["identity"], validate_identity(identity, root))
+            if diffs:
+                raise StoreError(f"Store {root} was written with another encoder or geometry ({'; '.join(diffs)}); "
+                                 "use a new --store for this encoder and geometry.")
+        store = cls(root, attrs, writable, lock_max_age_s)
+        if writable:
+            for folder in (store.layout.slides, store.layout.staging, store.layout.locks, store.layout.failures):
+                folder.mkdir(exist_ok=True)
+            clean_orphans(store.layout, lock_max_age_s)
+        return store
+
+    # --- reading -------------------------------------------------------------------------------------------
+
+    def slide_ids(self) -> list[str]:
+        """Sorted ids of complete (committed) slides."""
+        return self.layout.committed_ids()
+
+    def __contains__(self, slide_id: object) -> bool:
+        return isinstance(slide_id, str) and slide_id in set(self.slide_ids())
+
+    def slide(self, slide_id: str) -> SlideFeatures:
+        """The committed slide `slide_id`; StoreError when it is not (yet) in the store."""
+        path = self.layout.slide(validate_slide_id(slide_id))
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"Slide '{slide_id}' is not in store {self.path} ({len(self.slide_ids())} complete "
+                             "slides); check the id with `mrantool info` or extract that slide.")
+        return SlideFeatures(slide_id, path)
+
+    def provenance(self, slide_id: str) -> dict[str, Any]:
+        """Provenance of a committed slide without opening its arrays."""
+        return self.slide(slide_id).provenance
+
+    def is_complete(self, slide_id: str, fingerprint: dict[str, Any] | None = None) -> bool:
+        """Whether `slide_id` is committed (and, when given, was extracted from a file with this fingerprint)."""
+        path = self.layout.slide(validate_slide_id(slide_id))
+        if not (path / "zarr.json").is_file():
+            return False
+        return fingerprint is None or read_provenance(path).get("fingerprint") == jsonable(fingerprint)
+
+    def failures(self) -> dict[str, dict[str, Any]]:
+        """slide_id -> {slide_id, source, message, time, host, pid, mrantool_version} of recorded failures."""
+        return read_failures(self.layout)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per committed or failed slide, for `mrantool info`."""
+        failures = self.failures()
+        cells = self.identity["geometry"]["cells"]
+        rows = []
+        for slide_id in self.slide_ids():
+            prov = read_provenance(self.layout.slide(slide_id))
+            rows.append({"slide_id": slide_id, "status": "complete", "n_bags": prov.get("n_bags"),
+                         "n_patches": self.dims.n_patches, "dim": self.dims.dim,
+                         "cells": f"{cells}x{cells}" if self.dims.n_cells else None, "mpp": prov.get("mpp"),
+                         "encoder": self.identity["encoder"], "source": prov.get("source"),
+                         "error": failures.get(slide_id, {}).get("message")})
+        done = {row["slide_id"] for row in rows}
+        for slide_id, record in failures.items():
+            if slide_id not in done:
+                rows.append({"slide_id": slide_id, "status": "failed", "n_bags": None, "n_patches": None,
+                             "dim": None, "cells": None, "mpp": None, "encoder": self.identity["encoder"],
+                             "source": record.get("source"), "error": record.get("message")})
+        return sorted(rows, key=lambda row: row["slide_id"])
+
+    # --- writing -------------------------------------------------------------------------------------------
+
+    def _require_writable(self) -> None:
+        if not self.writable:
+            raise StoreError(f"Store {self.path} was opened read-only; open it with FeatureStore.create or "
+                             "FeatureStore.open(..., writable=True) to write.")
+
+    def begin_slide(self, slide_id: str, n_bags: int, provenance: dict[str, Any]) -> SlideWriter:
+        """A writer for one slide; provenance needs source, fingerprint, mpp, level0_size, bag_size_l0 (+ extras)."""
+        self._require_writable()
+        return SlideWriter(self.layout, slide_id, n_bags, self.identity, provenance)
+
+    def record_failure(self, slide_id: str, source: str | os.PathLike[str], message: str) -> Path:
+        """Record that `slide_id` failed; a later successful commit removes the record."""
+        self._require_writable()
+        return record_failure(self.layout, slide_id, source, message)
+
+    def lock(self, slide_id: str) -> SlideLock:
+        """Hold the lock on `slide_id` (use `with`); LockedError when a live extractor holds it."""
+        self._require_writable()
+        return _locks.lock(self.layout, slide_id, self.lock_max_age_s)
+
+    def try_lock(self, slide_id: str) -> SlideLock | None:
+        """The lock on `slide_id`, or None when it is busy."""
+        self._require_writable()
+        return _locks.try_lock(self.layout, slide_id, self.lock_max_age_s)
+
+    def locks(self) -> list[dict[str, Any]]:
+        """Current lock records: slide_id, pid, host, started, age_s, stale, path."""
+        return _locks.list_locks(self.layout, self.lock_max_age_s)
+
+    def clear_stale_locks(self) -> list[str]:
+        """Break locks whose owner is dead or too old; return their slide ids."""
+        return _locks.clear_locks(self.layout, force=False, max_age_s=self.lock_max_age_s)
+
+    def clear_locks(self, force: bool = False) -> list[str]:
+        """Break stale locks, or every lock with `force` (only when no extractor is running)."""
+        return _locks.clear_locks(self.layout, force=force, max_age_s=self.lock_max_age_s)
+
+    def clean_staging(self) -> list[Path]:
+        """Delete staging groups and trash left by dead writers; return what was removed."""
+        return clean_orphans(self.layout, self.lock_max_age_s)
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, encoder={self.identity['encoder']!r}, slides={len(self.slide_ids())})"
+
+
+def _read_root_attrs(root: Path) -> dict[str, Any]:
+    if not (root / "zarr.json").is_file():
+        raise StoreError(f"{root} is not an mrantool feature store (no zarr.json); pass a store made by "
+                         "`mrantool extract` or `mrantool import`, or a new path.")
+    try:
+        attrs = dict(zarr.open_group(zarr.storage.LocalStore(root, read_only=True), mode="r").attrs)
+    except Exception as exc:  # zarr raises several types for damaged metadata
+        raise StoreError(f"{root} has unreadable zarr metadata ({exc}); restore it or use a new --store.") from None
+    if "schema_version" not in attrs or "identity" not in attrs:
+        raise StoreError(f"{root} is a zarr group but not an mrantool feature store; pass a store made by "
+                         "`mrantool extract` or `mrantool import`, or a new path.")
+    return attrs
+
+
+def _create_root(root: Path, identity: dict[str, Any]) -> None:
+    """Build the root group in a temp dir beside `root` and rename it into place (racing creators are fine)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    temp = root.parent / f".{root.name}.{owner_tag()}"
+    attrs = {"schema_version": SCHEMA_VERSION, "mrantool_version": __version__, "identity": identity,
+             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    group = zarr.open_group(zarr.storage.LocalStore(temp), mode="w-", attributes=attrs)
+    group.create_group("slides")
+    try:
+        os.rename(temp, root)
+    except OSError as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise StoreError(f"Cannot create store {root} ({exc.strerror}); choose a writable --store path.") from None

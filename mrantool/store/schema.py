@@ -1,0 +1,195 @@
+"""The store layout (schema version 1): paths, array names and chunking, identity and provenance rules.
+
+See docs/store-format.md for the on-disk description; this module is the single place that encodes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mrantool.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+SLIDES_DIR = "slides"
+STAGING_DIR = "staging"
+TRASH_DIR = "trash"
+LOCKS_DIR = "locks"
+FAILURES_DIR = "failures"
+
+COORDS = "coords"
+PATCH_TISSUE = "patch_tissue"
+PATCH_EMB = "patch_emb"
+CELL_EMB = "cell_emb"
+ARRAY_DTYPES = {COORDS: "int64", PATCH_TISSUE: "float16", PATCH_EMB: "float16", CELL_EMB: "float16"}
+
+ZSTD_LEVEL = 1  # measured: same ratio as level 3 on fp16 features, ~3x faster to encode
+PATCH_CHUNK_INSTANCES = 256  # a patch_emb chunk holds max(1, 256 // P) bags
+TABLE_CHUNK_BAGS = 4096  # coords and patch_tissue are small: many bags per chunk
+
+IDENTITY_KEYS = ("encoder", "weights", "transforms", "embed_dim", "geometry", "preset", "has_cells")
+PROVENANCE_KEYS = ("source", "fingerprint", "mpp", "level0_size", "bag_size_l0")
+STORE_PROVENANCE_KEYS = ("slide_id", "n_bags", "identity", "geometry", "mrantool_version", "timings", "extracted_at")
+MAX_ID_BYTES = 200
+
+
+def hostname() -> str:
+    """This machine's name, reduced to characters safe in file names (no dots)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in socket.gethostname()) or "host"
+
+
+def jsonable(value: Any) -> Any:
+    """`value` as plain JSON types (numpy scalars/arrays, tuples and paths converted), for zarr attributes."""
+
+    def default(obj: Any) -> Any:
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+        if isinstance(obj, os.PathLike):
+            return os.fspath(obj)
+        raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+    try:
+        return json.loads(json.dumps(value, default=default))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"Store metadata must be JSON-serialisable ({exc}); pass plain numbers, strings, "
+                         "lists and dicts.") from None
+
+
+def validate_slide_id(slide_id: str) -> str:
+    """Return `slide_id` if it can name a file in the store, else raise StoreError saying why."""
+    problem = None
+    if not isinstance(slide_id, str) or not slide_id:
+        problem = "it is empty"
+    elif "/" in slide_id or "\\" in slide_id or (os.altsep and os.altsep in slide_id):
+        problem = "it contains a path separator"
+    elif slide_id.startswith("."):
+        problem = "it starts with a dot"
+    elif any(ord(ch) < 32 for ch in slide_id):
+        problem = "it contains a control character"
+    elif len(slide_id.encode("utf-8")) > MAX_ID_BYTES:
+        problem = f"it is longer than {MAX_ID_BYTES} bytes"
+    if problem:
+        raise StoreError(f"Invalid slide id {slide_id!r}: {problem}; rename the file or give a `slide_id` column "
+                         "in the SLIDES CSV.")
+    return slide_id
+
+
+def validate_identity(identity: dict[str, Any], path: Path | str) -> dict[str, Any]:
+    """Check that `identity` has the required fields and return it as plain JSON."""
+    if not isinstance(identity, dict):
+        raise StoreError(f"The identity for store {path} must be a dict with keys {', '.join(IDENTITY_KEYS)}.")
+    missing = [key for key in IDENTITY_KEYS if key not in identity]
+    if missing:
+        raise StoreError(f"The identity for store {path} lacks {', '.join(missing)}; build it with "
+                         "mrantool.store.schema.make_identity.")
+    geometry = identity["geometry"]
+    if not isinstance(geometry, dict) or not all(isinstance(geometry.get(k), int) and geometry[k] > 0
+                                                 for k in ("grid", "cells")):
+        raise StoreError(f"The identity for store {path} needs geometry.grid and geometry.cells as positive "
+                         "integers; pass Geometry.to_dict().")
+    if not isinstance(identity["embed_dim"], int) or identity["embed_dim"] <= 0:
+        raise StoreError(f"The identity for store {path} needs a positive integer embed_dim.")
+    return jsonable(identity)
+
+
+def make_identity(*, encoder: str, weights: str, transforms: dict[str, Any], embed_dim: int,
+                  geometry: dict[str, Any], preset: str | None, has_cells: bool, **extra: Any) -> dict[str, Any]:
+    """The identity of a store: what must be equal for two slides' features to be comparable."""
+    identity = {"encoder": encoder, "weights": weights, "transforms": transforms, "embed_dim": int(embed_dim),
+                "geometry": geometry, "preset": preset, "has_cells": bool(has_cells), **extra}
+    return validate_identity(identity, "<new>")
+
+
+def identity_differences(stored: dict[str, Any], wanted: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two identities differ, with both values."""
+    diffs = []
+    for key in sorted(set(stored) | set(wanted)):
+        name = f"{prefix}{key}"
+        a, b = stored.get(key, "<absent>"), wanted.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs.extend(identity_differences(a, b, prefix=f"{name}."))
+        elif a != b:
+            diffs.append(f"{name} (store: {a!r}, requested: {b!r})")
+    return diffs
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Per-bag array dimensions implied by a store identity: P patches, C cells (0 without cells), D dims."""
+
+    n_patches: int
+    n_cells: int
+    dim: int
+
+    @classmethod
+    def from_identity(cls, identity: dict[str, Any]) -> Dims:
+        geometry = identity["geometry"]
+        cells = geometry["cells"] ** 2 if identity["has_cells"] else 0
+        return cls(n_patches=geometry["grid"] ** 2, n_cells=cells, dim=identity["embed_dim"])
+
+    def shapes(self, n_bags: int) -> dict[str, tuple[int, ...]]:
+        """Array name -> shape for a slide with `n_bags` bags."""
+        shapes = {COORDS: (n_bags, 2), PATCH_TISSUE: (n_bags, self.n_patches),
+                  PATCH_EMB: (n_bags, self.n_patches, self.dim)}
+        if self.n_cells:
+            shapes[CELL_EMB] = (n_bags, self.n_patches, self.n_cells, self.dim)
+        return shapes
+
+    def chunks(self, n_bags: int) -> dict[str, tuple[int, ...]]:
+        """Array name -> chunk shape: one bag per cell chunk, a few bags per patch chunk, many per table chunk."""
+        patch_bags = min(n_bags, max(1, PATCH_CHUNK_INSTANCES // self.n_patches))
+        table_bags = min(n_bags, TABLE_CHUNK_BAGS)
+        return {name: ((1,) if name == CELL_EMB else (patch_bags,) if name == PATCH_EMB else (table_bags,)) + shape[1:]
+                for name, shape in self.shapes(n_bags).items()}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths inside one store directory."""
+
+    root: Path
+
+    @property
+    def slides(self) -> Path:
+        return self.root / SLIDES_DIR
+
+    @property
+    def staging(self) -> Path:
+        return self.root / STAGING_DIR
+
+    @property
+    def trash(self) -> Path:
+        return self.root / TRASH_DIR
+
+    @property
+    def locks(self) -> Path:
+        return self.root / LOCKS_DIR
+
+    @property
+    def failures(self) -> Path:
+        return self.root / FAILURES_DIR
+
+    def slide(self, slide_id: str) -> Path:
+        return self.slides / slide_id
+
+    def lock(self, slide_id: str) -> Path:
+        return self.locks / f"{slide_id}.lock"
+
+    def failure(self, slide_id: str) -> Path:
+        return self.failures / f"{slide_id}.json"
+
+    def committed_ids(self) -> list[str]:
+        """Sorted ids of committed slides (directories under slides/ holding group metadata)."""
+        if not self.slides.is_dir():
+            return []
+        return sorted(entry.name for entry in os.scandir(self.slides)
+                      if not entry.name.startswith(".") and os.path.isfile(os.path.join(entry.path, "zarr.json")))
