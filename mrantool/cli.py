@@ -73,6 +73,104 @@ def preview(
     console.print(f"wrote {summary.out}")
 
 
+@app.command()
+def extract(
+    slides: Annotated[list[str] | None, typer.Argument(help="Slide files, folders, CSVs with slide_path.")] = None,
+    store: Annotated[str | None, typer.Option(help="The Zarr feature store to fill (created when absent).")] = None,
+    preset: Annotated[str | None, typer.Option(help="mran, resnet50-trunc, vit-s16, uni, tiny.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="A timm model name replacing the preset's architecture.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local encoder weights (safetensors or a state dict).")] = None,
+    pretrained: Annotated[bool | None, typer.Option(help="Load the preset's hub weights (needs hub access).")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) for slides without it.")] = None,
+    target_mpp: Annotated[float | None, typer.Option(help="Override the preset's target resolution.")] = None,
+    min_tissue: Annotated[float | None, typer.Option(help="Keep bags with at least this tissue fraction.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Patches per encoder batch.")] = None,
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes reading slides.")] = None,
+    shard: Annotated[str | None, typer.Option(help="i/n: this process does the i-th of n deterministic parts.")] = None,
+    quiet: Annotated[bool | None, typer.Option("--quiet", help="Log lines instead of progress bars.")] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
+) -> None:
+    """Extract patch and cell embeddings of every slide into a Zarr store (resumable; safe to run twice at once).
+
+    Example: mrantool extract slides/ --store cohort.zarr --preset mran
+    """
+    from mrantool.cli_render import extract_progress, results_table
+    from mrantool.config import ExtractConfig
+    from mrantool.extract.api import extract as run_extract
+
+    cfg = run_api(lambda: ExtractConfig.load(
+        config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
+        pretrained=pretrained, mpp=mpp, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
+        batch_size=batch_size, workers=workers, shard=shard, quiet=quiet,
+    ))
+    with extract_progress(console, cfg.quiet) as progress:
+        report = run_api(lambda: run_extract(cfg, progress=progress))
+    rows = [[r.slide_id, r.status, r.n_bags, f"{r.seconds:.1f}", r.message] for r in report.results]
+    console.print(results_table("extract", ["slide", "status", "bags", "s", "message"], rows))
+    rate = report.n_patches / max(report.seconds, 1e-9)
+    console.print(
+        f"{report.count('done')} done, {report.count('skipped')} already complete, {report.count('busy')} busy, "
+        f"{len(report.failed)} failed; {report.n_patches} patches in {report.seconds:.1f}s ({rate:.1f} patches/s)",
+        soft_wrap=True,
+    )
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def info(
+    store: Annotated[Path, typer.Argument(help="A feature store.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Per-slide summary of a store: status, bags, patches, dims, cell grid, mpp, encoder.
+
+    Example: mrantool info cohort.zarr --json
+    """
+    import json
+
+    from mrantool.cli_render import results_table
+    from mrantool.store.reader import FeatureStore
+
+    fs = run_api(lambda: FeatureStore.open(store))
+    rows = fs.summary()
+    if as_json:
+        print(json.dumps({"store": str(store), "identity": fs.identity, "slides": rows}, indent=2, default=str))
+        return
+    cols = ["slide_id", "status", "n_bags", "n_patches", "dim", "cells", "mpp", "encoder"]
+    if any(r.get("error") for r in rows):
+        cols.append("error")
+    cells = [[("" if r.get(c) is None else r[c]) for c in cols] for r in rows]
+    console.print(results_table(f"{store} ({fs.identity['preset']}, {len(rows)} slides)", cols, cells))
+
+
+@app.command()
+def check(
+    store: Annotated[Path, typer.Argument(help="A feature store.")],
+    clear_stale_locks: Annotated[bool, typer.Option(help="Remove locks whose owner process is gone.")] = False,
+) -> None:
+    """Integrity check: arrays, shapes, NaN/inf, provenance. Exits non-zero on any defect.
+
+    Example: mrantool check cohort.zarr
+    """
+    from mrantool.store.check import check_store, store_warnings
+    from mrantool.store.reader import FeatureStore
+
+    if clear_stale_locks:
+        cleared = run_api(lambda: FeatureStore.open(store, writable=True).clear_stale_locks())
+        console.print(f"cleared {len(cleared)} stale lock(s)")
+    defects = run_api(lambda: check_store(store))
+    for warning in store_warnings(store):
+        console.print(f"warning: {warning}", soft_wrap=True, highlight=False)
+    for defect in defects:
+        err_console.print(f"defect: {defect}", soft_wrap=True, highlight=False)
+    if defects:
+        err_console.print(f"[bold red]{len(defects)} defect(s)[/] in {store}")
+        raise typer.Exit(1)
+    n = len(FeatureStore.open(store).slide_ids())
+    console.print(f"{store}: ok ({n} complete slides)")
+
+
 def main() -> None:
     app()
 

@@ -81,3 +81,33 @@ class ExtractConfig(StageConfig):
     workers: int = 2
     shard: str | None = None
     quiet: bool = False
+
+
+class FitConfig(StageConfig):
+    """`mrantool fit`: a MIL head trained on a store with cross-validation."""
+
+    store: str
+    labels: str
+    out: str
+    model: str = "mran"
+    options: dict[str, Any] = {}  # head options, e.g. {"cells": false, "attention": "gated", "t": 0.1}
+    folds: int = 5
+    repeats: int = 1  # repeated k-fold (Musk protocol: 10 folds x 5 repeats)
+    val_fraction: float = 0.2  # of each fold's training slides, for early stopping
+    seed: int = 0
+    epochs: int = 40
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"  # adam | adamw | sgd
+    momentum: float = 0.9  # sgd only
+    patience: int = 10
+    min_epochs: int = 5
+    monitor: str = "loss"  # validation loss or "auc" picks the best epoch
+    class_weights: bool = True
+    bag_mining: bool = True  # MRAN: slide attention re-weights bags in the next epoch
+    max_bags: int = 64  # bags per slide per step when a slide has more (sampled; all bags at evaluation)
+    patch_min_tissue: float = 0.25  # patches with less tissue are masked out
+    cache_gb: float = 4.0
+    device: str = "auto"
+    threads: int | None = None
+    save_attention: bool = True

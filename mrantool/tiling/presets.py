@@ -80,13 +80,13 @@ class Preset:
         return cls(**data)
 
     def with_overrides(self, *, mpp: float | None = None, bag_px: int | None = None, grid: int | None = None,
-                       cells: int | None = None, arch: str | None = None, embed_dim: int | None = None) -> Preset:
-        """A copy with some geometry or encoder fields replaced (the CLI's --mpp, --encoder ... flags)."""
+                       cells: int | None = None) -> Preset:
+        """A copy with some geometry fields replaced (the CLI's --target-mpp, --bag-px, --grid, --cells)."""
         g = self.geometry
         geometry = Geometry(
             bag_px=bag_px or g.bag_px, mpp=mpp or g.mpp, grid=grid or g.grid, cells=cells or g.cells
         )
-        return replace(self, geometry=geometry, arch=arch or self.arch, embed_dim=embed_dim or self.embed_dim)
+        return replace(self, geometry=geometry)
 
 
 PRESETS: dict[str, Preset] = {

@@ -1,0 +1,54 @@
+"""Rich rendering for the CLI: progress bars and result tables. Presentation only."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+@contextmanager
+def extract_progress(console: Console, quiet: bool):
+    """A callback for the extract pipeline: slides and bags bars with patches/s, or plain log lines when quiet."""
+    if quiet:
+        def log(event: str, info: dict[str, Any]) -> None:
+            if event == "slide_end":
+                r = info["result"]
+                console.print(f"{r.slide_id}: {r.status} {r.n_bags} bags {r.seconds:.1f}s {r.message}".rstrip())
+        yield log
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[rate]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        slides = bar.add_task("slides", total=None, rate="")
+        bags = bar.add_task("bags", total=0, rate="")
+        state = {"patches": 0, "t0": None}
+
+        def update(event: str, info: dict[str, Any]) -> None:
+            if event == "run_start":
+                bar.update(slides, total=info["n_slides"])
+            elif event == "slide_start":
+                bar.reset(bags, total=info["n_bags"], description=f"bags of {info['slide_id']}")
+            elif event == "bags":
+                state["t0"] = state["t0"] or time.perf_counter()
+                state["patches"] += info["patches"]
+                rate = state["patches"] / max(time.perf_counter() - state["t0"], 1e-6)
+                bar.update(bags, advance=info["n"], rate=f"{rate:.0f} patches/s")
+            elif event == "slide_end":
+                bar.update(slides, advance=1)
+
+        yield update
+
+
+def results_table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
+    """A plain rich table."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*[str(v) for v in row])
+    return table
