@@ -181,6 +181,8 @@ class Extractor:
                     outcome = futures[i].result()
                     futures[i] = None  # type: ignore[call-overload]
                     if isinstance(outcome, SlideResult):
+                        if outcome.status == "failed":
+                            self.store.record_failure(outcome.slide_id, str(outcome.path), outcome.message)
                         report.results.append(outcome)
                         self.progress("slide_end", {"result": outcome})
                         continue
