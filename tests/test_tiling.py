@@ -73,3 +73,16 @@ def test_generated_slide_tissue_disc(small_slide):
     centre = {(512, 512), (1024, 512), (512, 1024), (1024, 1024)}
     assert centre <= {tuple(c) for c in sp.plan.coords.tolist()}
     assert (0, 0) not in {tuple(c) for c in sp.plan.coords.tolist()}
+
+
+def test_fluorescence_ndpi_finds_tissue_on_dark_background(ndpi):
+    """DAPI scans have a black background: tissue is where the signal is, and the extract run needs its bags."""
+    from mrantool.slides.tissue import is_fluorescence
+
+    with open_slide(ndpi) as s:
+        sp = plan_slide(s, get_preset("mran").geometry)
+    assert is_fluorescence(sp.thumbnail)
+    assert 0.3 < sp.mask.mean() < 0.9
+    assert sp.plan.n_bags == 1 and sp.read_level == 2
+    # Corners of the scan are empty background.
+    assert not sp.mask[:20, :20].any()

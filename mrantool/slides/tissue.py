@@ -5,6 +5,8 @@
 any background for Otsu to separate). H&E stains are pink to purple (red > green); marker ink is green, blue or
 blue-green (green > red), red or maroon of a purer red hue than eosin, or grey-black, and is excluded with a margin
 that covers its blurred edge. Dark purple ink cannot be told from dense nuclei or keratin by colour and is kept.
+Fluorescence scans (dark background, e.g. DAPI) are recognised by their dark median and thresholded on smoothed
+brightness instead: tissue is where the signal is, not where the stain is.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ TILE_SATURATION = 0.07
 OTSU_RANGE = (0.07, 0.15)
 #: A pixel whose mean channel is above this is glass (near white), whatever its saturation.
 WHITE_LEVEL = 225.0
+#: A thumbnail whose median channel mean is below this is a fluorescence scan (dark background).
+FLUORESCENCE_MEDIAN = 40.0
 #: Default minimum tissue fraction for a tile to count as tissue.
 MIN_TILE_FRACTION = 0.25
 
@@ -115,6 +119,8 @@ def tissue_mask(
     ink (objects of at least `min_area_frac` / 4 of the image) is removed with a margin of `ink_margin_frac` x the
     short side, and tissue objects under `min_area_frac` of the image are dropped. A uniform image has no tissue.
     """
+    if is_fluorescence(rgb):
+        return _fluorescence_mask(rgb, min_area_frac, close_frac)
     stained, ink = _candidates(rgb, sat_threshold)
     h, w = stained.shape
     side = min(h, w)
@@ -126,6 +132,25 @@ def tissue_mask(
     radius = open_frac * side
     mask = _dilate(_erode(mask, radius), radius) & ~ink_zone
     return _remove_small(mask, min_area_frac * h * w)
+
+
+def is_fluorescence(rgb: np.ndarray) -> bool:
+    """A dark-field image: most pixels are near black (fluorescence background), not near white (glass)."""
+    r, g, b, _, _ = _channels(rgb)
+    return float(np.median((r + g + b) / 3)) < FLUORESCENCE_MEDIAN
+
+
+def _fluorescence_mask(rgb: np.ndarray, min_area_frac: float, close_frac: float) -> np.ndarray:
+    """Tissue of a fluorescence thumbnail: Otsu on smoothed brightest-channel signal, closed and filled."""
+    _, _, _, mx, _ = _channels(rgb)
+    side = min(mx.shape)
+    signal = ndi.gaussian_filter(mx, sigma=max(1.0, 0.01 * side))
+    if float(signal.max() - signal.min()) < 1.0:
+        return np.zeros(mx.shape, bool)
+    mask = signal > threshold_otsu(signal) / 2  # half the Otsu split keeps dim cytoplasm between nuclei
+    radius = max(1.0, close_frac * side)
+    mask = ndi.binary_fill_holes(_erode(_dilate(mask, radius), radius))
+    return _remove_small(mask, min_area_frac * mx.size)
 
 
 def tissue_fraction(rgb: np.ndarray, *, sat_threshold: float = TILE_SATURATION) -> float:
