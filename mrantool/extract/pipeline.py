@@ -209,6 +209,7 @@ class Extractor:
         failed: set[int] = set()
         with ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
             pending: list[Future] = []
+            last_tick = time.perf_counter()  # a slide's time starts when the loader starts waiting for its bags
             for batch in loader:
                 for item, message in batch["errors"]:
                     if item.slide_index not in failed:
@@ -224,7 +225,7 @@ class Extractor:
                 if index not in writers:
                     writers[index] = self.store.begin_slide(p.slide.slide_id, len(p.coords), p.provenance)
                     written[index] = 0
-                    p.started = time.perf_counter()
+                    p.started = last_tick
                     self.progress("slide_start", {"slide_id": p.slide.slide_id, "n_bags": len(p.coords)})
                 bag_ids = [it.bag_index for it in batch["items"]]
                 start = bag_ids[0]
@@ -239,6 +240,7 @@ class Extractor:
                 if written[index] == len(p.coords):
                     pending = self._drain(pending, 0)
                     self._commit(p, writers.pop(index), report)
+                last_tick = time.perf_counter()
             self._drain(pending, 0)
         report.seconds = time.perf_counter() - started
         return report

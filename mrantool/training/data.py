@@ -1,0 +1,232 @@
+"""Bags for training and evaluation: slides stream from a store through a RAM cache, or come from arrays.
+
+The trainer sees only `MILData`: slide ids, bag counts, and `bags(slide_id, index)` -> float32 tensors plus
+the tissue mask. Nothing here assumes coordinates or a geometry, so Musk-style bags (one bag of N
+instances per "slide", N varying) work through `ArrayData`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mrantool.errors import ConfigError
+from mrantool.models.base import MILHead
+from mrantool.store import FeatureStore, SlideFeatures
+
+CHUNK_BYTES = 256 * 2**20  # bags are read (and converted to float32) in pieces of about this many fp16 bytes
+Entry = tuple[np.ndarray, np.ndarray | None]
+
+
+@dataclass
+class Bags:
+    """Some or all bags of one slide as tensors: patches (n, P, D), cells (n, P, C, D) | None, mask (n, P)."""
+
+    patches: Tensor
+    cells: Tensor | None
+    mask: Tensor
+    index: np.ndarray  # which bags of the slide, in order
+
+
+def tissue_mask(patch_tissue: np.ndarray, threshold: float) -> np.ndarray:
+    """Patches with at least `threshold` tissue; a bag with none keeps its most-tissue patch."""
+    tissue = np.nan_to_num(np.asarray(patch_tissue, dtype=np.float32), nan=0.0)
+    mask = tissue >= threshold
+    empty = ~mask.any(axis=1)
+    mask[np.flatnonzero(empty), tissue[empty].argmax(axis=1)] = True
+    return mask
+
+
+def sample_bags(n_bags: int, max_bags: int, rng: np.random.Generator) -> np.ndarray | None:
+    """A sorted random subset of `max_bags` bag indices, or None (all bags) when the slide is small enough."""
+    if n_bags <= max_bags:
+        return None
+    return np.sort(rng.choice(n_bags, size=max_bags, replace=False))
+
+
+class LRUCache:
+    """Least-recently-used cache of numpy entries with a byte budget; an entry larger than it is not kept."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = max(0, int(budget_bytes))
+        self.nbytes = 0
+        self.hits = self.misses = self.evictions = 0
+        self._items: OrderedDict[object, tuple[Entry, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: object) -> Entry | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: object, entry: Entry) -> None:
+        size = sum(a.nbytes for a in entry if a is not None)
+        if size > self.budget or key in self._items:
+            return
+        while self.nbytes + size > self.budget:
+            _, (_, old) = self._items.popitem(last=False)
+            self.nbytes -= old
+            self.evictions += 1
+        self._items[key] = (entry, size)
+        self.nbytes += size
+
+
+class MILData(ABC):
+    """Slides as bags. `cells` says whether cell embeddings are loaded (only for heads that need them)."""
+
+    slide_ids: list[str]
+    in_dim: int
+    has_cells: bool
+    cells: bool
+
+    @abstractmethod
+    def n_bags(self, slide_id: str) -> int:
+        """Number of bags of a slide."""
+
+    @abstractmethod
+    def mask(self, slide_id: str) -> np.ndarray:
+        """(n_bags, P) bool tissue mask of a slide."""
+
+    @abstractmethod
+    def read(self, slide_id: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 (patches (n, P, D), cells (n, P, C, D) | None) of the bags `index`."""
+
+    def check_head(self, head: MILHead) -> None:
+        """Raise the head's own ConfigError when it needs cells that this data does not have."""
+        if head.needs_cells and not self.has_cells:
+            head.check_inputs(torch.zeros(1, 1, self.in_dim), None, None)
+
+    def bags(self, slide_id: str, index: np.ndarray | None = None,
+             device: str | torch.device = "cpu") -> Bags:
+        """Bags `index` (all when None) of a slide as float32 tensors on `device`."""
+        index = np.arange(self.n_bags(slide_id)) if index is None else np.asarray(index, dtype=np.int64)
+        patches, cells = self.read(slide_id, index)
+        return Bags(
+            patches=torch.from_numpy(patches).to(device),
+            cells=None if cells is None else torch.from_numpy(cells).to(device),
+            mask=torch.from_numpy(self.mask(slide_id)[index]).to(device),
+            index=index,
+        )
+
+
+class StoreData(MILData):
+    """Bags read from a `FeatureStore` through an LRU cache of float16 bags (`cache_gb`).
+
+    When the cohort fits the budget every bag stays in RAM after its first read; otherwise the least
+    recently used bags are dropped. Reads go in chunks of about CHUNK_BYTES, so evaluating a slide with
+    many bags never holds more than its float32 tensors plus one chunk.
+    """
+
+    def __init__(self, store: FeatureStore, slide_ids: Sequence[str], *, cells: bool, patch_min_tissue: float,
+                 cache_gb: float) -> None:
+        self.store = store
+        self.slide_ids = list(slide_ids)
+        self.in_dim = store.dims.dim
+        self.has_cells = store.dims.n_cells > 0
+        self.cells = cells and self.has_cells
+        self.patch_min_tissue = patch_min_tissue
+        self.cache = LRUCache(int(cache_gb * 2**30))
+        self._slides: dict[str, SlideFeatures] = {}
+        self._masks: dict[str, np.ndarray] = {}
+
+    def _slide(self, slide_id: str) -> SlideFeatures:
+        if slide_id not in self._slides:
+            self._slides[slide_id] = self.store.slide(slide_id)
+        return self._slides[slide_id]
+
+    def n_bags(self, slide_id: str) -> int:
+        return self._slide(slide_id).n_bags
+
+    def mask(self, slide_id: str) -> np.ndarray:
+        if slide_id not in self._masks:
+            self._masks[slide_id] = tissue_mask(self._slide(slide_id).patch_tissue[:], self.patch_min_tissue)
+        return self._masks[slide_id]
+
+    def read(self, slide_id: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        slide = self._slide(slide_id)
+        n, p, d = len(index), slide.n_patches, self.in_dim
+        patches = np.empty((n, p, d), np.float32)
+        cells = np.empty((n, p, slide.n_cells, d), np.float32) if self.cells else None
+        per_bag = 2 * p * d * (1 + (slide.n_cells if self.cells else 0))
+        step = max(1, CHUNK_BYTES // per_bag)
+        for start in range(0, n, step):
+            for j, (pe, ce) in enumerate(self._fetch(slide, index[start:start + step]), start):
+                patches[j] = pe
+                if cells is not None:
+                    cells[j] = ce
+        return patches, cells
+
+    def _fetch(self, slide: SlideFeatures, index: np.ndarray) -> list[Entry]:
+        """float16 bags from the cache, reading the missing ones from the store in one selection."""
+        keys = [(slide.slide_id, int(b)) for b in index]
+        entries = [self.cache.get(key) for key in keys]
+        missing = [i for i, entry in enumerate(entries) if entry is None]
+        if missing:
+            wanted = index[missing]
+            patches = _take(slide.patch_emb, wanted)
+            cells = _take(slide.cell_emb, wanted) if self.cells else None
+            for j, i in enumerate(missing):
+                entry = (patches[j].copy(), None if cells is None else cells[j].copy())
+                entries[i] = entry
+                self.cache.put(keys[i], entry)
+        return entries  # type: ignore[return-value]
+
+
+def _take(array: object, index: np.ndarray) -> np.ndarray:
+    """Rows `index` of a zarr array as float16: a slice when contiguous, else an orthogonal selection."""
+    lo, hi = int(index[0]), int(index[-1]) + 1
+    rows = array[lo:hi] if hi - lo == len(index) and np.all(np.diff(index) == 1) else array.oindex[index]
+    return np.asarray(rows, dtype=np.float16)
+
+
+class ArrayData(MILData):
+    """Slides from in-memory arrays: `patches[id] (n_bags, P, D)`, optional `cells[id] (n_bags, P, C, D)` and
+    `masks[id] (n_bags, P)` (all True when absent). P may differ between slides; a bag of N instances
+    without geometry is `x[None]` (1, N, D)."""
+
+    def __init__(self, patches: Mapping[str, np.ndarray], cells: Mapping[str, np.ndarray] | None = None,
+                 masks: Mapping[str, np.ndarray] | None = None) -> None:
+        self.slide_ids = list(patches)
+        if not self.slide_ids:
+            raise ConfigError("ArrayData got no slides; pass a mapping slide_id -> (n_bags, P, D) array.")
+        self._patches = {k: np.asarray(v) for k, v in patches.items()}
+        self._cells = None if cells is None else {k: np.asarray(cells[k]) for k in self.slide_ids}
+        masks = masks or {}
+        self._masks = {k: np.asarray(masks[k], bool) if k in masks else np.ones(v.shape[:2], bool)
+                       for k, v in self._patches.items()}
+        dims = {v.shape[-1] for v in self._patches.values()}
+        if len(dims) != 1 or any(v.ndim != 3 for v in self._patches.values()):
+            raise ConfigError(f"ArrayData patches must all be (n_bags, P, D) with one D, got D in "
+                              f"{sorted(dims)}; pass features from one encoder.")
+        for k, v in self._patches.items():
+            c = None if self._cells is None else self._cells[k]
+            bad_cells = c is not None and (c.ndim != 4 or c.shape[:2] != v.shape[:2])
+            if self._masks[k].shape != v.shape[:2] or bad_cells:
+                raise ConfigError(f"ArrayData slide {k!r}: mask or cells do not match patches {v.shape}; "
+                                  "pass masks (n_bags, P) and cells (n_bags, P, C, D).")
+        self.in_dim = dims.pop()
+        self.has_cells = self.cells = self._cells is not None
+
+    def n_bags(self, slide_id: str) -> int:
+        return self._patches[slide_id].shape[0]
+
+    def mask(self, slide_id: str) -> np.ndarray:
+        return self._masks[slide_id]
+
+    def read(self, slide_id: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        patches = self._patches[slide_id][index].astype(np.float32)
+        if not self.cells or self._cells is None:
+            return patches, None
+        return patches, self._cells[slide_id][index].astype(np.float32)

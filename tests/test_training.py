@@ -1,0 +1,334 @@
+"""Training stage: labels, splits, cached data, the fold loop, metrics, and the fit/predict run folder."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mrantool.config import FitConfig
+from mrantool.errors import ConfigError, LabelsError, StoreError
+from mrantool.models.registry import create_head
+from mrantool.store import FeatureStore, make_identity
+from mrantool.training.api import fit, fit_data, load_fold_models, predict
+from mrantool.training.data import ArrayData, LRUCache, StoreData, tissue_mask
+from mrantool.training.labels import make_labels, read_labels
+from mrantool.training.loop import torch_settings, train_fold
+from mrantool.training.metrics import auc, mean_sd, slide_metrics
+from mrantool.training.splits import make_splits
+
+N_SLIDES, N_BAGS, GRID, CELLS, DIM = 24, 3, 4, 2, 32
+P, C = GRID * GRID, CELLS * CELLS
+FAST = {"epochs": 4, "lr": 5e-3, "patience": 10, "min_epochs": 1, "max_bags": 2, "threads": 1,
+        "device": "cpu"}
+ALLOWED_SUFFIXES = {".json", ".csv", ".png", ".npz", ".safetensors"}
+
+
+def identity(has_cells: bool = True, encoder: str = "toy") -> dict:
+    return make_identity(encoder=encoder, weights="random-init", transforms={}, embed_dim=DIM,
+                         geometry={"bag_px": 128, "mpp": 1.0, "grid": GRID, "cells": CELLS}, preset=None,
+                         has_cells=has_cells)
+
+
+def provenance() -> dict:
+    return {"source": "generated", "fingerprint": None, "mpp": 1.0, "level0_size": [512, 512],
+            "bag_size_l0": 128}
+
+
+def slide_features(positive: bool, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """Non-negative cells; a positive slide has a few strong cells along one direction in 2 of its 3 bags."""
+    cells = np.abs(rng.normal(0, 0.5, (N_BAGS, P, C, DIM))).astype(np.float32)
+    tissue = np.ones((N_BAGS, P), np.float32)
+    tissue[:, -2:] = 0.05  # masked out by patch_min_tissue
+    if positive:
+        for bag in range(2):
+            for patch in rng.choice(P - 2, 4, replace=False):
+                cells[bag, patch, rng.integers(C), :8] += 3.0
+    return np.zeros((N_BAGS, 2)), tissue, cells.mean(axis=2), cells
+
+
+def write_store(path: Path, n: int = N_SLIDES, has_cells: bool = True, encoder: str = "toy") -> FeatureStore:
+    store = FeatureStore.create(path, identity(has_cells, encoder))
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        coords, tissue, patches, cells = slide_features(i % 2 == 1, rng)
+        writer = store.begin_slide(f"s{i:02d}", N_BAGS, provenance())
+        writer.write(0, coords, tissue, patches, cells if has_cells else None)
+        writer.commit()
+    return store
+
+
+def write_labels(path: Path, rows: list[dict], columns: list[str]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def label_rows(n: int = N_SLIDES) -> list[dict]:
+    """Odd slides positive; slides 2j and 2j+2 share a patient (same label) for j < 4."""
+    return [{"slide_id": f"s{i:02d}", "label": "tumour" if i % 2 else "normal",
+             "patient_id": f"p{i - 2 if i in (2, 3, 6, 7) else i}"} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("training")
+    store = write_store(root / "s.zarr")
+    labels = write_labels(root / "labels.csv", label_rows(), ["slide_id", "label", "patient_id"])
+    return {"root": root, "store": store.path, "labels": labels}
+
+
+def config(cohort: dict, out: str, **extra) -> FitConfig:
+    return FitConfig(store=str(cohort["store"]), labels=str(cohort["labels"]), out=str(cohort["root"] / out),
+                     **{"folds": 2, **FAST, **extra})
+
+
+@pytest.fixture(scope="module")
+def mran_run(cohort: dict) -> dict:
+    events: list[tuple[str, dict]] = []
+    report = fit(config(cohort, "mran"), progress=lambda event, info: events.append((event, info)))
+    return {"report": report, "events": events, "out": cohort["root"] / "mran"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# --- fit / predict ---
+
+def test_fit_mran_writes_the_run_folder(mran_run: dict) -> None:
+    out, report = mran_run["out"], mran_run["report"]
+    for name in ("config.json", "splits.json", "metrics.json", "predictions.csv", "curves.png", "roc.png"):
+        assert (out / name).is_file(), name
+    assert all(p.suffix in ALLOWED_SUFFIXES for p in out.rglob("*") if p.is_file())  # no pickle anywhere
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["classes"] == ["normal", "tumour"] and cfg["store_identity"]["encoder"] == "toy"
+    assert cfg["head_options"]["t"] == 0.1 and cfg["config"]["folds"] == 2 and cfg["mrantool_version"]
+    for fold in ("fold_0", "fold_1"):
+        head = json.loads((out / fold / "head.json").read_text())
+        assert head["model"] == "mran" and head["in_dim"] == DIM and head["classes"] == ["normal", "tumour"]
+        assert "classifier.weight" in load_file(str(out / fold / "model.safetensors"))
+    preds = read_csv(out / "predictions.csv")
+    assert sorted(r["slide_id"] for r in preds) == [f"s{i:02d}" for i in range(N_SLIDES)]
+    assert list(preds[0]) == ["slide_id", "fold", "repeat", "label", "prob_normal", "prob_tumour",
+                              "predicted"]
+    with np.load(out / "attention" / "s01.npz", allow_pickle=False) as att:
+        assert att["bag"].shape == (N_BAGS,) and att["patch"].shape == (N_BAGS, P)
+        assert att["cell"].shape == (N_BAGS, P, C)
+        assert np.allclose(att["patch"][:, -2:], 0) and math.isclose(att["cell"].sum(), 1, rel_tol=1e-5)
+    assert len(list((out / "attention").glob("*.npz"))) == N_SLIDES
+    assert report.mean["auc"] > 0.8 and all(f.metrics["auc"] > 0.8 for f in report.folds)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mean"]["auc"] == pytest.approx(report.mean["auc"]) and len(metrics["folds"]) == 2
+    table = report.table()
+    assert [r["fold"] for r in table] == ["fold_0", "fold_1", "mean ± sd", "pooled"]
+    assert "±" in table[2]["auc"]
+    kinds = [event for event, _ in mran_run["events"]]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("fold_end") == 2 and "epoch" in kinds
+
+
+def test_fit_records_labels_notes_and_refuses_a_finished_run(cohort: dict, mran_run: dict) -> None:
+    with pytest.raises(ConfigError, match="already holds a finished fit run"):
+        fit(config(cohort, "mran"))
+    labels = read_labels(cohort["labels"], [*[f"s{i:02d}" for i in range(N_SLIDES)], "extra"])
+    assert labels.notes and "1 slide(s) in the store have no row" in labels.notes[0]
+
+
+def test_same_seed_and_tiny_cache_give_identical_results(cohort: dict, mran_run: dict) -> None:
+    """A second run with the same seed, through a ~21 kB cache (4 bags: constant eviction), matches."""
+    tiny = fit(config(cohort, "tiny", cache_gb=2e-5))
+    out = cohort["root"] / "tiny"
+    assert (out / "metrics.json").read_text() == (mran_run["out"] / "metrics.json").read_text()
+    assert (out / "predictions.csv").read_text() == (mran_run["out"] / "predictions.csv").read_text()
+    assert tiny.mean == mran_run["report"].mean
+
+
+def test_predict_reproduces_fold_probabilities_and_ensembles(cohort: dict, mran_run: dict) -> None:
+    out = mran_run["out"]
+    fold0 = [r for r in read_csv(out / "predictions.csv") if r["fold"] == "0"]
+    rows = predict(out, cohort["store"], cohort["root"] / "p0.csv", slides=[r["slide_id"] for r in fold0],
+                   folds=["fold_0"], device="cpu")
+    for mine, theirs in zip(rows, fold0, strict=True):
+        assert mine["slide_id"] == theirs["slide_id"] and mine["predicted"] == theirs["predicted"]
+        assert mine["prob_tumour"] == pytest.approx(float(theirs["prob_tumour"]), abs=1e-6)
+    every = predict(out, cohort["store"], cohort["root"] / "all.csv", device="cpu")
+    assert len(every) == N_SLIDES and len(read_csv(cohort["root"] / "all.csv")) == N_SLIDES
+    assert all(r["prob_normal"] + r["prob_tumour"] == pytest.approx(1) for r in every)
+    assert [name for name, _, _ in load_fold_models(out)] == ["fold_0", "fold_1"]
+
+
+def test_predict_refuses_a_store_of_another_encoder(cohort: dict, mran_run: dict) -> None:
+    other = write_store(cohort["root"] / "other.zarr", n=1, encoder="resnet50")
+    with pytest.raises(StoreError, match=r"another encoder or geometry .*encoder"):
+        predict(mran_run["out"], other.path, cohort["root"] / "x.csv")
+
+
+def test_fit_abmil(cohort: dict) -> None:
+    report = fit(config(cohort, "abmil", model="abmil", options={"hidden": 64}))
+    assert report.mean["auc"] > 0.8
+    with np.load(report.out / "attention" / "s00.npz") as att:
+        assert set(att.files) == {"bag", "patch"}
+    assert json.loads((report.out / "fold_0" / "head.json").read_text())["options"]["hidden"] == 64
+
+
+def test_store_without_cells_and_mran_gives_the_heads_error(tmp_path: Path, cohort: dict) -> None:
+    store = write_store(tmp_path / "p.zarr", n=4, has_cells=False)
+    labels = write_labels(tmp_path / "l.csv", label_rows(4), ["slide_id", "label"])
+    cfg = FitConfig(store=str(store.path), labels=str(labels), out=str(tmp_path / "run"), folds=2, **FAST)
+    with pytest.raises(ConfigError, match=r"needs cell embeddings.*cells=false") as err:
+        fit(cfg)
+    assert str(err.value).count(". ") == 0 and not (tmp_path / "run").exists()
+
+
+def test_three_classes_from_arrays_without_geometry(tmp_path: Path) -> None:
+    """Musk-style bags: one bag of a varying number of instances per sample, no store, no coordinates."""
+    rng = np.random.default_rng(1)
+    patches, names, classes = {}, [], []
+    for i in range(24):
+        k = i % 3
+        x = rng.normal(0, 1, (int(rng.integers(5, 12)), DIM)).astype(np.float32)
+        if k:
+            x[:2, 4 * k:4 * k + 4] += 3.0
+        patches[f"m{i}"] = x[None]
+        names.append(f"m{i}")
+        classes.append(["a", "b", "c"][k])
+    labels = make_labels(names, classes)
+    cfg = FitConfig(store="-", labels="-", out=str(tmp_path / "musk"), model="abmil", options={"hidden": 32},
+                    folds=3, **FAST)
+    report = fit_data(cfg, ArrayData(patches), labels)
+    assert report.classes == ["a", "b", "c"] and report.mean["auc"] > 0.8
+    preds = read_csv(tmp_path / "musk" / "predictions.csv")
+    assert {"prob_a", "prob_b", "prob_c"} <= set(preds[0]) and len(preds) == 24
+
+
+# --- the fold loop ---
+
+def test_best_checkpoint_is_a_copy_not_the_live_weights() -> None:
+    """Validation labels contradict training labels, so validation loss is best early and training goes on."""
+    rng = np.random.default_rng(0)
+    patches, y = {}, []
+    for i in range(16):
+        x = rng.normal(0, 1, (2, 4, 8)).astype(np.float32)
+        x[..., 0] += 2.0 * (i % 2)
+        patches[f"x{i}"] = x
+        y.append(i % 2)
+    ids, y = list(patches), np.array(y)
+    cfg = FitConfig(store="-", labels="-", out="-", epochs=8, lr=0.05, patience=100, min_epochs=8,
+                    device="cpu")
+    torch.manual_seed(0)
+    head = create_head("abmil", 8, 2, hidden=16, attn_dim=8)
+    snapshots = []
+    with torch_settings(1, torch.device("cpu")):
+        result = train_fold(head, ArrayData(patches), ids[:12], y[:12], ids[12:], 1 - y[12:], cfg, seed=0,
+                            progress=lambda event, info: snapshots.append(copy.deepcopy(head.state_dict())))
+    assert result.epochs_run == 8 and result.best_epoch < 8
+    best = snapshots[result.best_epoch - 1]
+    for name, tensor in result.state.items():
+        assert torch.equal(tensor, best[name]), name
+    assert any(not torch.equal(result.state[n], t) for n, t in head.state_dict().items())
+
+
+def test_data_cache_mask_and_sampling(cohort: dict) -> None:
+    store = FeatureStore.open(cohort["store"])
+    data = StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0)
+    bags = data.bags("s01", np.array([0, 2]))
+    assert bags.patches.dtype == torch.float32 and bags.cells.shape == (2, P, C, DIM)
+    assert bags.mask.shape == (2, P) and not bags.mask[:, -2:].any() and bags.mask[:, :-2].all()
+    again = data.bags("s01")
+    assert data.cache.hits == 2 and torch.equal(again.cells[[0, 2]], bags.cells)
+    np.testing.assert_allclose(again.cells.numpy(), store.slide("s01").cell_emb[:].astype(np.float32))
+    small = StoreData(store, ["s01", "s03"], cells=True, patch_min_tissue=0.25, cache_gb=2e-5)  # 4 bags fit
+    for slide_id in ("s01", "s03", "s01"):
+        np.testing.assert_array_equal(small.bags(slide_id).cells, data.bags(slide_id).cells)
+    assert len(small.cache) == 4 and small.cache.evictions == 4
+    assert small.cache.hits == 1  # s01's bag 2 was still cached
+    mask = tissue_mask(np.array([[0.1, 0.2], [0.9, np.nan]]), 0.5)
+    assert mask.tolist() == [[False, True], [True, False]]  # a bag without tissue keeps its best patch
+    cache = LRUCache(250)
+    for key in range(3):
+        cache.put(key, (np.zeros(100, np.uint8), None))
+    assert cache.get(0) is None and cache.get(2) is not None and cache.evictions == 1
+
+
+# --- labels, splits, metrics ---
+
+def test_labels_errors(tmp_path: Path) -> None:
+    ids = [f"s{i:02d}" for i in range(N_SLIDES)]
+    missing = write_labels(tmp_path / "a.csv", [{"slide_id": "s00"}], ["slide_id"])
+    with pytest.raises(LabelsError, match=r"a\.csv lacks column\(s\) label"):
+        read_labels(missing, ids)
+    extra = [{"slide_id": f"z{i}", "label": "x"} for i in range(5)]
+    unknown = write_labels(tmp_path / "b.csv", [*label_rows(4), *extra], ["slide_id", "label", "patient_id"])
+    with pytest.raises(LabelsError, match=r"names 5 slide id\(s\) that are not in the store \('z0', 'z1', "
+                                          r"'z2' and 2 more"):
+        read_labels(unknown, ids)
+    one = write_labels(tmp_path / "c.csv", [{"slide_id": i, "label": "x"} for i in ids[:4]],
+                       ["slide_id", "label"])
+    with pytest.raises(LabelsError, match=r"only one class \('x'\)"):
+        read_labels(one, ids)
+    dupes = write_labels(tmp_path / "d.csv", [*label_rows(4), label_rows(1)[0]],
+                         ["slide_id", "label", "patient_id"])
+    with pytest.raises(LabelsError, match="more than once"):
+        read_labels(dupes, ids)
+    with pytest.raises(LabelsError, match="does not exist"):
+        read_labels(tmp_path / "none.csv", ids)
+    labels = read_labels(write_labels(tmp_path / "e.csv", label_rows(4), ["slide_id", "label"]), ids)
+    assert labels.patients == labels.slide_ids and labels.classes == ["normal", "tumour"]
+    assert labels.folds is None
+
+
+def test_splits_group_patients_and_are_deterministic() -> None:
+    patients = [f"p{i // 2}" for i in range(60)]
+    y = [("a", "b", "c")[(i // 2) % 3] for i in range(60)]
+    labels = make_labels([f"s{i}" for i in range(60)], y, patients)
+    splits = make_splits(labels, folds=4, repeats=2, val_fraction=0.25, seed=3)
+    assert len(splits) == 8 and splits[0].name(2) == "repeat_0/fold_0"
+    for repeat in (0, 1):
+        tests = [set(np.asarray(patients)[s.test]) for s in splits if s.repeat == repeat]
+        assert sum(len(t) for t in tests) == 30 and len(set().union(*tests)) == 30  # no patient in two folds
+    for s in splits:
+        parts = [set(np.asarray(patients)[idx]) for idx in (s.train, s.val, s.test)]
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+        assert len(s.val) > 0 and set(labels.y[s.train]) == {0, 1, 2}
+    again = make_splits(labels, folds=4, repeats=2, val_fraction=0.25, seed=3)
+    same = [np.array_equal(a.test, b.test) and np.array_equal(a.val, b.val)
+            for a, b in zip(splits, again, strict=True)]
+    assert all(same)
+    assert not all(np.array_equal(a.test, b.test) for a, b in zip(splits[:4], splits[4:], strict=True))
+
+
+def test_fold_column_and_too_few_slides(tmp_path: Path) -> None:
+    rows = [{**r, "fold": str(int(r["patient_id"][1:]) % 3)} for r in label_rows()]
+    labels = read_labels(write_labels(tmp_path / "f.csv", rows, ["slide_id", "label", "patient_id", "fold"]))
+    splits = make_splits(labels, folds=5, repeats=3)
+    assert [s.fold for s in splits] == [0, 1, 2]
+    for s in splits:
+        assert set(labels.folds[s.test]) == {s.fold} and s.fold not in set(labels.folds[s.train])
+    bad = [{**r, "fold": "1" if r["slide_id"] == "s02" else r["fold"]} for r in rows]
+    with pytest.raises(LabelsError, match="puts patient 'p0' in folds"):
+        make_splits(read_labels(write_labels(tmp_path / "g.csv", bad, list(bad[0]))))
+    few = make_labels(["a", "b", "c", "d", "e"], ["x", "x", "x", "y", "y"])
+    with pytest.raises(LabelsError, match=r"too few slides for 3-fold.*'y' has 2 slides from 2 patients"):
+        make_splits(few, folds=3)
+
+
+def test_metrics_nan_auc_and_macro_ovr() -> None:
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.3, 0.4, 0.3]])
+    y = np.array([0, 1, 2, 1])
+    from sklearn.metrics import roc_auc_score
+
+    assert auc(y, probs) == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    single = slide_metrics(np.array([1, 1]), np.array([[0.3, 0.7], [0.6, 0.4]]))
+    assert math.isnan(single["auc"]) and single["accuracy"] == 0.5
+    mean, sd = mean_sd([single, {**single, "auc": 0.8}, {**single, "auc": 0.6}])
+    assert mean["auc"] == pytest.approx(0.7) and sd["auc"] == pytest.approx(math.sqrt(0.02))
