@@ -88,6 +88,7 @@ def extract(
     batch_size: Annotated[int | None, typer.Option(help="Patches per encoder batch.")] = None,
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes reading slides.")] = None,
     shard: Annotated[str | None, typer.Option(help="i/n: this process does the i-th of n deterministic parts.")] = None,
+    compile: Annotated[bool | None, typer.Option(help="torch.compile the encoder (faster after ~1 min).")] = None,
     quiet: Annotated[bool | None, typer.Option("--quiet", help="Log lines instead of progress bars.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
 ) -> None:
@@ -102,7 +103,7 @@ def extract(
     cfg = run_api(lambda: ExtractConfig.load(
         config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
         pretrained=pretrained, mpp=mpp, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
-        batch_size=batch_size, workers=workers, shard=shard, quiet=quiet,
+        batch_size=batch_size, workers=workers, shard=shard, compile=compile, quiet=quiet,
     ))
     with extract_progress(console, cfg.quiet) as progress:
         report = run_api(lambda: run_extract(cfg, progress=progress))
@@ -169,6 +170,70 @@ def check(
         raise typer.Exit(1)
     n = len(FeatureStore.open(store).slide_ids())
     console.print(f"{store}: ok ({n} complete slides)")
+
+
+@app.command()
+def fit(
+    store: Annotated[str | None, typer.Option(help="Feature store to train on.")] = None,
+    labels: Annotated[str | None, typer.Option(help="labels.csv: slide_id,label[,patient_id][,fold].")] = None,
+    model: Annotated[str | None, typer.Option(help="Head: mran, abmil, gated-abmil, clam-sb, transmil...")] = None,
+    out: Annotated[str | None, typer.Option(help="Run folder to write.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Cross-validation folds.")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Repeat the k-fold split with new shuffles.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs per fold.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for splits, init, shuffling.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-O", help="Head option KEY=VALUE.")] = None,
+    cache_gb: Annotated[float | None, typer.Option(help="RAM budget for cached features.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda ...")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Log lines instead of progress bars.")] = False,
+    config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
+) -> None:
+    """Train a MIL head on a store with patient-grouped, stratified cross-validation.
+
+    Example: mrantool fit --store cohort.zarr --labels labels.csv --model mran --out runs/mran -O cells=false
+    """
+    from mrantool.cli_render import fit_progress, results_table
+    from mrantool.config import FitConfig, parse_options
+    from mrantool.training.api import fit as run_fit
+
+    def load() -> FitConfig:
+        cfg = FitConfig.load(config, "fit", store=store, labels=labels, model=model, out=out, folds=folds,
+                             repeats=repeats, epochs=epochs, lr=lr, seed=seed, cache_gb=cache_gb, device=device,
+                             threads=threads)
+        if option:
+            cfg.options = {**cfg.options, **parse_options(option)}
+        return cfg
+
+    cfg = run_api(load)
+    with fit_progress(console, quiet) as progress:
+        report = run_api(lambda: run_fit(cfg, progress=progress))
+    rows = report.table()
+    console.print(results_table(f"{report.model} on {cfg.store}", list(rows[0]), [list(r.values()) for r in rows]))
+    console.print(f"wrote {report.out} (config.json, metrics.json, predictions.csv, attention/, curves.png, roc.png) "
+                  f"in {report.seconds:.0f}s", soft_wrap=True)
+
+
+@app.command()
+def predict(
+    run: Annotated[Path, typer.Option(help="A finished fit run folder.")],
+    store: Annotated[Path, typer.Option(help="Store with the slides to predict (same encoder and geometry).")],
+    out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
+) -> None:
+    """Apply a run's fold models (averaged) to every slide of a store.
+
+    Example: mrantool predict --run runs/mran --store new_cohort.zarr --out preds.csv
+    """
+    from mrantool.cli_render import results_table
+    from mrantool.training.api import predict as run_predict
+
+    rows = run_api(lambda: run_predict(run, store, out, device=device))
+    cols = list(rows[0]) if rows else ["slide_id"]
+    shown = [[f"{v:.3f}" if isinstance(v, float) else v for v in r.values()] for r in rows[:20]]
+    console.print(results_table(f"predictions ({len(rows)} slides)", cols, shown))
+    console.print(f"wrote {out}")
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Any
@@ -52,3 +53,38 @@ def results_table(title: str, columns: list[str], rows: list[list[Any]]) -> Tabl
     for row in rows:
         table.add_row(*[str(v) for v in row])
     return table
+
+
+@contextmanager
+def fit_progress(console: Console, quiet: bool):
+    """A callback for `fit`: folds and epochs bars with the latest validation loss/AUC, or log lines when quiet."""
+    if quiet:
+        def log(event: str, info: dict[str, Any]) -> None:
+            if event == "note":
+                console.print(f"note: {info['message']}", soft_wrap=True)
+            elif event == "fold_end":
+                console.print(f"{info['name']}: best epoch {info['best_epoch']}/{info['epochs_run']} "
+                              f"auc {info['auc']:.3f} accuracy {info['accuracy']:.3f}")
+        yield log
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}"))
+    with Progress(*columns, console=console, transient=False) as bar:
+        folds = bar.add_task("folds", total=None, status="")
+        epochs = bar.add_task("epochs", total=None, status="")
+
+        def update(event: str, info: dict[str, Any]) -> None:
+            if event == "note":
+                console.print(f"note: {info['message']}", soft_wrap=True)
+            elif event == "start":
+                bar.update(folds, total=info["n_folds"])
+            elif event == "fold_start":
+                bar.reset(epochs, total=None, description=f"epochs of {info['name']}", status="")
+            elif event == "epoch":
+                loss, auc = info.get("val_loss"), info.get("val_auc")
+                val = f"val loss {loss:.3f} auc {auc:.3f}" if loss is not None and math.isfinite(loss) else ""
+                bar.update(epochs, completed=info["epoch"], total=info["n_epochs"], status=val)
+            elif event == "fold_end":
+                bar.update(folds, advance=1, status=f"last auc {info['auc']:.3f}")
+
+        yield update

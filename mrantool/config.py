@@ -44,6 +44,20 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML ({exc}); fix the syntax.") from None
 
 
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` pairs from the command line; values are read as TOML (true, 0.1, "gated") or kept as text."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"Option '{item}' is not KEY=VALUE; write e.g. -O cells=false.")
+        try:
+            options[key.strip()] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            options[key.strip()] = raw.strip()
+    return options
+
+
 def validate(cls: type[C], values: dict[str, Any], source: str) -> C:
     """Build `cls` from `values`, reporting every bad key or value at once."""
     try:
@@ -79,6 +93,7 @@ class ExtractConfig(StageConfig):
     device: str = "auto"
     batch_size: int = 64
     workers: int = 2
+    compile: bool = False  # torch.compile the encoder: ~1.6x on CPU after a one-off compile of about a minute
     shard: str | None = None
     quiet: bool = False
 

@@ -33,6 +33,6 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractRepo
     store = FeatureStore.create(cfg.store, store_identity(preset, encoder))
     extractor = Extractor(
         store, preset, encoder, device=resolve_device(cfg.device), batch_size=cfg.batch_size,
-        workers=cfg.workers, slide_mpp=cfg.mpp, min_tissue=cfg.min_tissue, progress=progress,
+        workers=cfg.workers, slide_mpp=cfg.mpp, min_tissue=cfg.min_tissue, compile=cfg.compile, progress=progress,
     )
     return extractor.run(slides)

@@ -106,6 +106,7 @@ class Extractor:
         slide_mpp: float | None = None,
         min_tissue: float = 0.1,
         channels_last: bool = True,
+        compile: bool = False,
         progress: Progress | None = None,
     ) -> None:
         self.store = store
@@ -116,6 +117,7 @@ class Extractor:
         if channels_last:
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
         self.channels_last = channels_last
+        self._forward = torch.compile(self.encoder, dynamic=True) if compile else self.encoder
         self.bags_per_batch = max(1, batch_size // self.geometry.n_patches)
         self.workers = workers
         self.slide_mpp = slide_mpp
@@ -263,7 +265,7 @@ class Extractor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            patch, cells = self.encoder(x)
+            patch, cells = self._forward(x)
         patch = patch.float().reshape(b, p, -1).to(torch.float16).cpu().numpy()
         cells = cells.float().reshape(b, p, cells.shape[1], -1).to(torch.float16).cpu().numpy()
         return patch, cells
