@@ -110,7 +110,8 @@ class _Layout:
     foci: list[tuple[int, int, int]]  # discs (x, y, radius) in level-0 px whose union is the foci
 
 
-def _layout(rng: np.random.Generator, width: int, height: int, mpp: float, tumour: bool) -> _Layout:
+def _layout(rng: np.random.Generator, width: int, height: int, mpp: float, tumour: bool,
+            n_foci: int | None = None) -> _Layout:
     """Tissue blobs, lumens, stroma texture and (for tumour slides) foci, at 1/Q resolution."""
     qh, qw = -(-height // Q), -(-width // Q)
     coarse = (max(8, qh // 6), max(8, qw // 6))
@@ -141,7 +142,9 @@ def _layout(rng: np.random.Generator, width: int, height: int, mpp: float, tumou
     if tumour:
         inner = ndi.binary_erosion(tissue, iterations=max(1, int(60 / (Q * mpp))))
         candidates = np.argwhere(inner if inner.any() else tissue)
-        n_foci = max(1, round(int(rng.integers(1, 3)) * width * height / (DEFAULT_SIZE[0] * DEFAULT_SIZE[1])))
+        drawn = int(rng.integers(1, 3))
+        if n_foci is None:
+            n_foci = max(1, round(drawn * width * height / (DEFAULT_SIZE[0] * DEFAULT_SIZE[1])))
         for _ in range(n_foci):
             y, x = candidates[rng.integers(len(candidates))]
             radius = min(rng.uniform(170, 260) / mpp, 0.2 * min(width, height))
@@ -190,13 +193,14 @@ def _upsample_rows(small: np.ndarray, rows: slice, width: int) -> np.ndarray:
 
 
 def render_slide(
-    seed: int | np.random.SeedSequence, size: tuple[int, int] = DEFAULT_SIZE, *, tumour: bool, mpp: float = 0.5
+    seed: int | np.random.SeedSequence, size: tuple[int, int] = DEFAULT_SIZE, *, tumour: bool, mpp: float = 0.5,
+    n_foci: int | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """Level-0 RGB (height, width, 3) uint8 of one synthetic slide, and its tumour foci as discs (x, y, radius) in
     level-0 px (empty for a normal slide)."""
     width, height = size
     rng = np.random.default_rng(seed)
-    lay = _layout(rng, width, height, mpp, tumour)
+    lay = _layout(rng, width, height, mpp, tumour, n_foci)
     nuclei, halo = _nuclei(rng, lay, width, height, mpp)
     eosin = np.clip(np.rint(lay.eosin * UNIT), 0, LEVELS - 1).astype(np.uint8)
     band = 256
@@ -261,8 +265,8 @@ def write_pyramid_tiff(
 
 
 def _write_slide(path: Path, seed: np.random.SeedSequence, size: tuple[int, int], tumour: bool,
-                 mpp: float) -> list[tuple[int, int, int]]:
-    rgb, foci = render_slide(seed, size, tumour=tumour, mpp=mpp)
+                 mpp: float, n_foci: int | None) -> list[tuple[int, int, int]]:
+    rgb, foci = render_slide(seed, size, tumour=tumour, mpp=mpp, n_foci=n_foci)
     write_pyramid_tiff(path, rgb, mpp=mpp)
     return foci
 
@@ -302,13 +306,15 @@ def make_cohort(
     size: tuple[int, int] = DEFAULT_SIZE,
     mpp: float = 0.5,
     workers: int | None = None,
+    n_foci: int | None = None,
 ) -> Path:
     """Write `n_slides` synthetic pyramidal TIFFs (`<slide_id>.tiff`), `foci.csv` (tumour foci as level-0 discs
     slide_id,x,y,radius) and, last, `labels.csv` (slide_id,label,patient_id) into `out_dir`; return the labels path.
 
     `size` is the level-0 (width, height) at `mpp` microns/px. `workers` processes render slides in parallel
     (default: the CPUs available, at most 4; about 0.4 GB each at the default size); the output does not depend
-    on it. Existing files of the same names are replaced.
+    on it. `n_foci` fixes the number of tumour foci per tumour slide (default: 1-2 per default-size area), which
+    sets the witness rate of the MIL problem. Existing files of the same names are replaced.
     """
     if n_slides < 2:
         raise ConfigError(f"n_slides={n_slides}: a cohort needs at least 2 slides (one per class).")
@@ -320,7 +326,7 @@ def make_cohort(
     out.mkdir(parents=True, exist_ok=True)
     design = cohort_design(n_slides, seed)
     seeds = np.random.SeedSequence(seed).spawn(n_slides)
-    jobs = [(out / f"{sid}.tiff", seeds[i], tuple(size), label == "tumor", mpp) for i, (sid, label, _) in
+    jobs = [(out / f"{sid}.tiff", seeds[i], tuple(size), label == "tumor", mpp, n_foci) for i, (sid, label, _) in
             enumerate(design)]
     workers = min(n_slides, workers or min(4, os.cpu_count() or 1))
     if workers > 1:
