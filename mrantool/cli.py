@@ -236,6 +236,32 @@ def predict(
     console.print(f"wrote {out}")
 
 
+@app.command()
+def heatmap(
+    run: Annotated[Path, typer.Option(help="A fit run folder (holds attention/<slide>.npz).")],
+    store: Annotated[Path, typer.Option(help="The store the run was trained on.")],
+    slide: Annotated[str, typer.Option(help="Slide id.")],
+    out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("heatmap.png"),
+    level: Annotated[str, typer.Option(help="bag, patch or cell (cell composes patch and cell weights).")] = "patch",
+    top: Annotated[int, typer.Option(help="Also write a gallery of the K most attended patches.")] = 0,
+    slide_path: Annotated[Path | None, typer.Option(help="The slide file, when it moved since extraction.")] = None,
+) -> None:
+    """Draw a slide's attention over its thumbnail at one scale, with a colour bar and the tissue outline.
+
+    Example: mrantool heatmap --run runs/mran --store cohort.zarr --slide synth-003 --level cell --top 8
+    """
+    from mrantool.viz.heatmap import draw_heatmap
+
+    result = run_api(lambda: draw_heatmap(run, store, slide, out, level=level, top=top, slide_path=slide_path))
+    lo, hi = result.value_range
+    console.print(f"{slide}: {result.level} attention of {result.head} from {lo:.3g} to {hi:.3g}; "
+                  f"wrote {result.out} in {result.seconds:.1f}s", soft_wrap=True)
+    for rank, item in enumerate(result.top, 1):
+        console.print(f"  #{rank} bag {item.bag} patch {item.patch} at ({item.x}, {item.y}) score {item.score:.4f}")
+    if result.gallery:
+        console.print(f"wrote {result.gallery}")
+
+
 def main() -> None:
     app()
 
