@@ -262,6 +262,95 @@ def heatmap(
         console.print(f"wrote {result.gallery}")
 
 
+index_app = typer.Typer(help="Build or grow a FAISS index of a store's embeddings.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    store: Annotated[Path, typer.Option(help="Feature store to index.")],
+    out: Annotated[Path, typer.Option(help="Index folder to write.")],
+    level: Annotated[str, typer.Option(help="patch or cell embeddings.")] = "patch",
+    kind: Annotated[str, typer.Option(help="flat (exact), hnsw, or ivfpq (with exact re-ranking).")] = "hnsw",
+    min_tissue: Annotated[float, typer.Option(help="Index patches with at least this tissue fraction.")] = 0.25,
+) -> None:
+    """Index every tissue patch of a store for cosine-similarity search.
+
+    Example: mrantool index build --store cohort.zarr --out cohort.index --kind hnsw
+    """
+    import time
+
+    from mrantool.retrieval.cohort import build_index
+
+    t0 = time.perf_counter()
+    index = run_api(lambda: build_index(store, out, level=level, kind=kind, min_tissue=min_tissue))
+    console.print(f"indexed {index.count} {level} embeddings of {len(index.slide_names)} slides ({index.kind}, "
+                  f"{index.dim}-d) in {time.perf_counter() - t0:.1f}s; wrote {out}", soft_wrap=True)
+
+
+@index_app.command("add")
+def index_add(
+    index: Annotated[Path, typer.Option(help="An index folder.")],
+    store: Annotated[Path, typer.Option(help="The store, with newly extracted slides.")],
+) -> None:
+    """Append slides extracted since the index was built, without rebuilding it.
+
+    Example: mrantool index add --index cohort.index --store cohort.zarr
+    """
+    from mrantool.retrieval.cohort import add_new_slides
+
+    new = run_api(lambda: add_new_slides(index, store))
+    console.print(f"added {len(new)} slide(s) to {index}" + (f": {', '.join(new)}" if new else ""), soft_wrap=True)
+
+
+@app.command()
+def query(
+    index: Annotated[Path, typer.Option(help="An index folder from `mrantool index build`.")],
+    store: Annotated[Path, typer.Option(help="The store the index was built from.")],
+    slide: Annotated[str | None, typer.Option(help="With --run: query with the slide's most attended patches.")] = None,
+    run: Annotated[Path | None, typer.Option(help="A fit run folder (attention, labels).")] = None,
+    top_attended: Annotated[int, typer.Option(help="How many of the slide's most attended patches.")] = 3,
+    image: Annotated[Path | None, typer.Option(help="A tile image at the store's mpp, encoded like the store.")] = None,
+    patch: Annotated[str | None, typer.Option(help="SLIDE:BAG:PATCH of a stored patch.")] = None,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per query.")] = 8,
+    exclude_same_slide: Annotated[bool, typer.Option(help="Skip hits from the query's own slide.")] = False,
+    weights: Annotated[Path | None, typer.Option(help="Encoder weights file, for --image on such a store.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="labels.csv to show each hit's slide label.")] = None,
+    gallery: Annotated[Path | None, typer.Option(help="PNG of each query beside its neighbours.")] = Path("query.png"),
+) -> None:
+    """Find the patches most similar to a query patch, a slide's most attended patches, or an image tile.
+
+    Example: mrantool query --index cohort.index --store cohort.zarr --slide synth-003 --run runs/mran -k 5
+    """
+    from mrantool.cli_render import results_table
+    from mrantool.errors import ConfigError
+    from mrantool.retrieval import similar
+    from mrantool.store import FeatureStore
+
+    def go():
+        chosen = [name for name, v in (("--slide", slide), ("--image", image), ("--patch", patch)) if v]
+        if len(chosen) != 1:
+            raise ConfigError("Give exactly one of --slide (with --run), --image or --patch.")
+        fs = FeatureStore.open(store)
+        if slide:
+            if run is None:
+                raise ConfigError("--slide needs --run: the run's attention picks the slide's query patches.")
+            q = similar.from_top_attended(fs, run, slide, top_attended)
+        elif image:
+            q = similar.from_image(fs, image, weights)
+        else:
+            q = similar.from_patch_spec(fs, patch)
+        return similar.run_query(index, store, q, k=k, exclude_same_slide=exclude_same_slide, gallery=gallery,
+                                 labels_csv=labels, run_dir=run)
+
+    result = run_api(go)
+    cols = ["query_name", "rank", "slide", "label", "bag", "patch", "x", "y", "similarity"]
+    rows = [[f"{r[c]:.4f}" if c == "similarity" else r[c] for c in cols] for r in result.rows]
+    console.print(results_table("similar patches", ["query", *cols[1:]], rows))
+    if result.gallery:
+        console.print(f"wrote {result.gallery}")
+
+
 def main() -> None:
     app()
 

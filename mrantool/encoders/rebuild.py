@@ -1,0 +1,39 @@
+"""Rebuild the encoder that wrote a store from the store's identity (for encoding query images or fine-tuning)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mrantool.encoders.registry import PatchEncoder, create_encoder
+from mrantool.errors import ConfigError
+from mrantool.tiling.presets import Geometry, get_preset
+
+
+def rebuild_encoder(identity: dict[str, Any], weights: str | Path | None = None) -> PatchEncoder:
+    """The store's encoder: same architecture, weights, transforms and cell grid.
+
+    Random-init encoders are seeded and rebuild exactly; hub weights are fetched again; local weights need the file
+    (`weights`), whose hash must match the one the store recorded.
+    """
+    preset = get_preset(identity["preset"])
+    geometry = Geometry(**identity["geometry"])
+    transforms = identity["transforms"]
+    preset = preset.__class__(**{**preset.to_dict(), "geometry": geometry, "input_px": transforms["input_px"],
+                                 "mean": tuple(transforms["mean"]), "std": tuple(transforms["std"]),
+                                 "feature_index": transforms["feature_index"]})
+    recorded = str(identity["weights"])
+    if recorded.startswith("sha256:") and weights is None:
+        raise ConfigError(
+            f"The store's encoder uses local weights ({recorded[:19]}...); pass the same file with --weights."
+        )
+    pretrained = recorded.startswith("pretrained")
+    arch = None if pretrained else identity["encoder"]
+    encoder = create_encoder(preset, weights=weights if not pretrained else None, pretrained=pretrained, arch=arch)
+    got = encoder.identity()["weights"]
+    if got != recorded:
+        raise ConfigError(
+            f"The weights given ({got}) are not the ones the store was extracted with ({recorded}); pass the "
+            "original --weights file."
+        )
+    return encoder
