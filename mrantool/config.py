@@ -119,6 +119,7 @@ class FitConfig(StageConfig):
     min_epochs: int = 5
     monitor: str = "loss"  # validation loss or "auc" picks the best epoch
     class_weights: bool = True
+    standardize: bool = True  # z-score features with the training fold's per-dimension mean and sd
     bag_mining: bool = True  # MRAN: slide attention re-weights bags in the next epoch
     max_bags: int = 64  # bags per slide per step when a slide has more (sampled; all bags at evaluation)
     patch_min_tissue: float = 0.25  # patches with less tissue are masked out

@@ -117,7 +117,9 @@ def test_fit_mran_writes_the_run_folder(mran_run: dict) -> None:
     for fold in ("fold_0", "fold_1"):
         head = json.loads((out / fold / "head.json").read_text())
         assert head["model"] == "mran" and head["in_dim"] == DIM and head["classes"] == ["normal", "tumour"]
-        assert "classifier.weight" in load_file(str(out / fold / "model.safetensors"))
+        weights = load_file(str(out / fold / "model.safetensors"))
+        assert head["standardize"] and "head.classifier.weight" in weights
+        assert weights["sd"].shape == (DIM,) and (weights["sd"] > 0).all()  # the fold's feature statistics
     preds = read_csv(out / "predictions.csv")
     assert sorted(r["slide_id"] for r in preds) == [f"s{i:02d}" for i in range(N_SLIDES)]
     assert list(preds[0]) == ["slide_id", "fold", "repeat", "label", "prob_normal", "prob_tumour",

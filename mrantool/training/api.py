@@ -29,6 +29,7 @@ from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, StoreError
 from mrantool.models.base import MILHead, MILOutput
 from mrantool.models.registry import create_head, head_options
+from mrantool.models.standardize import Standardized
 from mrantool.store import FeatureStore
 from mrantool.store.schema import identity_differences
 from mrantool.training.data import MILData, StoreData
@@ -156,6 +157,8 @@ def load_checkpoint(folder: Path, device: torch.device | str = "cpu") -> tuple[M
                           "completely by `mrantool fit` (re-run fit if it was interrupted).")
     meta = json.loads(files[0].read_text())
     head = create_head(meta["model"], meta["in_dim"], meta["n_classes"], **meta["options"])
+    if meta.get("standardize"):
+        head = Standardized(head, meta["in_dim"])
     head.load_state_dict(load_file(str(files[1])))
     return head.to(device).eval(), meta
 
@@ -291,6 +294,9 @@ def _run_fold(cfg: FitConfig, data: MILData, labels: Labels, split: Split, name:
     seed = derive_seed(cfg.seed, split.repeat, split.fold, 2)
     seed_everything(seed)
     head = create_head(cfg.model, data.in_dim, labels.n_classes, **cfg.options)
+    if cfg.standardize:
+        head = Standardized(head, data.in_dim)
+        head.set_stats(*feature_stats(data, [ids[i] for i in split.train]))
     result = train_fold(head, data, [ids[i] for i in split.train], y[split.train],
                         [ids[i] for i in split.val], y[split.val], cfg, seed=seed, device=device,
                         progress=emit, context=context)
@@ -299,7 +305,7 @@ def _run_fold(cfg: FitConfig, data: MILData, labels: Labels, split: Split, name:
         "model": cfg.model, "options": options, "in_dim": data.in_dim, "n_classes": labels.n_classes,
         "classes": labels.classes, "repeat": split.repeat, "fold": split.fold,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
-        "mrantool_version": __version__})
+        "standardize": cfg.standardize, "mrantool_version": __version__})
     test_ids = [ids[i] for i in split.test]
     saver = _attention_saver(out / "attention") if cfg.save_attention and split.repeat == 0 else None
     test = evaluate(head, data, test_ids, device=device, on_output=saver)
@@ -312,6 +318,22 @@ def _run_fold(cfg: FitConfig, data: MILData, labels: Labels, split: Split, name:
              "predicted": labels.classes[int(probs.argmax())]}
             for sid, i, probs in zip(test_ids, split.test, test.probs, strict=True)]
     return report, rows, result.history, (y[split.test], test.probs)
+
+
+def feature_stats(data: MILData, slide_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides)."""
+    total = torch.zeros(data.in_dim, dtype=torch.float64)
+    squares = torch.zeros(data.in_dim, dtype=torch.float64)
+    count = 0
+    for slide_id in slide_ids:
+        bags = data.bags(slide_id, None, "cpu")
+        x = bags.patches[bags.mask].double()
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+        count += len(x)
+    mean = total / max(count, 1)
+    sd = (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt()
+    return mean.float(), sd.float()
 
 
 def _attention_saver(folder: Path) -> Callable[[str, MILOutput], None]:

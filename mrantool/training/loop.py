@@ -97,7 +97,8 @@ def make_optimizer(cfg: FitConfig, params: Any) -> torch.optim.Optimizer:
 
 def uses_bag_weights(head: MILHead) -> bool:
     """Whether the head takes per-bag loss weights (MRAN's bag mining)."""
-    return "bag_weights" in inspect.signature(head.forward).parameters
+    inner = getattr(head, "head", head)  # a Standardized wrapper passes them through
+    return "bag_weights" in inspect.signature(inner.forward).parameters
 
 
 @dataclass
