@@ -32,6 +32,28 @@ def run_api(fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the cohort, store, run, heatmap and index.")] = Path("demo"),
+    slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 16,
+    preset: Annotated[str, typer.Option(help="Extraction preset (mran; tiny for a quick look).")] = "mran",
+    seed: Annotated[int, typer.Option(help="Seed for the cohort, splits and training.")] = 0,
+) -> None:
+    """Run the whole flow on a generated cohort: slides, extract, fit MRAN with CV, heatmap, index, query.
+
+    Example: mrantool demo --out demo/
+    """
+    from mrantool.cli_render import extract_progress, fit_progress
+    from mrantool.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(slides=slides, preset=preset, seed=seed)
+    with extract_progress(console, quiet=True) as ep, fit_progress(console, quiet=True) as fp:
+        result = run_api(lambda: run_demo(out, settings, say=lambda m: console.print(m, soft_wrap=True),
+                                          extract_progress=ep, fit_progress=fp))
+    total = sum(seconds for _, seconds, _ in result.steps)
+    console.print(f"demo finished in {total:.0f}s; everything is in {result.out}/", soft_wrap=True)
+
+
 @app.command("demo-data")
 def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder for the generated slides and labels.csv.")],
