@@ -163,7 +163,11 @@ def info(
     cols = ["slide_id", "status", "n_bags", "n_patches", "dim", "cells", "mpp", "encoder"]
     if any(r.get("error") for r in rows):
         cols.append("error")
-    cells = [[("" if r.get(c) is None else r[c]) for c in cols] for r in rows]
+    def short(value: object) -> object:
+        text = "" if value is None else str(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    cells = [[short(r.get(c)) for c in cols] for r in rows]
     console.print(results_table(f"{store} ({fs.identity['preset']}, {len(rows)} slides)", cols, cells))
 
 
