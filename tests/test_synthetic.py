@@ -176,7 +176,8 @@ def test_tumour_focus_patches_match_normal_patches_in_colour_and_stained_area(
     mean colour and nuclear (stained) area of normal patches, while big hyperchromatic nuclei appear only there."""
     layout = synthetic._layout
 
-    def half_focus(rng: np.random.Generator, width: int, height: int, mpp: float, tumour: bool) -> synthetic._Layout:
+    def half_focus(rng: np.random.Generator, width: int, height: int, mpp: float, tumour: bool,
+                   n_foci: int | None = None) -> synthetic._Layout:
         lay = layout(rng, width, height, mpp, tumour=False)
         lay.focus[:, : lay.focus.shape[1] // 2] = True
         lay.focus &= lay.tissue

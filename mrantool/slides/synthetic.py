@@ -233,10 +233,11 @@ def _pyramid(rgb: np.ndarray) -> list[np.ndarray]:
 
 
 def write_pyramid_tiff(
-    path: str | Path, rgb: np.ndarray, mpp: float = 0.5, tile: int = 256, jpeg: bool = True, quality: int = 90
+    path: str | Path, rgb: np.ndarray, mpp: float | None = 0.5, tile: int = 256, jpeg: bool = True, quality: int = 90
 ) -> Path:
     """Write `rgb` (h, w, 3) uint8 as a tiled pyramidal TIFF that OpenSlide opens with `openslide.mpp-x == mpp`.
 
+    `mpp=None` writes no resolution tags: a slide without mpp metadata, as some scanners export.
     Level 0 first, then 2x reductions marked reduced-resolution (subfiletype 1) in the main IFD chain; resolution
     in pixels per centimetre; JPEG tiles (zlib when `jpeg=False`). Written under a temporary name and renamed, so a
     half-written file never appears at `path`.
@@ -246,18 +247,19 @@ def write_pyramid_tiff(
         raise SlideError(f"Cannot write {path}: pixels must be an (h, w, 3) uint8 array, got {rgb.shape} {rgb.dtype}.")
     if tile <= 0 or tile % 16:
         raise SlideError(f"Cannot write {path}: the tile size {tile} must be a positive multiple of 16.")
-    if mpp <= 0:
+    if mpp is not None and mpp <= 0:
         raise SlideError(f"Cannot write {path}: mpp must be positive, got {mpp}.")
     compression, args = ("jpeg", {"level": quality}) if jpeg else ("zlib", {"level": 6})
     tmp = path.with_name(f".{path.name}.tmp")
-    px_per_cm = 1e4 / mpp
     try:
         with tifffile.TiffWriter(tmp) as tif:
             for i, level in enumerate(_pyramid(rgb)):
-                res = px_per_cm / 2**i
+                tags = {}
+                if mpp is not None:
+                    res = 1e4 / mpp / 2**i  # pixels per centimetre at this level
+                    tags = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
                 tif.write(level, photometric="rgb", tile=(tile, tile), compression=compression,
-                          compressionargs=args, resolution=(res, res), resolutionunit="CENTIMETER",
-                          subfiletype=1 if i else 0, metadata=None)
+                          compressionargs=args, subfiletype=1 if i else 0, metadata=None, **tags)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
