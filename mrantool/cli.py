@@ -48,7 +48,7 @@ def demo(
 
     settings = DemoSettings(slides=slides, preset=preset, seed=seed)
     with extract_progress(console, quiet=True) as ep, fit_progress(console, quiet=True) as fp:
-        result = run_api(lambda: run_demo(out, settings, say=lambda m: console.print(m, soft_wrap=True),
+        result = run_api(lambda: run_demo(out, settings, say=lambda m: console.print(m, soft_wrap=True, markup=False),
                                           extract_progress=ep, fit_progress=fp))
     total = sum(seconds for _, seconds, _ in result.steps)
     console.print(f"demo finished in {total:.0f}s; everything is in {result.out}/", soft_wrap=True)

@@ -19,7 +19,8 @@ def extract_progress(console: Console, quiet: bool):
         def log(event: str, info: dict[str, Any]) -> None:
             if event == "slide_end":
                 r = info["result"]
-                console.print(f"{r.slide_id}: {r.status} {r.n_bags} bags {r.seconds:.1f}s {r.message}".rstrip())
+                line = f"{r.slide_id}: {r.status} {r.n_bags} bags {r.seconds:.1f}s {r.message}".rstrip()
+                console.print(line, markup=False, highlight=False, soft_wrap=True)
         yield log
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -61,7 +62,7 @@ def fit_progress(console: Console, quiet: bool):
     if quiet:
         def log(event: str, info: dict[str, Any]) -> None:
             if event == "note":
-                console.print(f"note: {info['message']}", soft_wrap=True)
+                console.print(f"note: {info['message']}", soft_wrap=True, markup=False)
             elif event == "fold_end":
                 console.print(f"{info['name']}: best epoch {info['best_epoch']}/{info['epochs_run']} "
                               f"auc {info['auc']:.3f} accuracy {info['accuracy']:.3f}")
