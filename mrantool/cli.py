@@ -141,6 +141,36 @@ def extract(
         raise typer.Exit(1)
 
 
+@app.command("import")
+def import_features(
+    files: Annotated[list[str], typer.Argument(help="Per-slide .h5 feature files or folders of them.")],
+    store: Annotated[str, typer.Option(help="Patch-level store to fill (created when absent).")],
+    format: Annotated[str, typer.Option("--format", help="auto, clam, trident or stamp.")] = "auto",
+    bag_grid: Annotated[int, typer.Option(help="Group the patch lattice into bags of N x N patches.")] = 4,
+    mpp: Annotated[float | None, typer.Option(help="Slide mpp, to turn micrometre coordinates into pixels.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="Encoder name to record when the files do not say.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Log lines instead of progress bars.")] = False,
+) -> None:
+    """Import CLAM / TRIDENT / STAMP per-slide h5 feature bags into a store (no cell embeddings).
+
+    Example: mrantool import features/*.h5 --store imported.zarr --format auto
+    """
+    from mrantool.cli_render import extract_progress, results_table
+    from mrantool.store.importers import import_h5
+
+    with extract_progress(console, quiet) as progress:
+        report = run_api(lambda: import_h5(files, store, fmt=format, bag_grid=bag_grid, mpp=mpp, encoder=encoder,
+                                           progress=progress))
+    rows = [[r.slide_id, r.status, r.format or "", r.n_instances, r.n_bags, r.message] for r in report.results]
+    console.print(results_table("import", ["slide", "status", "format", "instances", "bags", "message"], rows))
+    for note in report.notes:
+        console.print(f"note: {note}", soft_wrap=True, markup=False)
+    console.print(f"{report.count('done')} imported, {report.count('skipped')} already complete, "
+                  f"{len(report.failed)} failed", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
 @app.command()
 def info(
     store: Annotated[Path, typer.Argument(help="A feature store.")],

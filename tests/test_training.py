@@ -334,3 +334,14 @@ def test_metrics_nan_auc_and_macro_ovr() -> None:
     assert math.isnan(single["auc"]) and single["accuracy"] == 0.5
     mean, sd = mean_sd([single, {**single, "auc": 0.8}, {**single, "auc": 0.6}])
     assert mean["auc"] == pytest.approx(0.7) and sd["auc"] == pytest.approx(math.sqrt(0.02))
+
+
+def test_val_fraction_zero_trains_on_all_training_slides() -> None:
+    """Regression: val_fraction = 0 divided by zero before its own guard."""
+    from mrantool.training.labels import make_labels
+    from mrantool.training.splits import validation_split
+
+    labels = make_labels([f"s{i}" for i in range(8)], ["a", "b"] * 4, source="test")
+    train = np.arange(8)
+    fit_rows, val_rows = validation_split(labels, train, 0.0, seed=0)
+    assert fit_rows.tolist() == train.tolist() and len(val_rows) == 0

@@ -84,7 +84,7 @@ def from_image(store: FeatureStore, image_path: str | Path, weights: str | Path 
     from mrantool.tiling.presets import get_preset
 
     try:
-        rgb = np.asarray(Image.open(image_path).convert("RGB"))
+        rgb = np.array(Image.open(image_path).convert("RGB"))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"Cannot read the image {image_path} ({exc}); give a PNG, JPEG or TIFF tile.") from None
     encoder = rebuild_encoder(store.identity, weights).eval()

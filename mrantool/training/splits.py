@@ -67,11 +67,13 @@ def validation_split(labels: Labels, train: np.ndarray, fraction: float,
     class size).
     """
     empty = np.zeros(0, dtype=np.int64)
+    if fraction <= 0:
+        return train, empty
     groups = np.asarray(labels.patients, dtype=object)[train]
     y = labels.y[train]
     # sklearn needs n_splits <= number of groups and <= the size of the largest class
     n_splits = min(len(set(groups.tolist())), int(np.bincount(y).max()), max(2, round(1 / fraction)))
-    if fraction <= 0 or n_splits < 2:
+    if n_splits < 2:
         return train, empty
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     needed = set(y.tolist())
