@@ -1,0 +1,104 @@
+"""End-to-end fine-tuning from the cache on a tiny generated cohort (CPU, tiny preset)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mrantool.config import ExtractConfig
+from mrantool.encoders.registry import create_encoder, file_sha256
+from mrantool.errors import ConfigError
+from mrantool.extract.api import extract
+from mrantool.store import FeatureStore
+from mrantool.tiling.presets import get_preset
+from mrantool.training.finetune import choose_bags, encoder_weights_from_run, finetune, trainable_blocks
+
+TINY = {"preset": "tiny", "workers": 0, "batch_size": 32, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """Four 2048 px generated slides (two per class) extracted with the tiny preset: store, labels, slides."""
+    from mrantool.slides.synthetic import make_cohort
+
+    folder = tmp_path_factory.mktemp("ft")
+    labels = make_cohort(folder / "slides", n_slides=4, seed=0, size=(2048, 2048), workers=1, n_foci=2)
+    slides = sorted(str(p) for p in (folder / "slides").glob("*.tiff"))
+    extract(ExtractConfig(slides=slides, store=str(folder / "frozen.zarr"), **TINY))
+    return folder / "frozen.zarr", labels, slides
+
+
+@pytest.fixture(scope="module")
+def run(cohort, tmp_path_factory):
+    store, labels, _ = cohort
+    out = tmp_path_factory.mktemp("ftrun") / "run"
+    return finetune(store, labels, out, layers=1, bags_per_slide=2, epochs=6, lr=3e-3, encoder_lr=1e-3,
+                    folds=2, val_fraction=0.0, device="cpu", seed=0, threads=1)
+
+
+def test_training_loss_falls(run):
+    losses = run.folds[0].step_losses
+    assert len(losses) == 12  # 6 epochs x 2 training slides
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:4])
+    fold = run.folds[0]
+    assert fold.best_epoch == 6 and fold.seconds_per_step > 0
+    assert set(fold.metrics) >= {"auc", "accuracy"}
+
+
+def test_checkpoint_reloads_with_saved_outputs(run):
+    weights = encoder_weights_from_run(run.out)
+    reloaded = create_encoder(get_preset("tiny"), weights=weights)
+    frozen = create_encoder(get_preset("tiny"))
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = run.encoder(x)
+        got = reloaded(x)
+        before = frozen(x)
+    for a, b, c in zip(want, got, before, strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.allclose(a, c, atol=1e-4)  # the last stage did change
+    assert reloaded.identity()["weights"] == f"sha256:{file_sha256(weights)}"
+
+
+def test_reextraction_uses_finetuned_encoder(run, cohort, tmp_path):
+    store, _, slides = cohort
+    weights = encoder_weights_from_run(run.out)
+    new = tmp_path / "tuned.zarr"
+    extract(ExtractConfig(slides=slides[:1], store=str(new), weights=str(weights), **TINY))
+    tuned, frozen = FeatureStore.open(new), FeatureStore.open(store)
+    assert tuned.identity["weights"] == f"sha256:{file_sha256(weights)}"
+    sid = tuned.slide_ids()[0]
+    a, b = tuned.slide(sid), frozen.slide(sid)
+    np.testing.assert_array_equal(a.coords[:], b.coords[:])
+    assert not np.allclose(a.patch_emb[:], b.patch_emb[:], atol=1e-2)
+    assert a.cell_emb.shape == b.cell_emb.shape
+
+
+def test_run_folder_and_errors(run, tmp_path):
+    meta = (run.out / "encoder.json").read_text()
+    assert '"layers": 1' in meta and "layer2" in meta and str(run.out.resolve()) in meta
+    for name in ("config.json", "metrics.json", "fold_0/model.safetensors", "fold_0/head.json", "fold_1/encoder.json"):
+        assert (run.out / name).is_file()
+    (tmp_path / "encoder.safetensors").write_bytes(b"x")
+    (tmp_path / "encoder.json").write_text('{"sha256": "0"}')
+    with pytest.raises(ConfigError, match="does not match"):
+        encoder_weights_from_run(tmp_path)
+    with pytest.raises(ConfigError, match="holds no fine-tuned encoder"):
+        encoder_weights_from_run(tmp_path / "nothing")
+
+
+def test_trainable_blocks_and_bag_choice():
+    encoder = create_encoder(get_preset("tiny"))
+    names, units = trainable_blocks(encoder, 2)
+    assert names == ["layer1", "layer2"] and len(units) == 4
+    assert not any(p.requires_grad for p in encoder.model.conv1.parameters())
+    with pytest.raises(ConfigError, match=r"finetune-layers 1\.\.2"):
+        trainable_blocks(encoder, 3)
+    rng = np.random.default_rng(0)
+    attention = np.array([0.1, 0.5, 0.05, 0.35])
+    assert choose_bags(attention, 2, 0.0, rng).tolist() == [1, 3]
+    picks = [choose_bags(attention, 2, 0.5, rng) for _ in range(20)]
+    assert all(1 in p and len(p) == 2 for p in picks) and any(3 not in p for p in picks)
