@@ -111,6 +111,7 @@ def extract(
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes reading slides.")] = None,
     shard: Annotated[str | None, typer.Option(help="i/n: this process does the i-th of n deterministic parts.")] = None,
     compile: Annotated[bool | None, typer.Option(help="torch.compile the encoder (faster after ~1 min).")] = None,
+    encoder_from: Annotated[str | None, typer.Option(help="A `fit --finetune` run whose encoder to use.")] = None,
     quiet: Annotated[bool | None, typer.Option("--quiet", help="Log lines instead of progress bars.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
 ) -> None:
@@ -125,7 +126,7 @@ def extract(
     cfg = run_api(lambda: ExtractConfig.load(
         config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
         pretrained=pretrained, mpp=mpp, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
-        batch_size=batch_size, workers=workers, shard=shard, compile=compile, quiet=quiet,
+        batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from, quiet=quiet,
     ))
     with extract_progress(console, cfg.quiet) as progress:
         report = run_api(lambda: run_extract(cfg, progress=progress))
@@ -245,6 +246,10 @@ def fit(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Log lines instead of progress bars.")] = False,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
+    finetune: Annotated[bool, typer.Option(help="Train encoder and MRAN head together on mined bags.")] = False,
+    finetune_layers: Annotated[int, typer.Option(help="Trainable last encoder stages/blocks.")] = 1,
+    bags_per_slide: Annotated[int, typer.Option(help="Bags re-encoded with gradients per slide and step.")] = 2,
+    init_run: Annotated[Path | None, typer.Option(help="Frozen-cache fit run to start fine-tuning from.")] = None,
 ) -> None:
     """Train a MIL head on a store with patient-grouped, stratified cross-validation.
 
@@ -263,12 +268,31 @@ def fit(
         return cfg
 
     cfg = run_api(load)
+    if finetune:
+        return _finetune(cfg, finetune_layers, bags_per_slide, init_run, epochs is not None)
     with fit_progress(console, quiet) as progress:
         report = run_api(lambda: run_fit(cfg, progress=progress))
     rows = report.table()
     console.print(results_table(f"{report.model} on {cfg.store}", list(rows[0]), [list(r.values()) for r in rows]))
     console.print(f"wrote {report.out} (config.json, metrics.json, predictions.csv, attention/, curves.png, roc.png) "
                   f"in {report.seconds:.0f}s", soft_wrap=True)
+
+
+def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, epochs_given: bool) -> None:
+    """`fit --finetune`: the fine-tuning API with the fit options that apply to it; a frozen vs fine-tuned table."""
+    from mrantool.cli_render import results_table
+    from mrantool.training.finetune import finetune as run_finetune
+
+    report = run_api(lambda: run_finetune(
+        cfg.store, cfg.labels, cfg.out, init_run=init_run, layers=layers, bags_per_slide=bags_per_slide,
+        epochs=cfg.epochs if epochs_given else 3, lr=cfg.lr, seed=cfg.seed, device=cfg.device, threads=cfg.threads,
+        folds=None if init_run else cfg.folds, progress=lambda e, i: None))
+    rows = [[f.name, f"{f.best_epoch}/{f.epochs_run}", f"{f.start_metrics.get('auc', float('nan')):.3f}",
+             f"{f.metrics.get('auc', float('nan')):.3f}", f"{f.seconds_per_step:.2f}"] for f in report.folds]
+    console.print(results_table("fine-tuning (test AUC)", ["fold", "best epoch", "start", "fine-tuned", "s/step"],
+                                rows))
+    console.print(f"wrote {report.out} (encoder.safetensors: re-extract with `mrantool extract ... --encoder-from "
+                  f"{report.out}`)", soft_wrap=True)
 
 
 @app.command()

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from mrantool.config import ExtractConfig
+from mrantool.encoders.rebuild import encoder_weights_from_run
 from mrantool.encoders.registry import create_encoder, file_sha256
 from mrantool.errors import ConfigError
 from mrantool.extract.api import extract
 from mrantool.store import FeatureStore
 from mrantool.tiling.presets import get_preset
-from mrantool.training.finetune import choose_bags, encoder_weights_from_run, finetune, trainable_blocks
+from mrantool.training.finetune import choose_bags, finetune, trainable_blocks
 
 TINY = {"preset": "tiny", "workers": 0, "batch_size": 32, "device": "cpu"}
 

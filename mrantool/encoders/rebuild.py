@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
-from mrantool.encoders.registry import PatchEncoder, create_encoder
+from mrantool.encoders.registry import PatchEncoder, create_encoder, file_sha256
 from mrantool.errors import ConfigError
 from mrantool.tiling.presets import Geometry, get_preset
 
@@ -37,3 +38,22 @@ def rebuild_encoder(identity: dict[str, Any], weights: str | Path | None = None)
             "original --weights file."
         )
     return encoder
+
+
+def encoder_weights_from_run(run_dir: str | Path) -> Path:
+    """The fine-tuned encoder file of a `finetune` run (for `extract --encoder-from RUN`), hash-checked."""
+    run_dir = Path(run_dir)
+    weights, meta = run_dir / "encoder.safetensors", run_dir / "encoder.json"
+    if not weights.is_file() or not meta.is_file():
+        raise ConfigError(f"{run_dir} holds no fine-tuned encoder (encoder.safetensors + encoder.json); pass the "
+                          "output folder of `mrantool fit --finetune`.")
+    expected = json.loads(meta.read_text()).get("sha256")
+    if expected != file_sha256(weights):
+        raise ConfigError(f"{weights} does not match the sha256 in {meta} (edited or half-copied); copy the run "
+                          "folder again.")
+    return weights
+
+
+def finetuned_extract_settings(run_dir: str | Path) -> dict[str, Any]:
+    """The preset and geometry a fine-tuning run's encoder was trained with (encoder.json's `extract` block)."""
+    return json.loads((Path(run_dir) / "encoder.json").read_text())["extract"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from mrantool.config import ExtractConfig
+from mrantool.encoders.rebuild import encoder_weights_from_run, finetuned_extract_settings
 from mrantool.encoders.registry import create_encoder
 from mrantool.extract.inputs import collect_slides, parse_shard, shard
 from mrantool.extract.pipeline import Extractor, ExtractReport, Progress, store_identity
@@ -24,13 +27,28 @@ def resolve_preset(cfg: ExtractConfig) -> Preset:
     return get_preset(cfg.preset).with_overrides(mpp=cfg.target_mpp, bag_px=cfg.bag_px, grid=cfg.grid, cells=cfg.cells)
 
 
+def with_finetuned_encoder(cfg: ExtractConfig) -> ExtractConfig:
+    """`--encoder-from RUN`: the run's fine-tuned weights and the preset/geometry it was trained with."""
+    weights = encoder_weights_from_run(cfg.encoder_from)
+    settings = finetuned_extract_settings(cfg.encoder_from)
+    return cfg.model_copy(update={
+        "weights": str(weights), "preset": settings["preset"], "encoder": settings["encoder"],
+        "target_mpp": settings["target_mpp"], "bag_px": settings["bag_px"], "grid": settings["grid"],
+        "cells": settings["cells"]})
+
+
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractReport:
     """Extract every slide of `cfg.slides` (this shard's part) into `cfg.store`; failures are recorded, not raised."""
+    if cfg.encoder_from:
+        cfg = with_finetuned_encoder(cfg)
     index, count = parse_shard(cfg.shard)
     slides = shard(collect_slides(cfg.slides), index, count)
     preset = resolve_preset(cfg)
     encoder = create_encoder(preset, weights=cfg.weights, pretrained=cfg.pretrained, arch=cfg.encoder)
-    store = FeatureStore.create(cfg.store, store_identity(preset, encoder))
+    identity = store_identity(preset, encoder)
+    if cfg.encoder_from:
+        identity["finetuned_from"] = str(Path(cfg.encoder_from).resolve())
+    store = FeatureStore.create(cfg.store, identity)
     extractor = Extractor(
         store, preset, encoder, device=resolve_device(cfg.device), batch_size=cfg.batch_size,
         workers=cfg.workers, slide_mpp=cfg.mpp, min_tissue=cfg.min_tissue, compile=cfg.compile, progress=progress,

@@ -371,20 +371,6 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
     return report
 
 
-def encoder_weights_from_run(run_dir: str | Path) -> Path:
-    """The fine-tuned encoder file of a `finetune` run (for `extract --encoder-from RUN`), hash-checked."""
-    run_dir = Path(run_dir)
-    weights, meta = run_dir / "encoder.safetensors", run_dir / "encoder.json"
-    if not weights.is_file() or not meta.is_file():
-        raise ConfigError(f"{run_dir} holds no fine-tuned encoder (encoder.safetensors + encoder.json); pass the "
-                          "output folder of `mrantool fit --finetune`.")
-    expected = json.loads(meta.read_text()).get("sha256")
-    if expected != file_sha256(weights):
-        raise ConfigError(f"{weights} does not match the sha256 in {meta} (edited or half-copied); copy the run "
-                          "folder again.")
-    return weights
-
-
 # --- helpers of finetune ---
 
 def _check_settings(layers: int, k: int, epochs: int, lr: float, encoder_lr: float, explore: float,
