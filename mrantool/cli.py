@@ -342,6 +342,41 @@ def heatmap(
         console.print(f"wrote {result.gallery}")
 
 
+@app.command()
+def sweep(
+    spec: Annotated[Path, typer.Argument(help="Sweep TOML: [base] fit config, [grid] and/or [[variant]] tables.")],
+    out: Annotated[Path, typer.Option(help="Sweep folder (runs/, results.csv, summary.md, metric.png).")],
+    workers: Annotated[int, typer.Option(help="Parallel worker processes (each loads the features once).")] = 1,
+) -> None:
+    """Run an ablation sweep in parallel, resumably; rank the variants with paired tests against a baseline.
+
+    Example: mrantool sweep examples/sweep.toml --out sweeps/heads --workers 2
+    """
+    from mrantool.cli_render import results_table
+    from mrantool.sweep.runner import run_sweep
+
+    def progress(event: str, info: dict) -> None:
+        if event == "start":
+            console.print(f"{info['n_todo']} of {info['n_runs']} runs to do on {info['workers']} worker(s) "
+                          f"x {info['threads']} thread(s)")
+        elif event == "run_end":
+            error = f": {info['error']}" if info.get("error") else ""
+            console.print(f"[{info['index']}/{info['n_todo']}] {info['name']} {info['status']} "
+                          f"({info['seconds']:.0f}s){error}", markup=False, soft_wrap=True)
+
+    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress))
+    rows = result.table()
+    if rows:
+        table = results_table(f"sweep ranked by {result.metric}", list(rows[0]), [list(r.values()) for r in rows])
+        console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", soft_wrap=True, markup=False)
+    console.print(f"{result.count('ran')} ran, {result.count('skipped')} already finished, {result.count('error')} "
+                  f"failed in {result.seconds:.0f}s; wrote {out}/summary.md", soft_wrap=True)
+    if result.count("error"):
+        raise typer.Exit(1)
+
+
 index_app = typer.Typer(help="Build or grow a FAISS index of a store's embeddings.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
