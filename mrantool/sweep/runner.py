@@ -1,0 +1,250 @@
+"""`run_sweep`: every run of a spec in worker processes that keep the features in RAM, resumable.
+
+Each run is a normal fit run folder, SWEEP/runs/<hash>/, where the hash identifies its resolved settings
+(spec.run_hash). A run is finished when its metrics.json exists: re-running the same sweep skips those and
+redoes the others from scratch. A run that raises is recorded (runs/<hash>/error.txt and the results) and
+the others go on.
+
+Workers are started with forkserver (spawn where that does not exist), never by forking a process that
+already runs torch threads. Each worker opens each store once and keeps one `StoreData` (an LRU feature
+cache of `cache_gb`) per (store, labels, cells, patch_min_tissue) across its runs, and uses
+max(1, cores // workers) torch threads. With one worker the runs go in this process, without a start-up cost.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mrantool.errors import ConfigError, MrantoolError
+from mrantool.models.registry import create_head
+from mrantool.store import FeatureStore
+from mrantool.sweep.report import VariantSummary, read_outcome, summary_rows, write_json, write_report
+from mrantool.sweep.spec import RunSpec, SweepSpec, load_spec
+from mrantool.training.api import fit_data
+from mrantool.training.data import StoreData
+from mrantool.training.labels import Labels, read_labels
+from mrantool.training.splits import make_splits
+
+Progress = Callable[[str, dict[str, Any]], None]
+DUMMY_DIM = 8
+# what the forkserver imports before forking workers: this module, and torch._dynamo, which the first
+# optimizer a process builds imports lazily (seconds; once in the server instead of once per worker)
+PRELOAD = [__name__, "torch._dynamo"]
+
+
+@dataclass
+class RunResult:
+    """What happened to one run in this call: "ran", "skipped" (finished before) or "error"."""
+
+    name: str
+    hash: str
+    status: str
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class SweepResult:
+    """A finished sweep: its folder, this call's runs, and the ranked per-variant summary."""
+
+    out: Path
+    metric: str
+    runs: list[RunResult]
+    summary: list[VariantSummary]
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        """Number of runs of this call with `status` ("ran", "skipped", "error")."""
+        return sum(r.status == status for r in self.runs)
+
+    def table(self) -> list[dict[str, str]]:
+        """Rows of strings for a rich table (as summary.md): rank, variant, metrics, paired comparison."""
+        return summary_rows(self.summary, self.metric)
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int = 1,
+              progress: Progress | None = None) -> SweepResult:
+    """Run every unfinished run of `spec` into `out_dir`/runs/<hash>/ and write results.csv, summary.md and
+    metric.png. Problems in the spec, stores or labels raise one ConfigError before anything runs."""
+    started = time.perf_counter()
+    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
+    if workers < 1:
+        raise ConfigError(f"workers {workers} is not a number of processes; use --workers 1 or more.")
+    runs = spec.runs()
+    preflight(runs, spec.source)
+    emit = progress or (lambda event, info: None)
+    out = Path(out_dir)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    write_json(out / "sweep.json", {"source": spec.source, "spec": spec.model_dump(),
+                                     "baselines": spec.baselines(runs),
+                                     "runs": [{"name": r.name, "hash": r.hash, "variant": r.variant,
+                                               "point": r.point, "config": r.config} for r in runs]})
+    todo = [r for r in runs if not (out / "runs" / r.hash / "metrics.json").is_file()]
+    results = {r.name: RunResult(r.name, r.hash, "skipped") for r in runs if r not in todo}
+    workers = max(1, min(workers, len(todo)))
+    threads = max(1, cpu_cores() // workers)
+    emit("start", {"n_runs": len(runs), "n_todo": len(todo), "n_skipped": len(results), "workers": workers,
+                   "threads": threads, "out": str(out)})
+    tasks = [(r, str(out / "runs" / r.hash)) for r in todo]
+    for index, result in enumerate(_execute(tasks, workers, threads), 1):
+        results[result.name] = result
+        emit("run_end", {"index": index, "n_todo": len(todo), "name": result.name, "hash": result.hash,
+                         "status": result.status, "seconds": result.seconds, "error": result.error})
+    outcomes = [read_outcome(out / "runs" / r.hash, r.name, r.hash) for r in runs]
+    summary, notes = write_report(out, outcomes, spec.metric, spec.baselines(runs), spec.source)
+    result = SweepResult(out, spec.metric, [results[r.name] for r in runs], summary,
+                         time.perf_counter() - started, notes)
+    emit("end", {"out": str(out), "seconds": result.seconds, "n_ran": result.count("ran"),
+                 "n_skipped": result.count("skipped"), "n_failed": result.count("error")})
+    return result
+
+
+def preflight(runs: list[RunSpec], source: str) -> None:
+    """Open each store and labels file once and check every run against them (cells, folds), so that
+    data problems surface before any run starts; one ConfigError lists them all."""
+    problems: dict[str, list[str]] = {}
+    opened: dict[tuple[str, str], tuple[FeatureStore, Labels] | MrantoolError] = {}
+    for run in runs:
+        cfg = run.fit_config("")
+        key = (cfg.store, cfg.labels)
+        try:
+            if key not in opened:
+                opened[key] = _open(cfg.store, cfg.labels)
+            entry = opened[key]
+            if isinstance(entry, MrantoolError):
+                raise entry
+            store, labels = entry
+            if create_head(cfg.model, DUMMY_DIM, 2, **cfg.options).needs_cells and not store.dims.n_cells:
+                raise ConfigError(f"head {cfg.model!r} with these options needs cell embeddings but store "
+                                  f"{cfg.store} has none; set options.cells = false or use a patch head")
+            make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
+        except MrantoolError as exc:
+            problems.setdefault(str(exc).rstrip(". "), []).append(repr(run.name))
+    if problems:
+        lines = [f"{', '.join(names[:4])}{' and more' if len(names) > 4 else ''}: {message}"
+                 for message, names in problems.items()]
+        raise ConfigError(f"Sweep spec {source} cannot run: " + "; ".join(lines) + "; fix them and run the "
+                          "sweep again.")
+
+
+def _open(store_path: str, labels_path: str) -> tuple[FeatureStore, Labels] | MrantoolError:
+    """The store and its labels, or the error that opening them raised."""
+    try:
+        store = FeatureStore.open(store_path)
+        return store, read_labels(labels_path, store.slide_ids())
+    except MrantoolError as exc:
+        return exc
+
+
+Task = tuple[RunSpec, str]  # the run, its folder
+
+
+def _execute(tasks: list[Task], workers: int, threads: int) -> Iterator[RunResult]:
+    """RunResults as runs finish: in this process with one worker, else in a pool of worker processes."""
+    if not tasks:
+        return
+    if workers == 1:
+        worker, old = Worker(), torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for task in tasks:
+                yield worker.run(task)
+        finally:
+            torch.set_num_threads(old)
+        return
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    context = mp.get_context(method)
+    if method == "forkserver":  # the server imports once, threads idle; workers fork from it ready to train
+        context.set_forkserver_preload(PRELOAD)
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
+    with pool:
+        futures: dict[Future[RunResult], Task] = {pool.submit(_run_in_worker, task): task for task in tasks}
+        try:
+            for future in as_completed(futures):
+                yield _result(future, futures[future])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+
+
+def _result(future: Future[RunResult], task: Task) -> RunResult:
+    """The worker's RunResult, or an error result when the worker itself died."""
+    try:
+        return future.result()
+    except Exception as exc:
+        message = f"worker process failed: {type(exc).__name__}: {exc}"
+        return _record_error(task, message, "".join(traceback.format_exception(exc)), 0.0)
+
+
+class Worker:
+    """Runs fits, keeping opened stores, labels and feature caches across runs."""
+
+    def __init__(self) -> None:
+        self.stores: dict[str, FeatureStore] = {}
+        self.labels: dict[tuple[str, str], Labels] = {}
+        self.data: dict[tuple[str, str, bool, float], StoreData] = {}
+
+    def run(self, task: Task) -> RunResult:
+        """One fit into a fresh run folder; exceptions become an error result and error.txt."""
+        run, folder = task
+        started = time.perf_counter()
+        shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
+        try:
+            cfg = run.fit_config(folder)
+            if cfg.store not in self.stores:
+                self.stores[cfg.store] = FeatureStore.open(cfg.store)
+            store = self.stores[cfg.store]
+            key = (cfg.store, cfg.labels)
+            if key not in self.labels:
+                self.labels[key] = read_labels(cfg.labels, store.slide_ids())
+            labels = self.labels[key]
+            cells = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options).needs_cells
+            data_key = (cfg.store, cfg.labels, cells, cfg.patch_min_tissue)
+            if data_key not in self.data:
+                self.data[data_key] = StoreData(store, labels.slide_ids, cells=cells,
+                                                patch_min_tissue=cfg.patch_min_tissue, cache_gb=cfg.cache_gb)
+            fit_data(cfg, self.data[data_key], labels, identity=store.identity)
+        except Exception as exc:
+            return _record_error(task, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                                 time.perf_counter() - started)
+        return RunResult(run.name, run.hash, "ran", time.perf_counter() - started)
+
+
+def _record_error(task: Task, message: str, details: str, seconds: float) -> RunResult:
+    """error.txt in the run folder (the message, then the traceback) and an error result."""
+    run, folder = task
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / "error.txt").write_text(f"{message}\n\n{details}")
+    return RunResult(run.name, run.hash, "error", seconds, message)
+
+
+_WORKER: Worker | None = None
+
+
+def _init_worker(threads: int) -> None:
+    global _WORKER
+    torch.set_num_threads(threads)
+    _WORKER = Worker()
+
+
+def _run_in_worker(task: Task) -> RunResult:
+    if _WORKER is None:
+        raise RuntimeError("worker process was not initialised")
+    return _WORKER.run(task)
