@@ -93,7 +93,7 @@ class ExtractConfig(StageConfig):
     device: str = "auto"
     batch_size: int = 64
     workers: int = 2
-    compile: bool = False  # torch.compile the encoder: ~1.6x on CPU after a one-off compile of about a minute
+    compile: bool = False  # torch.compile the encoder (compiles for ~1 min; measure: not reliably faster on CPU)
     shard: str | None = None
     quiet: bool = False
 
