@@ -150,13 +150,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def markdown(report: dict[str, Any]) -> str:
     hw, ds, sw, res = report["hardware"], report["dataset"], report["sweep"], report["results"]
     load = report.get("load_1min_after_phase", {})
+    in_1, in_2 = sum(res["run_s_1_worker"].values()), sum(res["run_s_2_workers"].values())
 
     def at(phase: str) -> str:
         return f" (load {load[phase]:.1f})" if phase in load else ""
 
     busiest = max([report["load_average_before"][0], report["load_average_after"][0], *load.values()])
     met = "meets" if res["speedup"] >= TARGET_SPEEDUP else "misses"
-    met = f"{met} the target" if busiest <= hw["cores"] else "not meaningful under this load, see below"
+    busy = busiest > hw["cores"] + 1  # the benchmark itself keeps the cores busy
+    met = "not meaningful under this load, see below" if busy else f"{met} the target"
     lines = [
         "# Sweep benchmark", "",
         f"{hw['date']} · {hw['cpu']} · {hw['cores']} cores · torch {hw['torch']} · Python {hw['python']} · "
@@ -179,8 +181,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"| same config inside the 16-run sweep, 1 worker | {res['baseline_run_in_sweep_s']:.1f} s |",
         f"| per-run overhead in the 1-worker sweep: (wall - time in runs) / runs | "
         f"{res['per_run_overhead_s_in_sweep']:.2f} s |",
+        f"| time in runs, 1 worker / 2 workers (sums, last repeat) | {in_1:.1f} s / {in_2:.1f} s |",
+        f"| speed-up ceiling from the run times: 2 x {in_1:.1f} / {in_2:.1f} | {2 * in_1 / in_2:.2f} |",
+        f"| 2-worker wall above {in_2:.1f} / 2 (worker start-up, uneven finish) | "
+        f"{res['wall_s_2_workers'] - in_2 / 2:.1f} s |",
     ]
-    if busiest > hw["cores"]:
+    if busy:
         lines += ["", f"Other jobs shared the machine (load average up to {busiest:.1f} on {hw['cores']} "
                   "cores), so the phases ran under different loads: the speed-up and the fit-vs-sweep rows "
                   "compare different conditions and are not meaningful here (a 2-thread torch process slows "
@@ -201,7 +207,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bags", type=int, default=2)
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
