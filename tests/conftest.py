@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def shared_file(relative: str) -> Path:
-    """A file of ../shared/data, or a skip with the reason when this clone has no ../shared."""
+    """A file of ../shared/data, or a skip with the reason when this clone has no ../shared.
+
+    Under CI=true the data must be there (CI clones the project beside ../shared), so a missing file fails.
+    """
     path = SHARED / relative
     if not path.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{path} is absent but CI=true: CI must run the real-data tests (../shared/data)")
         pytest.skip(f"{path} is absent (real test data lives in ../shared/data beside the project)")
     return path
 
