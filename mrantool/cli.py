@@ -157,7 +157,7 @@ def import_features(
     Example: mrantool import features/*.h5 --store imported.zarr --format auto
     """
     from mrantool.cli_render import extract_progress, results_table
-    from mrantool.store.importers import import_h5
+    from mrantool.interop.importers import import_h5
 
     with extract_progress(console, quiet) as progress:
         report = run_api(lambda: import_h5(files, store, fmt=format, bag_grid=bag_grid, mpp=mpp, encoder=encoder,
@@ -168,6 +168,31 @@ def import_features(
         console.print(f"note: {note}", soft_wrap=True, markup=False)
     console.print(f"{report.count('done')} imported, {report.count('skipped')} already complete, "
                   f"{len(report.failed)} failed", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_features(
+    store: Annotated[Path, typer.Option(help="The feature store to export.")],
+    out: Annotated[Path, typer.Option(help="Folder for the per-slide h5 files.")],
+    format: Annotated[str, typer.Option("--format", help="trident (one h5 per slide) or clam (h5_files/ + "
+                                                         "pt_files/).")] = "trident",
+    slide: Annotated[list[str] | None, typer.Option(help="Export only this slide id (repeatable).")] = None,
+    min_tissue: Annotated[float, typer.Option(help="Export patches with at least this tissue fraction.")] = 0.0,
+) -> None:
+    """Write a store's patch features as CLAM or TRIDENT / Patho-Bench h5 files (level-0 coordinates).
+
+    Example: mrantool export --format trident --store cohort.zarr --out features_mrantool/
+    """
+    from mrantool.cli_render import results_table
+    from mrantool.interop.h5_export import export_h5
+
+    report = run_api(lambda: export_h5(store, out, fmt=format, slides=slide, min_tissue=min_tissue))
+    rows = [[r.slide_id, r.status, r.n_patches, r.message] for r in report.results]
+    console.print(results_table(f"export ({format})", ["slide", "status", "patches", "message"], rows))
+    console.print(f"{len(report.results) - len(report.failed)} slides, {report.n_patches} patches written to {out} "
+                  f"({len(report.failed)} failed) in {report.seconds:.1f}s", soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
 

@@ -22,8 +22,8 @@ import numpy as np
 
 from mrantool.config import FitConfig
 from mrantool.errors import LabelsError, MrantoolError
+from mrantool.interop.importers import ImportReport, import_h5
 from mrantool.store import FeatureStore
-from mrantool.store.importers import ImportReport, import_h5
 from mrantool.training.api import FitReport, fit_data
 from mrantool.training.data import MILData, StoreData
 from mrantool.training.labels import Labels, read_labels
