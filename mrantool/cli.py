@@ -32,6 +32,12 @@ def run_api(fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+def _print_failures(failed: list) -> None:
+    """One line per failed item (its one-sentence message), after the results table."""
+    for item in failed:
+        err_console.print(f"failed: {item.message}", soft_wrap=True, markup=False, highlight=False)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the cohort, store, run, heatmap and index.")] = Path("demo"),
@@ -189,10 +195,45 @@ def export_features(
     from mrantool.interop.h5_export import export_h5
 
     report = run_api(lambda: export_h5(store, out, fmt=format, slides=slide, min_tissue=min_tissue))
-    rows = [[r.slide_id, r.status, r.n_patches, r.message] for r in report.results]
-    console.print(results_table(f"export ({format})", ["slide", "status", "patches", "message"], rows))
+    rows = [[r.slide_id, r.status, r.n_patches] for r in report.results]
+    console.print(results_table(f"export ({format})", ["slide", "status", "patches"], rows))
+    _print_failures(report.failed)
     console.print(f"{len(report.results) - len(report.failed)} slides, {report.n_patches} patches written to {out} "
                   f"({len(report.failed)} failed) in {report.seconds:.1f}s", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("export-qupath")
+def export_qupath(
+    run: Annotated[Path, typer.Option(help="A fit run folder (holds attention/<slide>.npz).")],
+    store: Annotated[Path, typer.Option(help="The store the run was fit on.")],
+    out: Annotated[Path, typer.Option(help="Folder for <slide>.geojson files.")],
+    slide: Annotated[list[str] | None, typer.Option(help="Slide id to export (repeatable).")] = None,
+    all_slides: Annotated[bool, typer.Option("--all", help="Every slide the run has attention for.")] = False,
+    level: Annotated[str, typer.Option(help="patch or cell: one detection per patch or per cell.")] = "patch",
+    top: Annotated[int, typer.Option(help="The K most attended items also become annotations.")] = 10,
+) -> None:
+    """Write a run's attention as QuPath GeoJSON (detections with attention measurements, top-K annotations).
+
+    Example: mrantool export-qupath --run runs/mran --store cohort.zarr --slide synth-003 --out qupath/
+    """
+    from mrantool.cli_render import results_table
+    from mrantool.errors import ConfigError
+    from mrantool.interop.qupath import export_qupath as run_export
+
+    def go():
+        if bool(slide) == all_slides:
+            raise ConfigError("Give --slide ID (repeatable) or --all, not both and not neither.")
+        return run_export(run, store, out, slides=None if all_slides else slide, level=level, top=top)
+
+    report = run_api(go)
+    rows = [[r.slide_id, r.status, r.n_detections, r.n_annotations, str(r.path or "")] for r in report.results]
+    console.print(results_table("QuPath GeoJSON", ["slide", "status", "detections", "annotations", "file"], rows))
+    _print_failures(report.failed)
+    console.print(f"{len(report.results) - len(report.failed)} GeoJSON file(s) in {out} ({len(report.failed)} "
+                  "failed); in QuPath: File > Object data... > Import objects, or drag a file onto its slide",
+                  soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
 
