@@ -82,6 +82,7 @@ def preview(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("preview.png"),
     preset: Annotated[str, typer.Option(help="Preset: mran, resnet50-trunc, vit-s16, uni, tiny.")] = "mran",
     mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) where the metadata lacks it.")] = None,
+    mpp_csv: Annotated[Path | None, typer.Option(help="CSV slide,mpp: per-slide scan resolutions.")] = None,
     target_mpp: Annotated[float | None, typer.Option(help="Override the preset's target resolution.")] = None,
     min_tissue: Annotated[float, typer.Option(help="Keep bags with at least this tissue fraction.")] = 0.1,
 ) -> None:
@@ -89,12 +90,14 @@ def preview(
 
     Example: mrantool preview CMU-1-Small-Region.svs --preset mran --out preview.png
     """
+    from mrantool.slides.mpp_table import read_mpp_table
     from mrantool.tiling.presets import get_preset
     from mrantool.viz.preview import draw_preview
 
     def go():
         p = get_preset(preset).with_overrides(mpp=target_mpp)
-        return draw_preview(slide, p, out, mpp=mpp, min_tissue=min_tissue)
+        table = read_mpp_table(mpp_csv) if mpp_csv else None
+        return draw_preview(slide, p, out, mpp=mpp, mpp_table=table, min_tissue=min_tissue)
 
     summary = run_api(go)
     console.print(summary.line(), soft_wrap=True)
@@ -110,6 +113,8 @@ def extract(
     weights: Annotated[str | None, typer.Option(help="Local encoder weights (safetensors or a state dict).")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="Load the preset's hub weights (needs hub access).")] = None,
     mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) for slides without it.")] = None,
+    mpp_csv: Annotated[str | None, typer.Option(help="CSV slide,mpp: per-slide scan resolutions (win over --mpp).")
+                       ] = None,
     target_mpp: Annotated[float | None, typer.Option(help="Override the preset's target resolution.")] = None,
     min_tissue: Annotated[float | None, typer.Option(help="Keep bags with at least this tissue fraction.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
@@ -131,7 +136,7 @@ def extract(
 
     cfg = run_api(lambda: ExtractConfig.load(
         config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
-        pretrained=pretrained, mpp=mpp, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
+        pretrained=pretrained, mpp=mpp, mpp_csv=mpp_csv, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
         batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from, quiet=quiet,
     ))
     with extract_progress(console, cfg.quiet) as progress:

@@ -85,6 +85,7 @@ class ExtractConfig(StageConfig):
     pretrained: bool = False  # load the preset's hub weights (needs access to the hub)
     encoder_from: str | None = None  # a fine-tuning run whose encoder to use
     mpp: float | None = None  # scan resolution override for slides without (or with wrong) metadata
+    mpp_csv: str | None = None  # per-slide scan resolutions (slide,mpp); a row wins over `mpp` and the metadata
     target_mpp: float | None = None
     bag_px: int | None = None
     grid: int | None = None
