@@ -537,6 +537,35 @@ def query(
         console.print(f"wrote {result.gallery}")
 
 
+@app.command()
+def view(
+    store: Annotated[Path, typer.Option(help="The feature store whose slides to show.")],
+    run: Annotated[Path | None, typer.Option(help="A fit run: predictions and attention overlays.")] = None,
+    index: Annotated[Path | None, typer.Option(help="A patch index (`mrantool index build`): click to find "
+                                                    "similar patches.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="labels.csv, for label columns without a run.")] = None,
+    slides: Annotated[list[str] | None, typer.Option(help="Slide files/folders/CSV, when they moved since "
+                                                          "extraction (repeatable).")] = None,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; the default serves this computer only.")] =
+        "127.0.0.1",
+) -> None:
+    """Serve a browser viewer: slides with attention overlays, tissue outline, click a patch to find similar ones.
+
+    Example: mrantool view --store demo/store.zarr --run demo/runs/mran --index demo/index
+    """
+    from mrantool.web.server import LOCAL_HOSTS, build_viewer, check_port, serve, url_of
+
+    viewer = run_api(lambda: build_viewer(store, run=run, index=index, labels=labels, slides=slides))
+    run_api(lambda: check_port(host, port))
+    if host not in LOCAL_HOSTS:
+        err_console.print(f"warning: listening on {host}: anyone who can reach this machine on port {port} can see "
+                          "the slides.", soft_wrap=True, markup=False)
+    console.print(f"viewer of {store} ({len(viewer.cohort.slide_ids())} slides) at {url_of(host, port)} "
+                  "(Ctrl+C to stop)", soft_wrap=True, markup=False)
+    run_api(lambda: serve(viewer, host, port))
+
+
 def main() -> None:
     app()
 

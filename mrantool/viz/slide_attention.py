@@ -65,12 +65,16 @@ class SlideAttention:
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:
-    """Each value's percentile among `values` (0-100]: the share of values at or below it."""
+    """Each value's percentile among `values`, 0 to 100: the share of the other values strictly below it.
+
+    Ties share the lower percentile, so a slide whose weights are mostly equal (e.g. zero) stays cold rather than
+    lighting up; the largest value is at 100 unless it is tied.
+    """
     flat = np.asarray(values, np.float64).ravel()
-    if not flat.size:
-        return flat.reshape(np.shape(values))
-    ranks = np.searchsorted(np.sort(flat), flat, side="right")
-    return (100.0 * ranks / flat.size).reshape(np.shape(values))
+    if flat.size < 2:
+        return np.full(np.shape(values), 100.0)
+    below = np.searchsorted(np.sort(flat), flat, side="left")
+    return (100.0 * below / (flat.size - 1)).reshape(np.shape(values))
 
 
 def load_slide_attention(run_dir: str | Path, store: FeatureStore, slide_id: str) -> SlideAttention:
