@@ -9,7 +9,7 @@ import torch
 
 from mrantool.config import ExtractConfig
 from mrantool.encoders.rebuild import encoder_weights_from_run, finetuned_extract_settings
-from mrantool.encoders.registry import create_encoder
+from mrantool.encoders.registry import aligned_preset, create_encoder
 from mrantool.extract.inputs import collect_slides, parse_shard, shard
 from mrantool.extract.pipeline import Extractor, ExtractReport, Progress, store_identity
 from mrantool.slides.mpp_table import read_mpp_table
@@ -52,6 +52,7 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractRepo
     slides = shard(slides, index, count)
     preset = resolve_preset(cfg)
     encoder = create_encoder(preset, weights=cfg.weights, pretrained=cfg.pretrained, arch=cfg.encoder)
+    preset = aligned_preset(preset, encoder)  # a hub model's own input size and normalisation
     identity = store_identity(preset, encoder)
     if cfg.encoder_from:
         identity["finetuned_from"] = str(Path(cfg.encoder_from).resolve())
