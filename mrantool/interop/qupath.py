@@ -95,10 +95,9 @@ def slide_features(att: SlideAttention, level: str, top: int) -> tuple[list[dict
     order = sorted(items, key=lambda i: (-weights[i], i))[:top]
     for rank, index in enumerate(order, start=1):
         x, y = boxes[index]
-        where = ":".join(str(int(v)) for v in index)
-        features.append(_feature(f"{att.slide_id}:{level}:top:{where}", "annotation",
-                                 f"attention #{rank} ({level} {where.replace(':', '/')})", _square(x, y, side),
-                                 TOP_CLASS, {f"Attention {level}": weights[index], "Rank": rank}))
+        where = ", ".join(f"{part} {int(v)}" for part, v in zip(("bag", "patch", "cell"), index, strict=False))
+        features.append(_feature(f"{att.slide_id}:{level}:top:{where}", "annotation", f"attention #{rank} ({where})",
+                                 _square(x, y, side), TOP_CLASS, {f"Attention {level}": weights[index], "Rank": rank}))
     return features, len(items)
 
 
