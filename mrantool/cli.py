@@ -108,10 +108,14 @@ def preview(
 def extract(
     slides: Annotated[list[str] | None, typer.Argument(help="Slide files, folders, CSVs with slide_path.")] = None,
     store: Annotated[str | None, typer.Option(help="The Zarr feature store to fill (created when absent).")] = None,
-    preset: Annotated[str | None, typer.Option(help="mran, resnet50-trunc, vit-s16, uni, tiny.")] = None,
-    encoder: Annotated[str | None, typer.Option(help="A timm model name replacing the preset's architecture.")] = None,
-    weights: Annotated[str | None, typer.Option(help="Local encoder weights (safetensors or a state dict).")] = None,
-    pretrained: Annotated[bool | None, typer.Option(help="Load the preset's hub weights (needs hub access).")] = None,
+    preset: Annotated[str | None, typer.Option(help="mran, resnet50-trunc, vit-s16, tiny; uni, uni2-h, virchow2, "
+                                                    "h-optimus-0/1, prov-gigapath.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="A timm model name, or hf-hub:ORG/NAME read from local files, "
+                                                     "replacing the preset's architecture.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local weights: a file (safetensors or a state dict), or a hub "
+                                                     "model's folder.")] = None,
+    pretrained: Annotated[bool | None, typer.Option(help="The preset's hub model: local cache first, a download "
+                                                         "only without HF_HUB_OFFLINE.")] = None,
     mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) for slides without it.")] = None,
     mpp_csv: Annotated[str | None, typer.Option(help="CSV slide,mpp: per-slide scan resolutions (win over --mpp).")
                        ] = None,
