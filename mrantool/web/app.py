@@ -101,10 +101,8 @@ class Viewer:
                           lambda: attention_overlay(self.attention(slide_id), level, scale, size))
 
     def tile(self, slide_id: str, level: int, col: int, row: int) -> bytes:
-        path, mpp = self.cohort.slide_file(slide_id)
-
         def make() -> bytes:
-            with self.handles.use(path, mpp) as slide:
+            with self.handles.use(*self.cohort.slide_file(slide_id)) as slide:
                 layout = DeepZoomLayout(*slide.dimensions)
                 box = layout.tile_box(level, col, row)
                 if box is None:
@@ -124,14 +122,13 @@ class Viewer:
 
     def patch_image(self, slide_id: str, bag: int, patch: int) -> bytes:
         similar = self._require_similar()
-        features = self.cohort.store.slide(slide_id)
-        if not (0 <= bag < features.n_bags and 0 <= patch < features.n_patches):
-            raise NotFound(f"Slide '{slide_id}' has no bag {bag} patch {patch}.")
-        box = similar.patch_box(slide_id, bag, patch)
-        path, mpp = self.cohort.slide_file(slide_id)
 
         def make() -> bytes:
-            with self.handles.use(path, mpp) as slide:
+            features = self.cohort.store.slide(slide_id)
+            if not (0 <= bag < features.n_bags and 0 <= patch < features.n_patches):
+                raise NotFound(f"Slide '{slide_id}' has no bag {bag} patch {patch}.")
+            box = similar.patch_box(slide_id, bag, patch)
+            with self.handles.use(*self.cohort.slide_file(slide_id)) as slide:
                 size = max(16, min(PATCH_IMAGE_PX, round(box["side"])))
                 rgb = slide.read_region_mpp(round(box["x"]), round(box["y"]), size, slide.mpp * box["side"] / size)
             return encode_jpeg(rgb, quality=90)

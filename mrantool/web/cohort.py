@@ -56,15 +56,23 @@ class Cohort:
         self.predictions: dict[str, SlidePrediction] = read_predictions(self.run_dir) if self.run_dir else {}
         self.labels = read_labels(labels) if labels else {}
         self.files = {s.slide_id: s.path for s in collect_slides(slides)} if slides else {}
+        self._ids: frozenset[str] = frozenset()
+        self._resolved: dict[str, tuple[Path, float | None]] = {}
+        self.refresh()
+
+    def refresh(self) -> list[str]:
+        """Re-list the committed slides whose folders lie inside the store (newly extracted slides appear)."""
+        layout = self.store.layout
+        ids = [sid for sid in self.store.slide_ids() if _inside(layout.slide(sid), self.store.path)]
+        self._ids = frozenset(ids)
+        return ids
 
     def slide_ids(self) -> list[str]:
-        """Committed slides whose folders lie inside the store (re-read, so newly extracted slides appear)."""
-        layout = self.store.layout
-        return [sid for sid in self.store.slide_ids() if _inside(layout.slide(sid), self.store.path)]
+        return sorted(self._ids)
 
     def require(self, slide_id: str) -> str:
         """`slide_id` if the viewer serves it, else UnknownSlide (the id is compared, never used as a path first)."""
-        if slide_id not in set(self.slide_ids()):
+        if slide_id not in self._ids:
             raise UnknownSlide(f"No slide '{slide_id}' in this viewer's store.")
         return slide_id
 
@@ -73,7 +81,12 @@ class Cohort:
         return pred.label if pred and pred.label else self.labels.get(slide_id, "")
 
     def slide_file(self, slide_id: str) -> tuple[Path, float | None]:
-        """(slide file, level-0 mpp used at extraction) of a served slide."""
+        """(slide file, level-0 mpp used at extraction) of a served slide (looked up once)."""
+        if slide_id not in self._resolved:
+            self._resolved[slide_id] = self._find_file(slide_id)
+        return self._resolved[slide_id]
+
+    def _find_file(self, slide_id: str) -> tuple[Path, float | None]:
         provenance = self.store.provenance(self.require(slide_id))
         path = self.files.get(slide_id)
         if path is None:
@@ -88,9 +101,9 @@ class Cohort:
         return path, provenance.get("slide_mpp")
 
     def rows(self) -> list[dict[str, Any]]:
-        """One row per served slide for the slide table."""
+        """One row per served slide for the slide table (re-listing the store first)."""
         out = []
-        for slide_id in self.slide_ids():
+        for slide_id in self.refresh():
             pred = self.predictions.get(slide_id)
             out.append({"slide_id": slide_id, "label": self.label(slide_id),
                         "predicted": pred.predicted if pred else "",
