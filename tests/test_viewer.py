@@ -179,3 +179,15 @@ def test_static_files_ship_with_the_package():
     for name in ("index.html", "viewer.js", "viewer.css", "openseadragon/openseadragon.min.js",
                  "openseadragon/LICENSE.txt", "openseadragon/images/home_rest.png"):
         assert (static / name).is_file(), name
+
+
+def test_without_run_or_index_the_page_still_works(demo_like):
+    with TestClient(create_app(build_viewer(demo_like.store, labels=demo_like.labels))) as client:
+        rows = {r["slide_id"]: r for r in client.get("/api/cohort").json()["slides"]}
+        assert rows["synth-001"]["label"] == "tumor" and rows["synth-001"]["predicted"] == ""
+        info = client.get("/api/slides/synth-001").json()
+        assert info["attention_levels"] == [] and not info["similar"]
+        assert "without --run" in client.get("/api/slides/synth-001/attention/patch.json").json()["error"]
+        nearest = client.get("/api/slides/synth-001/similar?x=600&y=600")
+        assert nearest.status_code == 404 and "--index" in nearest.json()["error"]
+        assert client.get("/api/slides/synth-001/tiles/11/0_0.jpeg").status_code == 200
