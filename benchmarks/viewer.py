@@ -1,6 +1,6 @@
 """Viewer tile benchmark: Deep Zoom tiles through mrantool's reader vs OpenSlide's DeepZoomGenerator, cold and cached.
 
-    python benchmarks/viewer.py                              # a generated 16384 px slide, 3 rounds (the reported run)
+    python benchmarks/viewer.py                              # a generated 8192 px slide, 3 rounds (the reported run)
     python benchmarks/viewer.py --size 4096 --rounds 1 --out /tmp/viewer-bench   # a smoke run
 
 Per round, every tile of the `--levels` highest Deep Zoom levels (256 px, no overlap) is produced cold (a fresh
@@ -124,7 +124,7 @@ def tiny_store(slide: Path, root: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=16384, help="Level-0 side of the generated slide (px).")
+    parser.add_argument("--size", type=int, default=8192, help="Level-0 side of the generated slide (px).")
     parser.add_argument("--slide", type=Path, help="Use this slide instead of a generated one.")
     parser.add_argument("--levels", type=int, default=3, help="Deep Zoom levels from the top to request.")
     parser.add_argument("--rounds", type=int, default=3)

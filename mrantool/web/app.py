@@ -27,6 +27,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from mrantool.errors import MrantoolError
+from mrantool.viz.slide_attention import SlideAttention, load_slide_attention
 from mrantool.web.cohort import Cohort, UnknownSlide
 from mrantool.web.overlays import SCALES, Overlay, attention_overlay, tissue_outline_svg
 from mrantool.web.similar import MAX_K, SimilarPatches
@@ -87,9 +88,7 @@ class Viewer:
     def _has_attention(self, slide_id: str) -> bool:
         return self.cohort.run_dir is not None and (self.cohort.run_dir / "attention" / f"{slide_id}.npz").is_file()
 
-    def attention(self, slide_id: str) -> Any:
-        from mrantool.viz.slide_attention import load_slide_attention
-
+    def attention(self, slide_id: str) -> SlideAttention:
         if self.cohort.run_dir is None:
             raise NotFound("The viewer was started without --run, so there is no attention to show.")
         return self._memo(("attention", slide_id),
