@@ -120,12 +120,13 @@ class FoldStandardised(MILData):
 
 @dataclass
 class MuskProtocol:
-    """Ilse et al. 2018 on Musk1: 5 runs of 10-fold CV, Adam(lr 5e-4, betas 0.9/0.999), no class weights.
+    """Ilse et al. 2018 on the classical MIL sets: 5 runs of 10-fold CV, Adam(lr 5e-4, betas 0.9/0.999), no
+    class weights, every instance of a bag in every step.
 
     Model selection uses only training bags: `val_fraction` of each fold's training bags (stratified) pick
-    the epoch with the lowest validation loss (`patience` epochs without improvement stop a fold early,
-    after at most `epochs`); the test fold is never looked at. Head options map the paper's attention
-    network onto the heads mrantool has (see docs/import.md).
+    the epoch with the lowest validation loss (EMA-smoothed with `smoothing`; `patience` epochs without
+    improvement stop a fold early, after at most `epochs`); the test fold is never looked at. Head options:
+    the paper's MIL-benchmark network (docs/import.md).
     """
 
     repeats: int = 5
@@ -135,6 +136,7 @@ class MuskProtocol:
     weight_decay: float = 5e-4
     val_fraction: float = 0.1
     patience: int = 10
+    smoothing: float = 0.0
     seed: int = 0
     threads: int = 1
     standardise: bool = True
@@ -145,7 +147,7 @@ class MuskProtocol:
         return FitConfig(store=str(store), labels=str(labels), out=str(out), model=model,
                          options=self.options.get(model, {}), folds=self.folds, repeats=self.repeats,
                          val_fraction=self.val_fraction, seed=self.seed, epochs=self.epochs, lr=self.lr,
-                         patience=self.patience,
+                         patience=self.patience, smoothing=self.smoothing, max_bags=100_000,
                          weight_decay=self.weight_decay, optimizer="adam", class_weights=False,
                          bag_mining=False, device="cpu", threads=self.threads, save_attention=False)
 
