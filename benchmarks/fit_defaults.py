@@ -14,6 +14,7 @@ and head options on top of today's defaults (a new user's `mrantool fit`: defaul
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import tempfile
 import time
@@ -54,6 +55,14 @@ CANDIDATES |= {
     "musk-paper-net": (MUSK, {**PAPER_NET, "dropout": 0.5}),
     "musk-paper-net-wd5e-3": ({**MUSK, "weight_decay": 5e-3}, {**PAPER_NET, "dropout": 0.5}),
     "musk-paper-net-drop.25": (MUSK, {**PAPER_NET, "dropout": 0.25}),
+    "musk-1layer-smooth": ({**MUSK, "smoothing": 0.6}, {"hidden": 64, "attn_dim": 64}),
+    "musk-paper-net-smooth": ({**MUSK, "smoothing": 0.6}, {**PAPER_NET, "dropout": 0.25}),
+    "musk-1layer-drop.5": (MUSK, {"hidden": 64, "attn_dim": 64, "dropout": 0.5}),
+    "musk-1layer-h128-drop.25": (MUSK, {"hidden": 128, "attn_dim": 64, "dropout": 0.25}),
+    "musk-1layer-no-val-50": ({**MUSK, "val_fraction": 0.0, "epochs": 50}, {"hidden": 64, "attn_dim": 64}),
+    "musk-1layer-no-val-50-drop.5": ({**MUSK, "val_fraction": 0.0, "epochs": 50},
+                                     {"hidden": 64, "attn_dim": 64, "dropout": 0.5}),
+    "musk-paper-net-no-val-50": ({**MUSK, "val_fraction": 0.0, "epochs": 50}, {**PAPER_NET, "dropout": 0.5}),
 }
 
 
@@ -90,20 +99,21 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     table = []
     for candidate in dict.fromkeys(r["candidate"] for r in rows):
         part = {r["set"]: r for r in rows if r["candidate"] == candidate}
-        cells = [f"{part[s]['accuracy']:.3f} ({part[s]['share_epoch1']:.0%}, {np.mean(part[s]['best_epochs']):.1f})"
-                 if s in part else "" for s in sets]
+        cells = [f"{part[s]['accuracy']:.3f} ({part[s]['share_epoch1']:.0%}, {np.mean(part[s]['best_epochs']):.1f}, "
+                 f"{len(part[s]['best_epochs'])})" if s in part else "" for s in sets]
         mean = np.mean([part[s]["accuracy"] for s in sets if s in part])
         first = next(iter(part.values()))
         table.append([candidate, ", ".join(f"{k}={v}" for k, v in {**first["values"], **first["options"]}.items()),
                       *cells, f"{mean:.3f}"])
     return "\n".join([
         "# Fit defaults chosen on validation folds (classical MIL sets)", "",
-        f"{meta['date']}, commit {meta['commit']}, model {meta['model']}, {meta['repeats']} x "
-        f"{meta['inner_folds']}-fold inner CV on "
+        f"{meta['date']}, commit {meta['commit']}, model {meta['model']}, {meta.get('repeats', 1)} x "
+        f"{meta['inner_folds']}-fold inner CV (as run: see each command) on "
         f"the development bags (4/5 of each set, outer split seed {OUTER_SEED}; the other fifth is never used). "
         f"Load {meta['load_before']} before, {meta['load_after']} after; accuracies only (no timings).", "",
         f"Command: `{meta['command']}`", "",
-        "Cell: mean inner-fold accuracy (share of folds whose kept epoch is 1, mean kept epoch).", "",
+        "Cell: mean inner-fold accuracy (share of folds whose kept epoch is 1, mean kept epoch, folds); mean: "
+        "over the sets the candidate ran on.", "",
         markdown_table(["candidate", "settings", *sets, "mean"], table, [False, False, *[True] * (len(sets) + 1)]),
         ""])
 
@@ -119,7 +129,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="fit_defaults")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="only rebuild NAME.json/.md from earlier runs' JSON files (rows and metadata)")
     args = parser.parse_args()
+    if args.merge:
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        rows = [row for run in runs for row in run["rows"]]
+        meta = {**runs[0], "command": "; ".join(run["command"] for run in runs),
+                "load_before": " / ".join(str(run["load_before"]) for run in runs),
+                "load_after": " / ".join(str(run["load_after"]) for run in runs), "runs": len(runs),
+                "commit": " / ".join(dict.fromkeys(run["commit"] for run in runs)),
+                "repeats": " / ".join(str(r) for r in dict.fromkeys(run.get("repeats", 1) for run in runs))}
+        meta.pop("rows")
+        write_results(args.out, args.name, {**meta, "rows": rows}, markdown(rows, meta))
+        print(markdown(rows, meta))
+        return
     load_before = load_average()
     jobs = [(c, s, args.inner_folds, args.model, args.seed, args.repeats) for c in args.candidates for s in args.sets]
     with ProcessPoolExecutor(args.workers) as pool:

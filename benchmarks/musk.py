@@ -87,8 +87,11 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-fraction", type=float, default=0.1,
+                        help="early-stopping share of each fold's training bags; 0 trains all --epochs")
     args = parser.parse_args()
-    protocol = MuskProtocol(repeats=args.repeats, folds=args.folds, epochs=args.epochs, seed=args.seed)
+    protocol = MuskProtocol(repeats=args.repeats, folds=args.folds, epochs=args.epochs, seed=args.seed,
+                            val_fraction=args.val_fraction)
     load_before = load_average()
     started = time.perf_counter()
 
