@@ -24,6 +24,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 
 from mrantool.errors import ConfigError, SlideError
+from mrantool.files import atomic_path, output_folder
 
 GLASS = np.array([242.0, 240.0, 244.0])
 #: Optical density (log10) of one unit of stain: haematoxylin (a normal nucleus) and eosin (typical stroma).
@@ -250,19 +251,14 @@ def write_pyramid_tiff(
     if mpp is not None and mpp <= 0:
         raise SlideError(f"Cannot write {path}: mpp must be positive, got {mpp}.")
     compression, args = ("jpeg", {"level": quality}) if jpeg else ("zlib", {"level": 6})
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tifffile.TiffWriter(tmp) as tif:
-            for i, level in enumerate(_pyramid(rgb)):
-                tags = {}
-                if mpp is not None:
-                    res = 1e4 / mpp / 2**i  # pixels per centimetre at this level
-                    tags = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
-                tif.write(level, photometric="rgb", tile=(tile, tile), compression=compression,
-                          compressionargs=args, subfiletype=1 if i else 0, metadata=None, **tags)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp) as tif:
+        for i, level in enumerate(_pyramid(rgb)):
+            tags = {}
+            if mpp is not None:
+                res = 1e4 / mpp / 2**i  # pixels per centimetre at this level
+                tags = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
+            tif.write(level, photometric="rgb", tile=(tile, tile), compression=compression,
+                      compressionargs=args, subfiletype=1 if i else 0, metadata=None, **tags)
     return path
 
 
@@ -274,12 +270,10 @@ def _write_slide(path: Path, seed: np.random.SeedSequence, size: tuple[int, int]
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: list[Sequence[object]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def cohort_design(n_slides: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -320,12 +314,13 @@ def make_cohort(
     """
     if n_slides < 2:
         raise ConfigError(f"n_slides={n_slides}: a cohort needs at least 2 slides (one per class).")
+    if seed < 0:
+        raise ConfigError(f"seed={seed}: the seed must be 0 or more; pass e.g. --seed 0.")
     if len(size) != 2 or min(size) < 256:
         raise ConfigError(f"size={size}: give the level-0 (width, height), each at least 256 px.")
     if mpp <= 0:
         raise ConfigError(f"mpp={mpp}: microns per pixel must be positive.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, "The cohort folder")
     design = cohort_design(n_slides, seed)
     seeds = np.random.SeedSequence(seed).spawn(n_slides)
     jobs = [(out / f"{sid}.tiff", seeds[i], tuple(size), label == "tumor", mpp, n_foci) for i, (sid, label, _) in

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from mrantool.encoders.registry import PatchEncoder, file_sha256
 from mrantool.encoders.transforms import to_tensor_batch
 from mrantool.errors import ConfigError
 from mrantool.extract.dataset import cut_patches
+from mrantool.files import atomic_path
 from mrantool.models.base import MILHead, weighted_ce
 from mrantool.models.registry import create_head
 from mrantool.models.standardize import Standardized
@@ -479,9 +479,8 @@ def _save_fold(folder: Path, ctx: _Ctx, names: list[str], store: FeatureStore, o
     """fold folder: encoder.safetensors + encoder.json, model.safetensors + head.json."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in ctx.encoder.model.state_dict().items()}
-    temp = folder / ".encoder.safetensors.tmp"
-    save_file(state, str(temp), metadata={"format": "pt"})
-    os.replace(temp, folder / "encoder.safetensors")
+    with atomic_path(folder / "encoder.safetensors") as temp:
+        save_file(state, str(temp), metadata={"format": "pt"})
     ident = store.identity
     preset = get_preset(ident["preset"])
     g = ident["geometry"]
@@ -507,6 +506,5 @@ def _nanmean(values: list[float]) -> float:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    temp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, temp)
-    os.replace(temp, dst)
+    with atomic_path(dst) as temp:
+        shutil.copyfile(src, temp)
