@@ -21,6 +21,7 @@ import zarr.storage
 
 from mrantool import __version__
 from mrantool.errors import StoreError
+from mrantool.files import atomic_write
 from mrantool.store.locks import DEFAULT_MAX_AGE_S, owner_is_dead, owner_tag
 from mrantool.store.schema import (
     ARRAY_DTYPES,
@@ -251,10 +252,7 @@ def record_failure(layout: Layout, slide_id: str, source: str | os.PathLike[str]
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"slide_id": slide_id, "source": os.fspath(source), "message": str(message), "time": _now_iso(),
               "host": hostname(), "pid": os.getpid(), "mrantool_version": __version__}
-    temp = path.parent / f".tmp.{owner_tag()}"
-    temp.write_text(json.dumps(record, indent=1))
-    os.replace(temp, path)
-    return path
+    return atomic_write(path, json.dumps(record, indent=1), temp_name=f".tmp.{owner_tag()}")
 
 
 def clear_failure(layout: Layout, slide_id: str) -> None:
@@ -271,7 +269,10 @@ def read_failures(layout: Layout) -> dict[str, dict[str, Any]]:
             continue
         slide_id = path.name[: -len(".json")]
         try:
-            failures[slide_id] = json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError(f"it holds {str(record)[:40]!r}, not a JSON object")
+            failures[slide_id] = record
         except (OSError, ValueError) as exc:
             failures[slide_id] = {"slide_id": slide_id, "message": f"unreadable failure record {path}: {exc}"}
     return failures
