@@ -8,8 +8,10 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from mrantool.errors import MrantoolError
+from mrantool.files import os_error_message
 
 app = typer.Typer(
     name="mrantool",
@@ -18,18 +20,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Paths, slide ids and messages are printed verbatim: no rich markup ([batch2] stays), no emoji codes (:a:).
+console = Console(markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
 T = TypeVar("T")
 
 
+def fail(message: str) -> typer.Exit:
+    """Print `message` after a red 'error:' (verbatim) and return the exit to raise (code 1)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    return typer.Exit(1)
+
+
 def run_api(fn: Callable[[], T]) -> T:
-    """Call the API; a user error becomes one red sentence and exit code 1, never a traceback."""
+    """Call the API; a user error or an OS failure becomes one red sentence and exit code 1, never a traceback."""
     try:
         return fn()
     except MrantoolError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(os_error_message(exc, "use")) from None
 
 
 def _print_failures(failed: list) -> None:
@@ -298,7 +308,7 @@ def check(
     for defect in defects:
         err_console.print(f"defect: {defect}", soft_wrap=True, highlight=False)
     if defects:
-        err_console.print(f"[bold red]{len(defects)} defect(s)[/] in {store}")
+        err_console.print(Text.assemble((f"{len(defects)} defect(s)", "bold red"), f" in {store}"), soft_wrap=True)
         raise typer.Exit(1)
     n = len(FeatureStore.open(store).slide_ids())
     console.print(f"{store}: ok ({n} complete slides)")

@@ -13,6 +13,8 @@ from mrantool.errors import LabelsError
 
 REQUIRED = ("slide_id", "label")
 HEADER = "slide_id,label[,patient_id][,fold]"
+# What spreadsheets and pandas write for a missing value: never a class name.
+MISSING_MARKERS = {"nan", "na", "n/a", "#n/a", "<na>", "null", "none"}
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,12 @@ def read_labels(path: str | Path, store_ids: Iterable[str] | None = None) -> Lab
             lines = _few([str(n) for n in empty])
             raise LabelsError(f"Labels file {path} has an empty {column} on line(s) {lines}; fill it in or "
                               "remove those rows.")
+    missing_label = [line for line, row in rows if row["label"].casefold() in MISSING_MARKERS]
+    if missing_label:
+        marker = next(row["label"] for line, row in rows if line == missing_label[0])
+        raise LabelsError(f"Labels file {path} has the label {marker!r} on line(s) "
+                          f"{_few([str(n) for n in missing_label])}: a missing-value marker, not a class; fill in "
+                          "the real label or remove those rows.")
     notes = []
     ids = [row["slide_id"] for _, row in rows]
     if store_ids is not None:
@@ -132,10 +140,25 @@ def _read_rows(path: Path) -> tuple[list[tuple[int, dict[str, str]]], list[str]]
                     rows.append((reader.line_num, row))
     except FileNotFoundError:
         raise LabelsError(f"Labels file {path} does not exist; check the --labels path.") from None
+    except IsADirectoryError:
+        raise LabelsError(f"Labels file {path} is a folder; pass the CSV file itself to --labels.") from None
+    except OSError as exc:
+        raise LabelsError(f"Labels file {path} cannot be read ({exc.strerror}); check the --labels path.") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise LabelsError(f"Labels file {path} is not a readable UTF-8 CSV ({exc}); save it as CSV with the "
                           f"header {HEADER}.") from None
     return rows, columns
+
+
+def read_label_map(path: str | Path) -> dict[str, str]:
+    """slide_id -> label of a labels file (for display), read and checked like `read_labels` reads it."""
+    path = Path(path)
+    rows, columns = _read_rows(path)
+    missing = [c for c in REQUIRED if c not in columns]
+    if missing:
+        raise LabelsError(f"Labels file {path} lacks column(s) {', '.join(missing)} (it has: "
+                          f"{', '.join(columns) or 'no header'}); use the header {HEADER}.")
+    return {row["slide_id"]: row["label"] for _, row in rows}
 
 
 def _fold(path: Path, line: int, value: str) -> int:
