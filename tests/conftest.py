@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the project; MRANTOOL_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED = Path(os.environ.get("MRANTOOL_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def shared_file(relative: str) -> Path:

@@ -34,7 +34,7 @@ def stale(name: str, why: str):
 
 
 def test_every_script_has_results_and_a_rerun_command() -> None:
-    assert SCRIPTS == sorted(RERUN)
+    assert sorted(RERUN) == SCRIPTS
     for name in SCRIPTS:
         assert (RESULTS / f"{name}.json").is_file() and (RESULTS / f"{name}.md").is_file(), name
 
