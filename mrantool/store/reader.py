@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import os
 import shutil
 from datetime import datetime, timezone
@@ -204,6 +206,19 @@ class FeatureStore:
         if fingerprint is not None and recorded != jsonable(fingerprint):
             return False
         return not slide_defects(path, self.identity)
+
+    def content_hash(self) -> str:
+        """A hash of what the store holds: its identity and, per committed slide, id, file fingerprint, bag count
+        and commit time. It changes when a slide is added, removed or re-extracted (metadata only: cheap)."""
+        slides = []
+        for slide_id in self.slide_ids():
+            try:
+                prov = read_provenance(self.layout.slide(slide_id))
+            except StoreError:
+                prov = {"unreadable": True}
+            slides.append([slide_id, prov.get("fingerprint"), prov.get("n_bags"), prov.get("extracted_at")])
+        text = json.dumps({"identity": self.identity, "slides": slides}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def defective(self, slide_ids: list[str] | None = None, *, deep: bool = False) -> dict[str, list[str]]:
         """slide_id -> defects of the committed slides (all, or `slide_ids`) that are not whole."""

@@ -1,9 +1,11 @@
 """`run_sweep`: every run of a spec in worker processes that keep the features in RAM, resumable.
 
 Each run is a normal fit run folder, SWEEP/runs/<hash>/, where the hash identifies its resolved settings
-(spec.run_hash). A run is finished when its metrics.json exists: re-running the same sweep skips those and
-redoes the others from scratch. A run that raises is recorded (runs/<hash>/error.txt and the results) and
-the others go on.
+(spec.run_hash). A run is finished when its metrics.json exists and its inputs.json matches the current inputs:
+the store's content (identity, and each slide's file fingerprint and commit time), the labels file's bytes and the
+mrantool version. Re-running the same sweep skips those and redoes the others from scratch, so a re-extracted
+store or an edited labels.csv never reuses stale runs. A run that raises is recorded (runs/<hash>/error.txt and
+the results) and the others go on.
 
 Workers are started with forkserver (spawn where that does not exist), never by forking a process that
 already runs torch threads. Each worker opens each store once and keeps one `StoreData` (an LRU feature
@@ -13,6 +15,8 @@ max(1, cores // workers) torch threads. With one worker the runs go in this proc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -26,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mrantool import __version__
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.models.registry import create_head
 from mrantool.store import FeatureStore
@@ -41,6 +46,7 @@ DUMMY_DIM = 8
 # what the forkserver imports before forking workers: this module, and torch._dynamo, which the first
 # optimizer a process builds imports lazily (seconds; once in the server instead of once per worker)
 PRELOAD = [__name__, "torch._dynamo"]
+INPUTS_FILE = "inputs.json"
 
 
 @dataclass
@@ -88,7 +94,7 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
     if workers < 1:
         raise ConfigError(f"workers {workers} is not a number of processes; use --workers 1 or more.")
     runs = spec.runs()
-    preflight(runs, spec.source)
+    inputs = preflight(runs, spec.source)
     emit = progress or (lambda event, info: None)
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -96,19 +102,25 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
                                      "baselines": spec.baselines(runs),
                                      "runs": [{"name": r.name, "hash": r.hash, "variant": r.variant,
                                                "point": r.point, "config": r.config} for r in runs]})
-    todo = [r for r in runs if not (out / "runs" / r.hash / "metrics.json").is_file()]
+    keys = {r.name: inputs[_data_key(r)] for r in runs}
+    todo = [r for r in runs if not _finished(out / "runs" / r.hash, keys[r.name])]
+    stale = [r.name for r in todo if (out / "runs" / r.hash / "metrics.json").is_file()]
     results = {r.name: RunResult(r.name, r.hash, "skipped") for r in runs if r not in todo}
     workers = max(1, min(workers, len(todo)))
     threads = max(1, cpu_cores() // workers)
     emit("start", {"n_runs": len(runs), "n_todo": len(todo), "n_skipped": len(results), "workers": workers,
                    "threads": threads, "out": str(out)})
-    tasks = [(r, str(out / "runs" / r.hash)) for r in todo]
+    tasks = [(r, str(out / "runs" / r.hash), keys[r.name]) for r in todo]
     for index, result in enumerate(_execute(tasks, workers, threads), 1):
         results[result.name] = result
         emit("run_end", {"index": index, "n_todo": len(todo), "name": result.name, "hash": result.hash,
                          "status": result.status, "seconds": result.seconds, "error": result.error})
     outcomes = [read_outcome(out / "runs" / r.hash, r.name, r.hash) for r in runs]
     summary, notes = write_report(out, outcomes, spec.metric, spec.baselines(runs), spec.source)
+    if stale:
+        more = " and more" if len(stale) > 3 else ""
+        notes.insert(0, f"{len(stale)} finished run(s) were redone because their store, labels file or mrantool "
+                        f"version changed since they ran ({', '.join(stale[:3])}{more}).")
     result = SweepResult(out, spec.metric, [results[r.name] for r in runs], summary,
                          time.perf_counter() - started, notes)
     emit("end", {"out": str(out), "seconds": result.seconds, "n_ran": result.count("ran"),
@@ -116,10 +128,12 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
     return result
 
 
-def preflight(runs: list[RunSpec], source: str) -> None:
-    """Open each store and labels file once and check every run against them (cells, folds), so that
-    data problems surface before any run starts; one ConfigError lists them all."""
+def preflight(runs: list[RunSpec], source: str) -> dict[tuple[str, str], str]:
+    """Open each store and labels file once and check every run against them (cells, folds, defective slides),
+    so that data problems surface before any run starts; one ConfigError lists them all. Returns the inputs key
+    (`inputs_key`) of each (store, labels) pair."""
     problems: dict[str, list[str]] = {}
+    keys: dict[tuple[str, str], str] = {}
     opened: dict[tuple[str, str], tuple[FeatureStore, Labels] | MrantoolError] = {}
     for run in runs:
         cfg = run.fit_config("")
@@ -135,6 +149,9 @@ def preflight(runs: list[RunSpec], source: str) -> None:
                 raise ConfigError(f"head {cfg.model!r} with these options needs cell embeddings but store "
                                   f"{cfg.store} has none; set options.cells = false or use a patch head")
             make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
+            if key not in keys:
+                store.require_whole(labels.slide_ids, "the sweep")
+                keys[key] = inputs_key(store, cfg.labels)
         except MrantoolError as exc:
             problems.setdefault(str(exc).rstrip(". "), []).append(repr(run.name))
     if problems:
@@ -142,6 +159,30 @@ def preflight(runs: list[RunSpec], source: str) -> None:
                  for message, names in problems.items()]
         raise ConfigError(f"Sweep spec {source} cannot run: " + "; ".join(lines) + "; fix them and run the "
                           "sweep again.")
+    return keys
+
+
+def inputs_key(store: FeatureStore, labels_path: str) -> str:
+    """What a run's results depend on besides its settings: store content, labels bytes, mrantool version."""
+    text = json.dumps({"store": store.content_hash(), "labels": hashlib.sha256(Path(labels_path).read_bytes())
+                       .hexdigest(), "mrantool": __version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _data_key(run: RunSpec) -> tuple[str, str]:
+    cfg = run.fit_config("")
+    return cfg.store, cfg.labels
+
+
+def _finished(folder: Path, key: str) -> bool:
+    """A run folder holds a finished run made from the current inputs."""
+    record = folder / INPUTS_FILE
+    if not (folder / "metrics.json").is_file() or not record.is_file():
+        return False
+    try:
+        return json.loads(record.read_text()).get("inputs") == key
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _open(store_path: str, labels_path: str) -> tuple[FeatureStore, Labels] | MrantoolError:
@@ -153,7 +194,7 @@ def _open(store_path: str, labels_path: str) -> tuple[FeatureStore, Labels] | Mr
         return exc
 
 
-Task = tuple[RunSpec, str]  # the run, its folder
+Task = tuple[RunSpec, str, str]  # the run, its folder, its inputs key
 
 
 def _execute(tasks: list[Task], workers: int, threads: int) -> Iterator[RunResult]:
@@ -203,7 +244,7 @@ class Worker:
 
     def run(self, task: Task) -> RunResult:
         """One fit into a fresh run folder; exceptions become an error result and error.txt."""
-        run, folder = task
+        run, folder, inputs = task
         started = time.perf_counter()
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
         try:
@@ -221,6 +262,7 @@ class Worker:
                 self.data[data_key] = StoreData(store, labels.slide_ids, cells=cells,
                                                 patch_min_tissue=cfg.patch_min_tissue, cache_gb=cfg.cache_gb)
             fit_data(cfg, self.data[data_key], labels, identity=store.identity)
+            write_json(Path(folder) / INPUTS_FILE, {"inputs": inputs, "mrantool_version": __version__})
         except Exception as exc:
             return _record_error(task, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
                                  time.perf_counter() - started)
@@ -229,7 +271,7 @@ class Worker:
 
 def _record_error(task: Task, message: str, details: str, seconds: float) -> RunResult:
     """error.txt in the run folder (the message, then the traceback) and an error result."""
-    run, folder = task
+    run, folder, _ = task
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / "error.txt").write_text(f"{message}\n\n{details}")
     return RunResult(run.name, run.hash, "error", seconds, message)
