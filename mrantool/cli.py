@@ -54,15 +54,18 @@ def demo(
     slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 16,
     preset: Annotated[str, typer.Option(help="Extraction preset (mran; tiny for a quick look).")] = "mran",
     seed: Annotated[int, typer.Option(help="Seed for the cohort, splits and training.")] = 0,
+    size: Annotated[int, typer.Option(help="Slide side in pixels at 0.5 mpp.")] = 4096,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 4,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per fold.")] = 40,
 ) -> None:
     """Run the whole flow on a generated cohort: slides, extract, fit MRAN with CV, heatmap, index, query.
 
-    Example: mrantool demo --out demo/
+    Example: mrantool demo --out demo/   (a quick look: --preset tiny --slides 4 --size 1024 --folds 2 --epochs 2)
     """
     from mrantool.cli_render import extract_progress, fit_progress
     from mrantool.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(slides=slides, preset=preset, seed=seed)
+    settings = DemoSettings(slides=slides, preset=preset, seed=seed, size=size, folds=folds, epochs=epochs)
     with extract_progress(console, quiet=True) as ep, fit_progress(console, quiet=True) as fp:
         result = run_api(lambda: run_demo(out, settings, say=lambda m: console.print(m, soft_wrap=True, markup=False),
                                           extract_progress=ep, fit_progress=fp))
@@ -75,6 +78,7 @@ def demo_data(
     out: Annotated[Path, typer.Argument(help="Folder for the generated slides and labels.csv.")],
     slides: Annotated[int, typer.Option("--slides", help="Number of slides (half tumour, half normal).")] = 12,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same pixels.")] = 0,
+    size: Annotated[int, typer.Option(help="Slide side in pixels at 0.5 mpp.")] = 6144,
 ) -> None:
     """Generate a small cohort of pyramidal TIFF slides (0.5 mpp) whose class signal lives at the cell scale.
 
@@ -82,7 +86,7 @@ def demo_data(
     """
     from mrantool.slides.synthetic import make_cohort
 
-    labels = run_api(lambda: make_cohort(out, n_slides=slides, seed=seed))
+    labels = run_api(lambda: make_cohort(out, n_slides=slides, seed=seed, size=(size, size)))
     console.print(f"wrote {slides} slides and {labels}")
 
 
@@ -137,6 +141,8 @@ def extract(
     shard: Annotated[str | None, typer.Option(help="i/n: this process does the i-th of n deterministic parts.")] = None,
     compile: Annotated[bool | None, typer.Option(help="torch.compile the encoder (faster after ~1 min).")] = None,
     encoder_from: Annotated[str | None, typer.Option(help="A `fit --finetune` run whose encoder to use.")] = None,
+    allow_label_overlap: Annotated[bool | None, typer.Option(
+        "--allow-label-overlap", help="With --encoder-from: extract slides that trained that encoder anyway.")] = None,
     quiet: Annotated[bool | None, typer.Option("--quiet", help="Log lines instead of progress bars.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
 ) -> None:
@@ -151,7 +157,8 @@ def extract(
     cfg = run_api(lambda: ExtractConfig.load(
         config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
         pretrained=pretrained, mpp=mpp, mpp_csv=mpp_csv, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
-        batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from, quiet=quiet,
+        batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from,
+        allow_label_overlap=allow_label_overlap, quiet=quiet,
     ))
     with extract_progress(console, cfg.quiet) as progress:
         report = run_api(lambda: run_extract(cfg, progress=progress))
@@ -290,28 +297,38 @@ def info(
 @app.command()
 def check(
     store: Annotated[Path, typer.Argument(help="A feature store.")],
+    deep: Annotated[bool, typer.Option("--deep", help="Also read and decode every chunk (slow on big stores).")]
+    = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Take defective slides out so `extract` redoes them.")]
+    = False,
     clear_stale_locks: Annotated[bool, typer.Option(help="Remove locks whose owner process is gone.")] = False,
 ) -> None:
-    """Integrity check: arrays, shapes, NaN/inf, provenance. Exits non-zero on any defect.
+    """Integrity check: metadata, arrays, chunk files (--deep: every value). Exits non-zero on any defect.
 
-    Example: mrantool check cohort.zarr
+    Example: mrantool check cohort.zarr --deep --repair
     """
-    from mrantool.store.check import check_store, store_warnings
+    from mrantool.store.check import check_store, repair_store, store_warnings
     from mrantool.store.reader import FeatureStore
 
     if clear_stale_locks:
         cleared = run_api(lambda: FeatureStore.open(store, writable=True).clear_stale_locks())
         console.print(f"cleared {len(cleared)} stale lock(s)")
-    defects = run_api(lambda: check_store(store))
+    if repair:
+        repaired = run_api(lambda: repair_store(store, deep=deep))
+        for slide_id, found in repaired.items():
+            console.print(f"repaired: took '{slide_id}' out of the store ({'; '.join(found)}); re-run `mrantool "
+                          "extract` on its slide file to redo it", soft_wrap=True)
+    defects = run_api(lambda: check_store(store, deep=deep))
     for warning in store_warnings(store):
-        console.print(f"warning: {warning}", soft_wrap=True, highlight=False)
+        console.print(f"warning: {warning}", soft_wrap=True)
     for defect in defects:
-        err_console.print(f"defect: {defect}", soft_wrap=True, highlight=False)
+        err_console.print(f"defect: {defect}", soft_wrap=True)
     if defects:
         err_console.print(Text.assemble((f"{len(defects)} defect(s)", "bold red"), f" in {store}"), soft_wrap=True)
         raise typer.Exit(1)
     n = len(FeatureStore.open(store).slide_ids())
-    console.print(f"{store}: ok ({n} complete slides)")
+    level = "deep: every chunk read" if deep else "quick: metadata and chunk files; --deep reads every value"
+    console.print(f"{store}: ok ({n} complete slides; {level})", soft_wrap=True)
 
 
 @app.command()
@@ -354,7 +371,7 @@ def fit(
 
     cfg = run_api(load)
     if finetune:
-        return _finetune(cfg, finetune_layers, bags_per_slide, init_run, epochs is not None)
+        return _finetune(cfg, finetune_layers, bags_per_slide, init_run, quiet)
     with fit_progress(console, quiet) as progress:
         report = run_api(lambda: run_fit(cfg, progress=progress))
     rows = report.table()
@@ -363,21 +380,20 @@ def fit(
                   f"in {report.seconds:.0f}s", soft_wrap=True)
 
 
-def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, epochs_given: bool) -> None:
-    """`fit --finetune`: the fine-tuning API with the fit options that apply to it; a frozen vs fine-tuned table."""
-    from mrantool.cli_render import results_table
-    from mrantool.training.finetune import finetune as run_finetune
+def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, quiet: bool) -> None:
+    """`fit --finetune`: fold/epoch progress, then a frozen vs fine-tuned table."""
+    from mrantool.cli_render import fit_progress, results_table
+    from mrantool.training.finetune import finetune_from_fit
 
-    report = run_api(lambda: run_finetune(
-        cfg.store, cfg.labels, cfg.out, init_run=init_run, layers=layers, bags_per_slide=bags_per_slide,
-        epochs=cfg.epochs if epochs_given else 3, lr=cfg.lr, seed=cfg.seed, device=cfg.device, threads=cfg.threads,
-        folds=None if init_run else cfg.folds, progress=lambda e, i: None))
+    with fit_progress(console, quiet) as progress:
+        report = run_api(lambda: finetune_from_fit(cfg, init_run=init_run, layers=layers,
+                                                   bags_per_slide=bags_per_slide, progress=progress))
     rows = [[f.name, f"{f.best_epoch}/{f.epochs_run}", f"{f.start_metrics.get('auc', float('nan')):.3f}",
              f"{f.metrics.get('auc', float('nan')):.3f}", f"{f.seconds_per_step:.2f}"] for f in report.folds]
     console.print(results_table("fine-tuning (test AUC)", ["fold", "best epoch", "start", "fine-tuned", "s/step"],
                                 rows))
     console.print(f"wrote {report.out} (encoder.safetensors: re-extract with `mrantool extract ... --encoder-from "
-                  f"{report.out}`)", soft_wrap=True)
+                  f"{report.out}`; slides that trained it are refused there, see docs/finetune.md)", soft_wrap=True)
 
 
 @app.command()
@@ -506,7 +522,8 @@ def index_add(
 @app.command()
 def query(
     index: Annotated[Path, typer.Option(help="An index folder from `mrantool index build`.")],
-    store: Annotated[Path, typer.Option(help="The store the index was built from.")],
+    store: Annotated[Path | None, typer.Option(help="The store the index was built from (default: the one "
+                                                    "index.json records).")] = None,
     slide: Annotated[str | None, typer.Option(help="With --run: query with the slide's most attended patches.")] = None,
     run: Annotated[Path | None, typer.Option(help="A fit run folder (attention, labels).")] = None,
     top_attended: Annotated[int, typer.Option(help="How many of the slide's most attended patches.")] = 3,
@@ -520,18 +537,17 @@ def query(
 ) -> None:
     """Find the patches most similar to a query patch, a slide's most attended patches, or an image tile.
 
-    Example: mrantool query --index cohort.index --store cohort.zarr --slide synth-003 --run runs/mran -k 5
+    Example: mrantool query --index cohort.index --slide synth-003 --run runs/mran -k 5
     """
     from mrantool.cli_render import results_table
     from mrantool.errors import ConfigError
     from mrantool.retrieval import similar
-    from mrantool.store import FeatureStore
 
     def go():
         chosen = [name for name, v in (("--slide", slide), ("--image", image), ("--patch", patch)) if v]
         if len(chosen) != 1:
             raise ConfigError("Give exactly one of --slide (with --run), --image or --patch.")
-        fs = FeatureStore.open(store)
+        fs = similar.open_store(index, store)
         if slide:
             if run is None:
                 raise ConfigError("--slide needs --run: the run's attention picks the slide's query patches.")
@@ -540,7 +556,7 @@ def query(
             q = similar.from_image(fs, image, weights)
         else:
             q = similar.from_patch_spec(fs, patch)
-        return similar.run_query(index, store, q, k=k, exclude_same_slide=exclude_same_slide, gallery=gallery,
+        return similar.run_query(index, fs.path, q, k=k, exclude_same_slide=exclude_same_slide, gallery=gallery,
                                  labels_csv=labels, run_dir=run)
 
     result = run_api(go)

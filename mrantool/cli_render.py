@@ -82,6 +82,8 @@ def fit_progress(console: Console, quiet: bool):
                 bar.update(folds, total=info["n_folds"])
             elif event == "fold_start":
                 bar.reset(epochs, total=None, description=f"epochs of {info['name']}", status="")
+            elif event == "step":  # fine-tuning: one training slide
+                bar.update(epochs, total=info.get("n_epochs"), status=f"step loss {info['loss']:.3f}")
             elif event == "epoch":
                 loss, auc = info.get("val_loss"), info.get("val_auc")
                 val = f"val loss {loss:.3f} auc {auc:.3f}" if loss is not None and math.isfinite(loss) else ""

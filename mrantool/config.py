@@ -97,6 +97,7 @@ class ExtractConfig(StageConfig):
     weights: str | None = None  # local weights file (safetensors or state dict)
     pretrained: bool = False  # load the preset's hub weights (needs access to the hub)
     encoder_from: str | None = None  # a fine-tuning run whose encoder to use
+    allow_label_overlap: bool = False  # extract slides that trained that encoder anyway (recorded in provenance)
     mpp: Positive | None = None  # scan resolution override for slides without (or with wrong) metadata
     mpp_csv: str | None = None  # per-slide scan resolutions (slide,mpp); a row wins over `mpp` and the metadata
     target_mpp: Positive | None = None

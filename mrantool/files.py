@@ -39,7 +39,18 @@ def os_error_message(exc: OSError, action: str = "write", path: str | os.PathLik
     """One sentence: what could not be done to which path, why, and what to do about it."""
     target = path if path is not None else (exc.filename or "a file")
     reason, fix = _REASONS.get(exc.errno or -1, (exc.strerror or type(exc).__name__, "check the path and try again"))
+    blocker = _file_in_the_way(Path(target)) if exc.errno in (errno.EEXIST, errno.ENOTDIR) else None
+    if blocker is not None:
+        reason, fix = f"{blocker} is a file, not a folder", "choose a path whose parents are folders"
     return f"Cannot {action} {target}: {reason}; {fix}."
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing parent of `path` when it is a file (why a folder cannot be made there)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
 
 def os_error(exc: OSError, action: str = "write", path: str | os.PathLike[str] | None = None) -> FileSystemError:

@@ -132,6 +132,7 @@ class Extractor:
         mean = torch.tensor(preset.mean, device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(preset.std, device=self.device).view(1, 3, 1, 1) * 255
         self._mean, self._std = mean, std
+        self.provenance_extra: dict[str, dict[str, Any]] = {}  # slide_id -> extra provenance keys
 
     # -- planning (runs in a helper thread, a few slides ahead) -------------------------------------------------
     def _plan(self, index: int, item: SlideInput) -> _Planned | SlideResult:
@@ -176,6 +177,7 @@ class Extractor:
         except Exception as exc:  # an unexpected reader failure must not stop the run
             lock.release()
             return SlideResult(item.slide_id, item.path, "failed", message=f"{item.path}: {type(exc).__name__}: {exc}")
+        provenance.update(self.provenance_extra.get(item.slide_id, {}))
         provenance["timings"] = {"plan_s": round(time.perf_counter() - started, 3)}
         return _Planned(index, item, mpp, sp.plan.coords, sp.plan.patch_tissue, provenance, lock, started)
 

@@ -122,17 +122,21 @@ class SlideWriter:
                           "geometry": identity["geometry"], "mrantool_version": __version__,
                           "timings": provenance.get("timings", {}), "extracted_at": None})
         layout.staging.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(zarr.storage.LocalStore(self.staging), mode="w-", attributes=attrs)
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(self.staging), mode="w-", attributes=attrs)
+            chunks = self.dims.chunks(self.n_bags)
+            self._arrays = {
+                name: _ChunkAligned(group.create_array(
+                    name, shape=shape, chunks=chunks[name], dtype=ARRAY_DTYPES[name],
+                    fill_value=0 if name == COORDS else np.nan,
+                    compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL, checksum=True),
+                    config={"write_empty_chunks": True}))
+                for name, shape in self.dims.shapes(self.n_bags).items()
+            }
+        except BaseException:  # e.g. a full disk: leave no half-made staging group behind
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
         self._group = group
-        chunks = self.dims.chunks(self.n_bags)
-        self._arrays = {
-            name: _ChunkAligned(group.create_array(
-                name, shape=shape, chunks=chunks[name], dtype=ARRAY_DTYPES[name],
-                fill_value=0 if name == COORDS else np.nan,
-                compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL, checksum=True),
-                config={"write_empty_chunks": True}))
-            for name, shape in self.dims.shapes(self.n_bags).items()
-        }
 
     def _check(self, name: str, value: np.ndarray, n: int) -> np.ndarray:
         expected = (n, *self._arrays[name].array.shape[1:])

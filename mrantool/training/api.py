@@ -31,6 +31,7 @@ from mrantool.models.base import MILHead, MILOutput
 from mrantool.models.registry import create_head, head_options
 from mrantool.models.standardize import Standardized
 from mrantool.store import FeatureStore
+from mrantool.store.health import read_provenance
 from mrantool.store.schema import identity_differences
 from mrantool.training.data import MILData, StoreData
 from mrantool.training.labels import Labels, read_labels
@@ -231,6 +232,13 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
     store = FeatureStore.open(cfg.store)
     labels = read_labels(cfg.labels, store.slide_ids())
     store.require_whole(labels.slide_ids, "fit")
+    leaked = [sid for sid in labels.slide_ids
+              if read_provenance(store.layout.slide(sid)).get("labels_seen_by_encoder")]
+    if leaked:
+        labels.notes.append(f"Warning: {len(leaked)} labelled slide(s) ({', '.join(leaked[:3])}) trained the "
+                            f"fine-tuned encoder of this store ({store.identity.get('finetuned_from')}): their "
+                            "features carry their labels, so cross-validated metrics are optimistic (see "
+                            "docs/finetune.md).")
     probe = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options)
     data = StoreData(store, labels.slide_ids, cells=probe.needs_cells, patch_min_tissue=cfg.patch_min_tissue,
                      cache_gb=cfg.cache_gb)
@@ -247,7 +255,6 @@ def fit_data(cfg: FitConfig, data: MILData, labels: Labels, *, identity: dict[st
     if (out / "metrics.json").exists():
         raise ConfigError(f"{out} already holds a finished fit run; choose a new --out or delete that "
                           "folder.")
-    output_folder(out, "--out")
     options = resolved_options(cfg.model, cfg.options)
     k = labels.n_classes
     data.check_head(create_head(cfg.model, data.in_dim, k, **cfg.options))
@@ -264,7 +271,7 @@ def fit_data(cfg: FitConfig, data: MILData, labels: Labels, *, identity: dict[st
                      f"mean AUC is over the other {len(splits) - len(one_class)} of {len(splits)} folds.")
     for note in notes:
         emit("note", {"message": note})
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out")
     names = [s.name(repeats) for s in splits]
     _write_json(out / "config.json", {
         "mrantool_version": __version__, "torch_version": torch.__version__,

@@ -107,9 +107,9 @@ def read_labels(path: str | Path, store_ids: Iterable[str] | None = None) -> Lab
     missing_label = [line for line, row in rows if row["label"].casefold() in MISSING_MARKERS]
     if missing_label:
         marker = next(row["label"] for line, row in rows if line == missing_label[0])
-        raise LabelsError(f"Labels file {path} has the label {marker!r} on line(s) "
-                          f"{_few([str(n) for n in missing_label])}: a missing-value marker, not a class; fill in "
-                          "the real label or remove those rows.")
+        lines = ", ".join(map(str, missing_label[:5])) + (" ..." if len(missing_label) > 5 else "")
+        raise LabelsError(f"Labels file {path} has the label {marker!r} on line(s) {lines}: a missing-value marker, "
+                          "not a class; fill in the real label or remove those rows.")
     notes = []
     ids = [row["slide_id"] for _, row in rows]
     if store_ids is not None:

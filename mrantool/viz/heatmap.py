@@ -27,6 +27,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from mrantool.errors import MrantoolError, SlideError, StoreError
+from mrantool.files import output_file
+from mrantool.slide_ids import validate_slide_id
 from mrantool.slides.reader import open_slide
 from mrantool.slides.tissue import tissue_mask
 from mrantool.store import FeatureStore
@@ -88,7 +90,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 def load_attention(run_dir: str | Path, slide_id: str) -> dict[str, np.ndarray]:
     """The arrays of attention/<slide_id>.npz; an error naming the slides that do have attention otherwise."""
     folder = Path(run_dir) / "attention"
-    path = folder / f"{slide_id}.npz"
+    path = folder / f"{validate_slide_id(slide_id)}.npz"  # never a path outside the run ("../../x")
     if not path.is_file():
         have = sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
         if not have:
@@ -367,6 +369,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
     store = FeatureStore.open(store_path)
     check_identity(run, store, run_dir, Path(store_path))
     features = store.slide(slide_id)
+    store.require_whole([slide_id], "the heatmap")
     geometry = store.identity["geometry"]
     grid, cells = geometry["grid"], geometry["cells"]
     weights = composed[level]
@@ -395,7 +398,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
     title = (f"{slide_id}: {level} attention of head {head}" + (f"; {prediction}" if prediction else "")
              + f"\n{int(defined.sum())} {PLURAL[level]}, colour = share of the slide's attention (max {vmax:.3g}); "
              "green = tissue outline")
-    _figure(overlay, vmax, cmap, title, out_png)
+    _figure(overlay, vmax, cmap, title, output_file(out_png, "--out"))
 
     ranked = _top_items(weights, defined, level, coords, bag_l0, grid, cells, top) if top else []
     gallery = None
