@@ -33,11 +33,11 @@ def slide_id_problem(slide_id: object) -> str | None:
     return None
 
 
-def validate_slide_id(slide_id: str) -> str:
-    """Return `slide_id` if it can name a slide, else raise StoreError saying why and what to do."""
+def validate_slide_id(slide_id: str, fix: str = FIX) -> str:
+    """Return `slide_id` if it can name a slide, else raise StoreError saying why and what to do (`fix`)."""
     problem = slide_id_problem(slide_id)
     if problem:
-        raise StoreError(f"Invalid slide id {slide_id!r}: {problem}; {FIX}.")
+        raise StoreError(f"Invalid slide id {slide_id!r}: {problem}; {fix}.")
     return slide_id
 
 

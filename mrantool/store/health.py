@@ -41,8 +41,8 @@ def read_provenance(slide_dir: Path) -> dict[str, Any]:
         raise StoreError(f"Slide metadata {path} is unreadable ({type(exc).__name__}: {exc}); {REDO}.") from None
     attrs = meta.get("attributes", {}) if isinstance(meta, dict) else None
     if not isinstance(attrs, dict):
-        raise StoreError(f"Slide metadata {path} is not a zarr group description (it holds {str(meta)[:40]!r}); "
-                         f"{REDO}.")
+        raise StoreError(f"Slide metadata {path} is not a zarr group description (it holds "
+                         f"{json.dumps(meta)[:40]}); {REDO}.")
     return attrs
 
 

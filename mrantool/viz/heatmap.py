@@ -43,6 +43,7 @@ MAX_BAG_TILE_PX = 512  # bags in a gallery are read at most this large (at a coa
 DEFAULT_PATCH_MIN_TISSUE = 0.25
 PNG_COMPRESS_LEVEL = 3  # measured: ~2x faster than the default 6 on heatmaps, files ~10% larger
 OUTLINE_MASK_PX = 1024  # the tissue outline is detected on a thumbnail at most this large
+LOOKUP = "pass a slide id that `mrantool info` lists for the store"
 
 
 class TopItem(NamedTuple):
@@ -90,7 +91,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 def load_attention(run_dir: str | Path, slide_id: str) -> dict[str, np.ndarray]:
     """The arrays of attention/<slide_id>.npz; an error naming the slides that do have attention otherwise."""
     folder = Path(run_dir) / "attention"
-    path = folder / f"{validate_slide_id(slide_id)}.npz"  # never a path outside the run ("../../x")
+    path = folder / f"{validate_slide_id(slide_id, LOOKUP)}.npz"  # never a path outside the run ("../../x")
     if not path.is_file():
         have = sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
         if not have:
