@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mrantool.errors import ConfigError
-from mrantool.slide_ids import FIX, case_twin, slide_id_problem
+from mrantool.slide_ids import FIX, slide_id_problem
 from mrantool.slides.reader import slide_id_from_path
 
 SLIDE_SUFFIXES = {
@@ -86,12 +87,13 @@ def validate_ids(slides: list[SlideInput]) -> list[SlideInput]:
     return list(unique.values())
 
 
-def id_problem(slide_id: str, committed: list[str]) -> str | None:
-    """Why a slide with this id cannot go into a store holding `committed` ids (None when it can)."""
+def id_problem(slide_id: str, twin_of: Callable[[str], str | None]) -> str | None:
+    """Why a slide with this id cannot go into a store (None when it can); `twin_of` finds an id of the store
+    that differs only in case (FeatureStore.case_twin)."""
     problem = slide_id_problem(slide_id)
     if problem:
         return f"Invalid slide id {slide_id!r}: {problem}; {FIX}."
-    twin = case_twin(slide_id, committed)
+    twin = twin_of(slide_id)
     if twin:
         return (f"Slide id '{slide_id}' differs only in case from '{twin}' already in the store (one folder on "
                 f"case-insensitive file systems); {FIX}.")

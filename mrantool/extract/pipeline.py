@@ -137,7 +137,7 @@ class Extractor:
     # -- planning (runs in a helper thread, a few slides ahead) -------------------------------------------------
     def _plan(self, index: int, item: SlideInput) -> _Planned | SlideResult:
         started = time.perf_counter()
-        problem = id_problem(item.slide_id, self.store.slide_ids())
+        problem = id_problem(item.slide_id, self.store.case_twin)
         if problem:
             return SlideResult(item.slide_id, item.path, "failed", message=problem)
         try:

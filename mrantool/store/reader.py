@@ -207,6 +207,12 @@ class FeatureStore:
             return False
         return not slide_defects(path, self.identity)
 
+    def case_twin(self, slide_id: str) -> str | None:
+        """A slide of the store whose id differs from `slide_id` only in case (one folder on case-insensitive file
+        systems), or None. Lists names only, so it stays cheap in stores of many slides."""
+        names = os.listdir(self.layout.slides) if self.layout.slides.is_dir() else []
+        return case_twin(slide_id, [n for n in names if n != "zarr.json"])
+
     def content_hash(self) -> str:
         """A hash of what the store holds: its identity and, per committed slide, id, file fingerprint, bag count
         and commit time. It changes when a slide is added, removed or re-extracted (metadata only: cheap)."""
@@ -278,7 +284,7 @@ class FeatureStore:
     def begin_slide(self, slide_id: str, n_bags: int, provenance: dict[str, Any]) -> SlideWriter:
         """A writer for one slide; provenance needs source, fingerprint, mpp, level0_size, bag_size_l0 (+ extras)."""
         self._require_writable()
-        twin = case_twin(validate_slide_id(slide_id), self.slide_ids())
+        twin = self.case_twin(validate_slide_id(slide_id))
         if twin:
             raise StoreError(f"Slide id '{slide_id}' differs only in case from '{twin}' in store {self.path} (one "
                              "folder on case-insensitive file systems); rename the file or give a `slide_id` column "
