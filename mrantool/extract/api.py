@@ -73,7 +73,6 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractRepo
     extractor = Extractor(
         store, preset, encoder, device=resolve_device(cfg.device), batch_size=cfg.batch_size,
         workers=cfg.workers, slide_mpp=cfg.mpp, mpp_table=table, min_tissue=cfg.min_tissue, compile=cfg.compile,
-        progress=progress,
+        progress=progress, provenance_extra=extra,
     )
-    extractor.provenance_extra = extra
     return extractor.run(slides)

@@ -113,6 +113,7 @@ class Extractor:
         channels_last: bool = True,
         compile: bool = False,
         progress: Progress | None = None,
+        provenance_extra: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.preset = preset
@@ -132,7 +133,7 @@ class Extractor:
         mean = torch.tensor(preset.mean, device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(preset.std, device=self.device).view(1, 3, 1, 1) * 255
         self._mean, self._std = mean, std
-        self.provenance_extra: dict[str, dict[str, Any]] = {}  # slide_id -> extra provenance keys
+        self.provenance_extra = provenance_extra or {}  # slide_id -> extra provenance keys
 
     # -- planning (runs in a helper thread, a few slides ahead) -------------------------------------------------
     def _plan(self, index: int, item: SlideInput) -> _Planned | SlideResult:
