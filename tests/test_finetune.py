@@ -152,4 +152,4 @@ def test_fit_finetune_applies_model_and_options_or_refuses(cohort, tmp_path):
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert "cannot apply weight_decay, patience (fine-tuning" in refused.output
     again = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "no2"), "--init-run", str(out), "--model", "mran"])
-    assert again.exit_code == 1 and "model (they come from --init-run" in again.output
+    assert again.exit_code == 1 and "cannot apply model, folds (they come from --init-run" in again.output
