@@ -21,8 +21,8 @@ SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem no
 RERUN = {
     "extract": "nice python benchmarks/extract.py --rounds 3",
     "finetune": "nice -n 10 python benchmarks/finetune.py",
-    "fit": "nice python benchmarks/fit.py",
-    "musk": "nice python benchmarks/musk.py",
+    "fit": "nice -n 10 python benchmarks/fit.py",
+    "musk": "nice -n 5 python benchmarks/musk.py",
     "retrieval": "nice python benchmarks/retrieval.py",
     "sweep": "nice python benchmarks/sweep.py --repeats 3",
 }
