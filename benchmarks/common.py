@@ -186,13 +186,12 @@ def run_provenance() -> dict[str, Any]:
 
 def write_results(out_dir: Path, name: str, report: dict[str, Any], markdown: str) -> tuple[Path, Path]:
     """Write `<name>.json` and `<name>.md` into `out_dir`, both recording the git commit and the command line
-    (`run_provenance`); return their paths."""
+    (`run_provenance`, unless the report has its own `command` / `git_commit`); return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    prov = run_provenance()
-    report = {**report, **prov}
-    dirty = " (with uncommitted changes)" if prov["git_dirty"] else ""
-    markdown = (markdown.rstrip("\n") + f"\n\nWritten by `{prov['command']}` at git commit {prov['git_commit']}"
-                f"{dirty}.\n")
+    report = {**run_provenance(), **report}  # a script's own record (e.g. merged runs' commands) wins
+    dirty = " (with uncommitted changes)" if report["git_dirty"] else ""
+    markdown = (markdown.rstrip("\n") + f"\n\nWritten by `{report['command']}` at git commit "
+                f"{report['git_commit']}{dirty}.\n")
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     md_path.write_text(markdown)

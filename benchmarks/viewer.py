@@ -33,6 +33,8 @@ try:
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     from common import hardware, load_average, markdown_table, median, write_results
 
+TABLES = {"methods": ["method", "ms per tile", "tiles/s"]}  # columns of viewer.md
+
 
 def make_slide(path: Path, size: int, seed: int) -> Path:
     """A pyramidal JPEG TIFF at 0.5 mpp with smooth pink 'tissue' and noise (JPEG sees realistic content)."""
@@ -167,7 +169,7 @@ def main() -> None:
         f"Git {report['git_commit']}.",
         f"Command: `{report['command']}`. Slide: {report['slide']}; {n} tiles of the top {args.levels} Deep Zoom "
         f"levels per method and round; {args.rounds} rounds, medians.", "",
-        markdown_table(["method", "ms per tile", "tiles/s"], rows, [False, True, True]), "",
+        markdown_table(TABLES["methods"], rows, [False, True, True]), "",
         f"OpenSlide DeepZoomGenerator time / ours (within rounds, median): {ratio:.2f} (above 1: ours is faster).", "",
         "a = mrantool's read_tile (Slide.read_region_mpp at the level's resolution) + JPEG; b = OpenSlide's "
         "DeepZoomGenerator.get_tile + the same JPEG encoding; c = the same tiles from the tile cache; d = GET through "

@@ -67,13 +67,18 @@ def _remove(path: Path) -> None:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str], temp_name: str | None = None) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it to `path` (replacing a file), else delete it.
+    """Yield a temporary path beside `path` (its folder created); on success rename it to `path` (replacing a
+    file), else delete it.
 
     `temp_name` names the temporary file (the store uses owner tags so that leftovers of dead writers can be
     cleaned); by default `.<name>.tmp-<pid>-<hex>`. An OSError becomes a FileSystemError naming `path`.
     """
     path = Path(path)
     temp = path.with_name(temp_name or f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(exc, "create the folder", path.parent) from None
     try:
         yield temp
         os.replace(temp, path)

@@ -22,21 +22,32 @@ RERUN = {
     "extract": "nice python benchmarks/extract.py --rounds 3",
     "finetune": "nice -n 10 python benchmarks/finetune.py",
     "fit": "nice -n 10 python benchmarks/fit.py",
+    "fit_defaults": "the commands listed in benchmarks/results/fit_defaults.md",
     "musk": "nice -n 5 python benchmarks/musk.py",
     "retrieval": "nice python benchmarks/retrieval.py",
     "sweep": "nice python benchmarks/sweep.py --repeats 3",
+    "viewer": "python benchmarks/viewer.py",
 }
-OLD_COLUMNS = {"retrieval"}  # retrieval.md lacks the 'single CPU ms' column its script writes
+OLD_COLUMNS = {"retrieval", "musk"}  # written by older versions of their scripts (other columns)
+NO_RESULTS = {"viewer"}  # never run on a quiet machine: no results committed yet
 
 
 def stale(name: str, why: str):
+    why = "no results committed yet" if name in NO_RESULTS else why
     return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=f"{why}; re-run: {RERUN[name]}"))
 
 
 def test_every_script_has_results_and_a_rerun_command() -> None:
     assert sorted(RERUN) == SCRIPTS
-    for name in SCRIPTS:
+    for name in set(SCRIPTS) - NO_RESULTS:
         assert (RESULTS / f"{name}.json").is_file() and (RESULTS / f"{name}.md").is_file(), name
+
+
+def has_columns(found: list[list[str]], columns: list[str]) -> bool:
+    """A table with these columns; a last entry "..." stands for data-dependent columns after the others."""
+    if columns[-1] == "...":
+        return any(header[:len(columns) - 1] == columns[:-1] for header in found)
+    return columns in found
 
 
 def test_help_of_every_script_run_from_another_folder(tmp_path: Path) -> None:
@@ -49,12 +60,12 @@ def test_help_of_every_script_run_from_another_folder(tmp_path: Path) -> None:
         assert proc.returncode == 0 and "usage:" in out, f"{name}: {out[-2000:]}"
 
 
-@pytest.mark.parametrize("name", [stale(n, "written by an older script") if n in OLD_COLUMNS else n
+@pytest.mark.parametrize("name", [stale(n, "written by an older script") if n in OLD_COLUMNS | NO_RESULTS else n
                                   for n in sorted(RERUN)])
 def test_results_have_the_columns_their_script_writes(name: str) -> None:
     tables = importlib.import_module(f"benchmarks.{name}").TABLES
     found = table_headers((RESULTS / f"{name}.md").read_text())
-    missing = [columns for columns in tables.values() if columns not in found]
+    missing = [columns for columns in tables.values() if not has_columns(found, columns)]
     assert not missing, f"{name}.md lacks the table(s) {missing}; it has {found}"
 
 
