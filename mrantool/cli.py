@@ -309,6 +309,8 @@ def check(
 def fit(
     store: Annotated[str | None, typer.Option(help="Feature store to train on.")] = None,
     labels: Annotated[str | None, typer.Option(help="labels.csv: slide_id,label[,patient_id][,fold].")] = None,
+    id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (default slide_id).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Labels column of labels (default label).")] = None,
     model: Annotated[str | None, typer.Option(help="Head: mran, abmil, gated-abmil, clam-sb, transmil...")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder to write.")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation folds.")] = None,
@@ -336,7 +338,8 @@ def fit(
     from mrantool.training.api import fit as run_fit
 
     def load() -> FitConfig:
-        cfg = FitConfig.load(config, "fit", store=store, labels=labels, model=model, out=out, folds=folds,
+        cfg = FitConfig.load(config, "fit", store=store, labels=labels, id_column=id_column,
+                             label_column=label_column, model=model, out=out, folds=folds,
                              repeats=repeats, epochs=epochs, lr=lr, seed=seed, cache_gb=cache_gb, device=device,
                              threads=threads)
         if option:
@@ -362,7 +365,8 @@ def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, epoc
     report = run_api(lambda: run_finetune(
         cfg.store, cfg.labels, cfg.out, init_run=init_run, layers=layers, bags_per_slide=bags_per_slide,
         epochs=cfg.epochs if epochs_given else 3, lr=cfg.lr, seed=cfg.seed, device=cfg.device, threads=cfg.threads,
-        folds=None if init_run else cfg.folds, progress=lambda e, i: None))
+        folds=None if init_run else cfg.folds, progress=lambda e, i: None, id_column=cfg.id_column,
+        label_column=cfg.label_column))
     rows = [[f.name, f"{f.best_epoch}/{f.epochs_run}", f"{f.start_metrics.get('auc', float('nan')):.3f}",
              f"{f.metrics.get('auc', float('nan')):.3f}", f"{f.seconds_per_step:.2f}"] for f in report.folds]
     console.print(results_table("fine-tuning (test AUC)", ["fold", "best epoch", "start", "fine-tuned", "s/step"],
@@ -423,6 +427,8 @@ def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep TOML: [base] fit config, [grid] and/or [[variant]] tables.")],
     out: Annotated[Path, typer.Option(help="Sweep folder (runs/, results.csv, summary.md, metric.png).")],
     workers: Annotated[int, typer.Option(help="Parallel worker processes (each loads the features once).")] = 1,
+    id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (overrides [base]).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Labels column of labels (overrides [base]).")] = None,
 ) -> None:
     """Run an ablation sweep in parallel, resumably; rank the variants with paired tests against a baseline.
 
@@ -440,7 +446,8 @@ def sweep(
             console.print(f"[{info['index']}/{info['n_todo']}] {info['name']} {info['status']} "
                           f"({info['seconds']:.0f}s){error}", markup=False, soft_wrap=True)
 
-    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress))
+    columns = {k: v for k, v in (("id_column", id_column), ("label_column", label_column)) if v is not None}
+    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress, base=columns))
     rows = result.table()
     if rows:
         table = results_table(f"sweep ranked by {result.metric}", list(rows[0]), [list(r.values()) for r in rows])

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.models.registry import create_head
 from mrantool.store import FeatureStore
@@ -80,11 +81,12 @@ def cpu_cores() -> int:
 
 
 def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int = 1,
-              progress: Progress | None = None) -> SweepResult:
+              progress: Progress | None = None, base: dict[str, Any] | None = None) -> SweepResult:
     """Run every unfinished run of `spec` into `out_dir`/runs/<hash>/ and write results.csv, summary.md and
-    metric.png. Problems in the spec, stores or labels raise one ConfigError before anything runs."""
+    metric.png. `base` overrides keys of a spec file's [base] table (the CLI's --id-column / --label-column).
+    Problems in the spec, stores or labels raise one ConfigError before anything runs."""
     started = time.perf_counter()
-    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
+    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec, base)
     if workers < 1:
         raise ConfigError(f"workers {workers} is not a number of processes; use --workers 1 or more.")
     runs = spec.runs()
@@ -120,13 +122,13 @@ def preflight(runs: list[RunSpec], source: str) -> None:
     """Open each store and labels file once and check every run against them (cells, folds), so that
     data problems surface before any run starts; one ConfigError lists them all."""
     problems: dict[str, list[str]] = {}
-    opened: dict[tuple[str, str], tuple[FeatureStore, Labels] | MrantoolError] = {}
+    opened: dict[tuple[str, ...], tuple[FeatureStore, Labels] | MrantoolError] = {}
     for run in runs:
         cfg = run.fit_config("")
-        key = (cfg.store, cfg.labels)
+        key = labels_key(cfg)
         try:
             if key not in opened:
-                opened[key] = _open(cfg.store, cfg.labels)
+                opened[key] = _open(cfg)
             entry = opened[key]
             if isinstance(entry, MrantoolError):
                 raise entry
@@ -144,11 +146,20 @@ def preflight(runs: list[RunSpec], source: str) -> None:
                           "sweep again.")
 
 
-def _open(store_path: str, labels_path: str) -> tuple[FeatureStore, Labels] | MrantoolError:
-    """The store and its labels, or the error that opening them raised."""
+def labels_key(cfg: FitConfig) -> tuple[str, str, str, str]:
+    """What identifies a run's labels: the store, the labels file and the columns read from it."""
+    return cfg.store, cfg.labels, cfg.id_column, cfg.label_column
+
+
+def read_run_labels(cfg: FitConfig, store: FeatureStore) -> Labels:
+    return read_labels(cfg.labels, store.slide_ids(), id_column=cfg.id_column, label_column=cfg.label_column)
+
+
+def _open(cfg: FitConfig) -> tuple[FeatureStore, Labels] | MrantoolError:
+    """The store and the run's labels, or the error that opening them raised."""
     try:
-        store = FeatureStore.open(store_path)
-        return store, read_labels(labels_path, store.slide_ids())
+        store = FeatureStore.open(cfg.store)
+        return store, read_run_labels(cfg, store)
     except MrantoolError as exc:
         return exc
 
@@ -198,8 +209,8 @@ class Worker:
 
     def __init__(self) -> None:
         self.stores: dict[str, FeatureStore] = {}
-        self.labels: dict[tuple[str, str], Labels] = {}
-        self.data: dict[tuple[str, str, bool, float], StoreData] = {}
+        self.labels: dict[tuple[str, ...], Labels] = {}
+        self.data: dict[tuple[object, ...], StoreData] = {}
 
     def run(self, task: Task) -> RunResult:
         """One fit into a fresh run folder; exceptions become an error result and error.txt."""
@@ -211,12 +222,12 @@ class Worker:
             if cfg.store not in self.stores:
                 self.stores[cfg.store] = FeatureStore.open(cfg.store)
             store = self.stores[cfg.store]
-            key = (cfg.store, cfg.labels)
+            key = labels_key(cfg)
             if key not in self.labels:
-                self.labels[key] = read_labels(cfg.labels, store.slide_ids())
+                self.labels[key] = read_run_labels(cfg, store)
             labels = self.labels[key]
             cells = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options).needs_cells
-            data_key = (cfg.store, cfg.labels, cells, cfg.patch_min_tissue)
+            data_key = (*key, cells, cfg.patch_min_tissue)
             if data_key not in self.data:
                 self.data[data_key] = StoreData(store, labels.slide_ids, cells=cells,
                                                 patch_min_tissue=cfg.patch_min_tissue, cache_gb=cfg.cache_gb)

@@ -228,7 +228,7 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
     """Cross-validate `cfg.model` on the labelled slides of `cfg.store`; write the run to `cfg.out`."""
     check_config(cfg)
     store = FeatureStore.open(cfg.store)
-    labels = read_labels(cfg.labels, store.slide_ids())
+    labels = read_labels(cfg.labels, store.slide_ids(), id_column=cfg.id_column, label_column=cfg.label_column)
     probe = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options)
     data = StoreData(store, labels.slide_ids, cells=probe.needs_cells, patch_min_tissue=cfg.patch_min_tissue,
                      cache_gb=cfg.cache_gb)

@@ -295,13 +295,15 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
              layers: int = 1, bags_per_slide: int = 2, epochs: int = 3, lr: float = 1e-4, encoder_lr: float = 1e-5,
              folds: int | Sequence[str] | None = None, seed: int = 0, explore: float = 0.25, device: str = "auto",
              progress: Progress | None = None, val_fraction: float = 0.2, max_bags: int = 64,
-             weights: str | Path | None = None, eval_bags: int = 8, threads: int | None = None) -> FinetuneReport:
+             weights: str | Path | None = None, eval_bags: int = 8, threads: int | None = None,
+             id_column: str = "slide_id", label_column: str = "label") -> FinetuneReport:
     """Fine-tune the store's encoder (last `layers` stages/blocks) and an MRAN head per fold; write `out_dir`.
 
     `init_run`: a frozen-cache `fit` run whose folds (splits, and fold_<k> heads with their standardisation)
     are the starting point; without it, `folds` (an int, default 3) new splits and new MRAN heads. With it,
     `folds` may name a subset (e.g. ["fold_0"]). `weights`: the local encoder file when the store was
-    extracted with one. Returns a `FinetuneReport`; see docs/finetune.md for the run folder.
+    extracted with one. `id_column` / `label_column` name the labels file's columns. Returns a `FinetuneReport`;
+    see docs/finetune.md for the run folder.
     """
     started = time.perf_counter()
     emit = progress or (lambda event, info: None)
@@ -314,14 +316,15 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
     if "preset" not in store.identity or "transforms" not in store.identity:
         raise ConfigError(f"Store {store_path} has no encoder to fine-tune (imported features); extract the "
                           "slides with `mrantool extract` first.")
-    labels = read_labels(labels_csv, store.slide_ids())
+    labels = read_labels(labels_csv, store.slide_ids(), id_column=id_column, label_column=label_column)
     run = read_run(init_run) if init_run is not None else None
     splits = _fold_splits(labels, run, init_run, folds, val_fraction, seed)
     model, options = ("mran", {}) if run is None else (run["model"], run["head_options"])
     settings = run["config"] if run else {}
     preset = transform_preset(store.identity)
     dev = resolve_device(device)
-    config = {"store": str(store_path), "labels": str(labels_csv), "init_run": None if init_run is None else
+    config = {"store": str(store_path), "labels": str(labels_csv), "id_column": id_column,
+              "label_column": label_column, "init_run": None if init_run is None else
               str(init_run), "layers": layers, "bags_per_slide": bags_per_slide, "epochs": epochs, "lr": lr,
               "encoder_lr": encoder_lr, "seed": seed, "explore": explore, "val_fraction": val_fraction,
               "max_bags": max_bags, "eval_bags": eval_bags, "device": str(dev), "model": model,
