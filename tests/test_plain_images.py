@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mrantool.cli import app
-from mrantool.errors import SlideError
+from mrantool.errors import MissingMppError, SlideError
 from mrantool.slides import plain
 from mrantool.slides.reader import open_slide
 from mrantool.store import FeatureStore
@@ -71,7 +71,7 @@ def test_mpp_from_tiff_tags_but_never_from_screen_dpi(tmp_path, image):
     screen = write(tmp_path / "screen.tif", image, resolution=(72, 72), resolutionunit="INCH")  # 353 um/px
     png = write(tmp_path / "dpi.png", image, dpi=(300, 300))
     for path in (screen, png):
-        with pytest.raises(SlideError, match=rf"{path.name} is a plain image with no microns-per-pixel .*--mpp"):
+        with pytest.raises(MissingMppError, match=rf"{path.name} is a plain image with no microns-per-pixel .*--mpp"):
             open_slide(path)
 
 

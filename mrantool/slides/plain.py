@@ -15,7 +15,7 @@ import numpy as np
 import tifffile
 from PIL import Image, UnidentifiedImageError
 
-from mrantool.errors import SlideError
+from mrantool.errors import MissingMppError, SlideError
 from mrantool.slides.base import Slide, thumbnail_size
 from mrantool.slides.wsi import rgba_on_white
 
@@ -86,7 +86,7 @@ def open_plain_image(path: Path, mpp: float | None) -> PlainImageSlide:
         pixels, tag_mpp = _read_pillow(path), None
     mpp = mpp if mpp is not None else tag_mpp
     if mpp is None:
-        raise SlideError(
+        raise MissingMppError(
             f"{path} is a plain image with no microns-per-pixel metadata; pass --mpp with its resolution, "
             "e.g. --mpp 0.5 for a 20x image."
         )

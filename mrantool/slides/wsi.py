@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import openslide
 
-from mrantool.errors import SlideError
+from mrantool.errors import MissingMppError, SlideError
 from mrantool.slides.base import Slide, thumbnail_size
 
 
@@ -72,7 +72,7 @@ def open_wsi(path: Path, mpp: float | None) -> OpenSlideSlide:
         mpp = _metadata_mpp(handle)
         if mpp is None:
             handle.close()
-            raise SlideError(
+            raise MissingMppError(
                 f"{path} has no microns-per-pixel metadata; pass --mpp with the scan resolution, e.g. --mpp 0.25."
             )
     return OpenSlideSlide(path, handle, float(mpp))
