@@ -70,7 +70,7 @@ def demo_data(
 
     Example: mrantool demo-data demo/ --slides 12
     """
-    from mrantool.slides.synthetic import make_cohort
+    from mrantool.cohorts.synthetic import make_cohort
 
     labels = run_api(lambda: make_cohort(out, n_slides=slides, seed=seed))
     console.print(f"wrote {slides} slides and {labels}")

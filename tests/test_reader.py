@@ -59,7 +59,7 @@ def test_zero_byte_and_truncated(tmp_path, cmu_svs):
 
 
 def test_missing_mpp_names_the_option(tmp_path):
-    from mrantool.slides.synthetic import write_pyramid_tiff
+    from mrantool.slides.writer import write_pyramid_tiff
 
     path = tmp_path / "nompp.tif"
     write_pyramid_tiff(path, tissue_image(1024), mpp=None)
