@@ -62,18 +62,40 @@ def demo(
 
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="Folder for the generated slides and labels.csv.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the slides and labels.csv.")],
     slides: Annotated[int, typer.Option("--slides", help="Number of slides (half tumour, half normal).")] = 12,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same pixels.")] = 0,
+    from_tiles: Annotated[Path | None, typer.Option(help="Folder of labelled tiles: build a mosaic cohort.")] = None,
+    tile_labels: Annotated[Path | None, typer.Option(help="Tile CSV: path (relative to --from-tiles), 0/1 label "
+                                                          "[default: FROM_TILES/labels.csv].")] = None,
+    tile_mpp: Annotated[float | None, typer.Option(help="The tiles' microns per pixel (PCam: 0.97).")] = None,
+    tiles_per_slide: Annotated[int | None, typer.Option(help="Tiles per mosaic slide [default: 64].")] = None,
+    positives: Annotated[int | None, typer.Option(help="Label-1 tiles per positive slide [default: 4].")] = None,
+    label_column: Annotated[str | None, typer.Option(help="The tile CSV's label column, if it has several.")] = None,
+    margin: Annotated[int | None, typer.Option(help="Glass border around a mosaic, level-0 px [default: 0].")] = None,
 ) -> None:
-    """Generate a small cohort of pyramidal TIFF slides (0.5 mpp) whose class signal lives at the cell scale.
+    """Generate a small cohort of pyramidal TIFF slides (0.5 mpp) whose class signal lives at the cell scale, or
+    with --from-tiles a mosaic cohort of real labelled tiles (tiles.csv records where each tile went).
 
-    Example: mrantool demo-data demo/ --slides 12
+    Examples: mrantool demo-data demo/ --slides 12
+              mrantool demo-data pcam/ --from-tiles pcam_valid --tile-mpp 0.97 --slides 20 --positives 2
     """
-    from mrantool.cohorts.synthetic import make_cohort
+    from mrantool.cohorts.demo_data import demo_data as make_demo_data
 
-    labels = run_api(lambda: make_cohort(out, n_slides=slides, seed=seed))
-    console.print(f"wrote {slides} slides and {labels}")
+    result = run_api(lambda: make_demo_data(
+        out, n_slides=slides, seed=seed, from_tiles=from_tiles, tile_labels=tile_labels, tile_mpp=tile_mpp,
+        tiles_per_slide=tiles_per_slide, positives=positives, label_column=label_column, margin=margin))
+    if isinstance(result, Path):
+        console.print(f"wrote {slides} slides and {result}")
+        return
+    tiles = result.tiles
+    console.print(f"{len(tiles.tiles)} distinct tiles in {tiles.csv} ({tiles.n_rows} rows, {tiles.n_copies} "
+                  f"byte-identical copies counted once, {tiles.n_conflicting} rows with conflicting labels left out)",
+                  soft_wrap=True, markup=False)
+    (cols, rows), (tw, th), (w, h) = result.grid, result.tile_size, result.slide_size
+    console.print(f"wrote {result.n_slides} mosaic slides ({cols}x{rows} tiles of {tw}x{th} px, {w}x{h} px at "
+                  f"{tile_mpp:g} mpp; {result.n_positive} positive), {result.labels} and {result.placements}",
+                  soft_wrap=True, markup=False)
 
 
 @app.command()
