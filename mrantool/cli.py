@@ -67,18 +67,19 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same pixels.")] = 0,
     from_tiles: Annotated[Path | None, typer.Option(help="Folder of labelled tiles: build a mosaic cohort.")] = None,
     tile_labels: Annotated[Path | None, typer.Option(help="Tile CSV: path (relative to --from-tiles), 0/1 label "
-                                                          "[default: FROM_TILES/labels.csv].")] = None,
+                                                          "(default: labels.csv in --from-tiles).")] = None,
     tile_mpp: Annotated[float | None, typer.Option(help="The tiles' microns per pixel (PCam: 0.97).")] = None,
-    tiles_per_slide: Annotated[int | None, typer.Option(help="Tiles per mosaic slide [default: 64].")] = None,
-    positives: Annotated[int | None, typer.Option(help="Label-1 tiles per positive slide [default: 4].")] = None,
+    tiles_per_slide: Annotated[int | None, typer.Option(help="Tiles per mosaic slide (default 64).")] = None,
+    positives: Annotated[int | None, typer.Option(help="Label-1 tiles per positive slide (default 4).")] = None,
     label_column: Annotated[str | None, typer.Option(help="The tile CSV's label column, if it has several.")] = None,
-    margin: Annotated[int | None, typer.Option(help="Glass border around a mosaic, level-0 px [default: 0].")] = None,
+    margin: Annotated[int | None, typer.Option(help="Glass border around a mosaic, level-0 px (default 0).")] = None,
 ) -> None:
     """Generate a small cohort of pyramidal TIFF slides (0.5 mpp) whose class signal lives at the cell scale, or
     with --from-tiles a mosaic cohort of real labelled tiles (tiles.csv records where each tile went).
 
-    Examples: mrantool demo-data demo/ --slides 12
-              mrantool demo-data pcam/ --from-tiles pcam_valid --tile-mpp 0.97 --slides 20 --positives 2
+    Example: mrantool demo-data demo/ --slides 12
+
+    Mosaic example: mrantool demo-data pcam/ --from-tiles pcam_valid --tile-mpp 0.97 --slides 20 --positives 2
     """
     from mrantool.cohorts.demo_data import demo_data as make_demo_data
 
@@ -449,8 +450,10 @@ def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep TOML: [base] fit config, [grid] and/or [[variant]] tables.")],
     out: Annotated[Path, typer.Option(help="Sweep folder (runs/, results.csv, summary.md, metric.png).")],
     workers: Annotated[int, typer.Option(help="Parallel worker processes (each loads the features once).")] = 1,
-    id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (overrides [base]).")] = None,
-    label_column: Annotated[str | None, typer.Option(help="Labels column of labels (overrides [base]).")] = None,
+    id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (overrides the spec's base).")
+                         ] = None,
+    label_column: Annotated[str | None, typer.Option(help="Labels column of labels (overrides the spec's base).")
+                            ] = None,
 ) -> None:
     """Run an ablation sweep in parallel, resumably; rank the variants with paired tests against a baseline.
 

@@ -161,6 +161,17 @@ def test_extract_a_folder_of_pngs_from_the_command_line(png_cohort):
                                                                                        "core-1": "complete"}
 
 
+def test_preview_a_png(png_cohort, tmp_path):
+    folder, _, _ = png_cohort
+    result = CliRunner().invoke(app, ["preview", str(folder / "core-0.png"), "--mpp", "0.5", "--preset", "tiny",
+                                      "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 0, result.output
+    # tiny: 256 px bags at 2 mpp = 1024 image px, more than the 600 px image: one bag, judged by the image's tissue.
+    assert "core-0: 2 mpp from level 0 (downsample 1, slide 0.5 mpp); 1 of 1 bags kept" in result.output
+    with Image.open(tmp_path / "p.png") as png:
+        assert png.size == (512, 512)
+
+
 def test_heatmap_and_finetuning_read_plain_images(png_cohort, tmp_path):
     from mrantool.extract.dataset import cut_patches
     from mrantool.training.finetune import BagPixels
