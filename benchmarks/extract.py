@@ -43,12 +43,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.encoders.registry import PatchEncoder, create_encoder
 from mrantool.extract.dataset import cut_patches
 from mrantool.extract.inputs import SlideInput, collect_slides
 from mrantool.extract.pipeline import Extractor, store_identity
 from mrantool.slides.reader import open_slide
-from mrantool.slides.synthetic import make_cohort
 from mrantool.store.reader import FeatureStore
 from mrantool.store.schema import CELL_EMB
 from mrantool.tiling.geometry import patch_coords

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/finetune.py` finds benchmarks.common
 
 from benchmarks.common import hardware, load_average, markdown_table, write_results
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.config import ExtractConfig, FitConfig
 from mrantool.encoders.rebuild import rebuild_encoder
 from mrantool.extract.api import extract
-from mrantool.slides.synthetic import make_cohort
 from mrantool.store import FeatureStore
 from mrantool.training.api import fit, load_checkpoint
 from mrantool.training.data import StoreData

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mrantool.slides.reader import open_slide
-from mrantool.slides.synthetic import write_pyramid_tiff
+from mrantool.slides.writer import write_pyramid_tiff
 from mrantool.web.tiles import JPEG_QUALITY, BytesCache, DeepZoomLayout, encode_jpeg, read_tile
 
 try:

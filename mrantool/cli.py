@@ -75,24 +75,49 @@ def demo(
 
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="Folder for the generated slides and labels.csv.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the slides and labels.csv.")],
     slides: Annotated[int, typer.Option("--slides", help="Number of slides (half tumour, half normal).")] = 12,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same pixels.")] = 0,
-    size: Annotated[int, typer.Option(help="Slide side in pixels at 0.5 mpp.")] = 6144,
+    size: Annotated[int | None, typer.Option(help="Slide side in pixels at 0.5 mpp (generated cohort; default "
+                                                  "6144).")] = None,
+    from_tiles: Annotated[Path | None, typer.Option(help="Folder of labelled tiles: build a mosaic cohort.")] = None,
+    tile_labels: Annotated[Path | None, typer.Option(help="Tile CSV: path (relative to --from-tiles), 0/1 label "
+                                                          "(default: labels.csv in --from-tiles).")] = None,
+    tile_mpp: Annotated[float | None, typer.Option(help="The tiles' microns per pixel (PCam: 0.97).")] = None,
+    tiles_per_slide: Annotated[int | None, typer.Option(help="Tiles per mosaic slide (default 64).")] = None,
+    positives: Annotated[int | None, typer.Option(help="Label-1 tiles per positive slide (default 4).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="The tile CSV's label column, if it has several.")] = None,
+    margin: Annotated[int | None, typer.Option(help="Glass border around a mosaic, level-0 px (default 0).")] = None,
 ) -> None:
-    """Generate a small cohort of pyramidal TIFF slides (0.5 mpp) whose class signal lives at the cell scale.
+    """Generate a small cohort of slides, or with --from-tiles a mosaic cohort of real labelled tiles.
+
+    Generated: pyramidal TIFFs (0.5 mpp), class signal at the cell scale. Mosaics: tiles.csv says where tiles went.
 
     Example: mrantool demo-data demo/ --slides 12
-    """
-    from mrantool.slides.synthetic import make_cohort
 
-    labels = run_api(lambda: make_cohort(out, n_slides=slides, seed=seed, size=(size, size)))
-    console.print(f"wrote {slides} slides and {labels}")
+    Mosaic example: mrantool demo-data pcam/ --from-tiles pcam_valid --tile-mpp 0.97 --slides 20 --positives 2
+    """
+    from mrantool.cohorts.demo_data import demo_data as make_demo_data
+
+    result = run_api(lambda: make_demo_data(
+        out, n_slides=slides, seed=seed, size=size, from_tiles=from_tiles, tile_labels=tile_labels, tile_mpp=tile_mpp,
+        tiles_per_slide=tiles_per_slide, positives=positives, label_column=label_column, margin=margin))
+    if isinstance(result, Path):
+        console.print(f"wrote {slides} slides and {result}")
+        return
+    tiles = result.tiles
+    console.print(f"{len(tiles.tiles)} distinct tiles in {tiles.csv} ({tiles.n_rows} rows, {tiles.n_copies} "
+                  f"byte-identical copies counted once, {tiles.n_conflicting} rows with conflicting labels left out)",
+                  soft_wrap=True, markup=False)
+    (cols, rows), (tw, th), (w, h) = result.grid, result.tile_size, result.slide_size
+    console.print(f"wrote {result.n_slides} mosaic slides ({cols}x{rows} tiles of {tw}x{th} px, {w}x{h} px at "
+                  f"{tile_mpp:g} mpp; {result.n_positive} positive), {result.labels} and {result.placements}",
+                  soft_wrap=True, markup=False)
 
 
 @app.command()
 def preview(
-    slide: Annotated[Path, typer.Argument(help="A slide file (SVS, NDPI, MRXS, TIFF...).")],
+    slide: Annotated[Path, typer.Argument(help="A slide file (SVS, NDPI, MRXS, TIFF...) or a PNG/JPEG image.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("preview.png"),
     preset: Annotated[str, typer.Option(help="Preset: mran, resnet50-trunc, vit-s16, uni, tiny.")] = "mran",
     mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) where the metadata lacks it.")] = None,
@@ -130,7 +155,8 @@ def extract(
                                                      "model's folder.")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="The preset's hub model: local cache first, a download "
                                                          "only without HF_HUB_OFFLINE.")] = None,
-    mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) for slides without it.")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px): for PNG/JPEG/plain TIFF images "
+                                                   "and slides without it; overrides the metadata.")] = None,
     mpp_csv: Annotated[str | None, typer.Option(help="CSV slide,mpp: per-slide scan resolutions (win over --mpp).")
                        ] = None,
     target_mpp: Annotated[float | None, typer.Option(help="Override the preset's target resolution.")] = None,
@@ -335,6 +361,8 @@ def check(
 def fit(
     store: Annotated[str | None, typer.Option(help="Feature store to train on.")] = None,
     labels: Annotated[str | None, typer.Option(help="labels.csv: slide_id,label[,patient_id][,fold].")] = None,
+    id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (default slide_id).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Labels column of labels (default label).")] = None,
     model: Annotated[str | None, typer.Option(help="Head: mran, abmil, gated-abmil, clam-sb, transmil...")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder to write.")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation folds.")] = None,
@@ -362,7 +390,8 @@ def fit(
     from mrantool.training.api import fit as run_fit
 
     def load() -> FitConfig:
-        cfg = FitConfig.load(config, "fit", store=store, labels=labels, model=model, out=out, folds=folds,
+        cfg = FitConfig.load(config, "fit", store=store, labels=labels, id_column=id_column,
+                             label_column=label_column, model=model, out=out, folds=folds,
                              repeats=repeats, epochs=epochs, lr=lr, seed=seed, cache_gb=cache_gb, device=device,
                              threads=threads)
         if option:
@@ -448,6 +477,10 @@ def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep TOML: [base] fit config, [grid] and/or [[variant]] tables.")],
     out: Annotated[Path, typer.Option(help="Sweep folder (runs/, results.csv, summary.md, metric.png).")],
     workers: Annotated[int, typer.Option(help="Parallel worker processes (each loads the features once).")] = 1,
+    id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (overrides the spec's base).")
+                         ] = None,
+    label_column: Annotated[str | None, typer.Option(help="Labels column of labels (overrides the spec's base).")
+                            ] = None,
 ) -> None:
     """Run an ablation sweep in parallel, resumably; rank the variants with paired tests against a baseline.
 
@@ -465,7 +498,8 @@ def sweep(
             console.print(f"[{info['index']}/{info['n_todo']}] {info['name']} {info['status']} "
                           f"({info['seconds']:.0f}s){error}", markup=False, soft_wrap=True)
 
-    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress))
+    columns = {k: v for k, v in (("id_column", id_column), ("label_column", label_column)) if v is not None}
+    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress, base=columns))
     rows = result.table()
     if rows:
         table = results_table(f"sweep ranked by {result.metric}", list(rows[0]), [list(r.values()) for r in rows])

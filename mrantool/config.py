@@ -119,6 +119,8 @@ class FitConfig(StageConfig):
     store: str
     labels: str
     out: str
+    id_column: str = "slide_id"  # the labels file's column of slide ids (e.g. "image")
+    label_column: str = "label"  # its column of labels (e.g. "mil_label_has_epithelial")
     model: str = "mran"
     options: dict[str, Any] = {}  # head options, e.g. {"cells": false, "attention": "gated", "t": 0.1}
     folds: int = 5

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mrantool.cli import app
-from mrantool.slides.synthetic import write_pyramid_tiff
+from mrantool.slides.writer import write_pyramid_tiff
 from mrantool.store import FeatureStore
 from tests.conftest import tissue_image
 

@@ -23,7 +23,7 @@ TINY = {"preset": "tiny", "workers": 0, "batch_size": 32, "device": "cpu"}
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """Four 2048 px generated slides (two per class) extracted with the tiny preset: store, labels, slides."""
-    from mrantool.slides.synthetic import make_cohort
+    from mrantool.cohorts.synthetic import make_cohort
 
     folder = tmp_path_factory.mktemp("ft")
     labels = make_cohort(folder / "slides", n_slides=4, seed=0, size=(2048, 2048), workers=1, n_foci=2)

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from mrantool.errors import ConfigError
 from mrantool.slide_ids import FIX, slide_id_problem
+from mrantool.slides.plain import IMAGE_SUFFIXES
 from mrantool.slides.reader import slide_id_from_path
 
+#: Files a folder is listed for: whole-slide formats and plain images (PNG, JPEG, BMP: these need --mpp).
 SLIDE_SUFFIXES = {
-    ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
+    ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm", *IMAGE_SUFFIXES,
 }
 
 

@@ -164,6 +164,7 @@ class Extractor:
                     "mpp": self.geometry.mpp,
                     "slide_mpp": slide.mpp,
                     "slide_mpp_source": "mpp table" if item.mpp else "--mpp" if given else "metadata",
+                    "reader": slide.backend,
                     "level0_size": list(slide.dimensions),
                     "bag_size_l0": sp.plan.bag_size_l0,
                     "read_level": sp.read_level,

@@ -2,14 +2,14 @@
 
 Each run is a normal fit run folder, SWEEP/runs/<hash>/, where the hash identifies its resolved settings
 (spec.run_hash). A run is finished when its metrics.json exists and its inputs.json matches the current inputs:
-the store's content (identity, and each slide's file fingerprint and commit time), the labels file's bytes and the
-mrantool version. Re-running the same sweep skips those and redoes the others from scratch, so a re-extracted
-store or an edited labels.csv never reuses stale runs. A run that raises is recorded (runs/<hash>/error.txt and
-the results) and the others go on.
+the store's content (identity, and each slide's file fingerprint and commit time), the labels file's bytes, the id
+and label columns read from it, and the mrantool version. Re-running the same sweep skips those and redoes the
+others from scratch, so a re-extracted store or an edited labels.csv never reuses stale runs. A run that raises is
+recorded (runs/<hash>/error.txt and the results) and the others go on.
 
 Workers are started with forkserver (spawn where that does not exist), never by forking a process that
 already runs torch threads. Each worker opens each store once and keeps one `StoreData` (an LRU feature
-cache of `cache_gb`) per (store, labels, cells, patch_min_tissue) across its runs, and uses
+cache of `cache_gb`) per (store, labels, columns, cells, patch_min_tissue) across its runs, and uses
 max(1, cores // workers) torch threads. With one worker the runs go in this process, without a start-up cost.
 """
 
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from mrantool import __version__
+from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.models.registry import create_head
 from mrantool.store import FeatureStore
@@ -86,11 +87,12 @@ def cpu_cores() -> int:
 
 
 def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int = 1,
-              progress: Progress | None = None) -> SweepResult:
+              progress: Progress | None = None, base: dict[str, Any] | None = None) -> SweepResult:
     """Run every unfinished run of `spec` into `out_dir`/runs/<hash>/ and write results.csv, summary.md and
-    metric.png. Problems in the spec, stores or labels raise one ConfigError before anything runs."""
+    metric.png. `base` overrides keys of a spec file's [base] table (the CLI's --id-column / --label-column).
+    Problems in the spec, stores or labels raise one ConfigError before anything runs."""
     started = time.perf_counter()
-    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
+    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec, base)
     if workers < 1:
         raise ConfigError(f"workers {workers} is not a number of processes; use --workers 1 or more.")
     runs = spec.runs()
@@ -128,19 +130,19 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
     return result
 
 
-def preflight(runs: list[RunSpec], source: str) -> dict[tuple[str, str], str]:
+def preflight(runs: list[RunSpec], source: str) -> dict[tuple[str, ...], str]:
     """Open each store and labels file once and check every run against them (cells, folds, defective slides),
     so that data problems surface before any run starts; one ConfigError lists them all. Returns the inputs key
-    (`inputs_key`) of each (store, labels) pair."""
+    (`inputs_key`) of each `labels_key` (store, labels file, id and label columns)."""
     problems: dict[str, list[str]] = {}
-    keys: dict[tuple[str, str], str] = {}
-    opened: dict[tuple[str, str], tuple[FeatureStore, Labels] | MrantoolError] = {}
+    keys: dict[tuple[str, ...], str] = {}
+    opened: dict[tuple[str, ...], tuple[FeatureStore, Labels] | MrantoolError] = {}
     for run in runs:
         cfg = run.fit_config("")
-        key = (cfg.store, cfg.labels)
+        key = labels_key(cfg)
         try:
             if key not in opened:
-                opened[key] = _open(cfg.store, cfg.labels)
+                opened[key] = _open(cfg)
             entry = opened[key]
             if isinstance(entry, MrantoolError):
                 raise entry
@@ -151,7 +153,7 @@ def preflight(runs: list[RunSpec], source: str) -> dict[tuple[str, str], str]:
             make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
             if key not in keys:
                 store.require_whole(labels.slide_ids, "the sweep")
-                keys[key] = inputs_key(store, cfg.labels)
+                keys[key] = inputs_key(store, cfg)
         except MrantoolError as exc:
             problems.setdefault(str(exc).rstrip(". "), []).append(repr(run.name))
     if problems:
@@ -162,16 +164,17 @@ def preflight(runs: list[RunSpec], source: str) -> dict[tuple[str, str], str]:
     return keys
 
 
-def inputs_key(store: FeatureStore, labels_path: str) -> str:
-    """What a run's results depend on besides its settings: store content, labels bytes, mrantool version."""
-    text = json.dumps({"store": store.content_hash(), "labels": hashlib.sha256(Path(labels_path).read_bytes())
-                       .hexdigest(), "mrantool": __version__}, sort_keys=True)
+def inputs_key(store: FeatureStore, cfg: FitConfig) -> str:
+    """What a run's results depend on besides its settings: store content, labels bytes and the columns read from
+    them, mrantool version."""
+    text = json.dumps({"store": store.content_hash(), "labels": hashlib.sha256(Path(cfg.labels).read_bytes())
+                       .hexdigest(), "id_column": cfg.id_column, "label_column": cfg.label_column,
+                       "mrantool": __version__}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _data_key(run: RunSpec) -> tuple[str, str]:
-    cfg = run.fit_config("")
-    return cfg.store, cfg.labels
+def _data_key(run: RunSpec) -> tuple[str, ...]:
+    return labels_key(run.fit_config(""))
 
 
 def _finished(folder: Path, key: str) -> bool:
@@ -185,11 +188,20 @@ def _finished(folder: Path, key: str) -> bool:
         return False
 
 
-def _open(store_path: str, labels_path: str) -> tuple[FeatureStore, Labels] | MrantoolError:
-    """The store and its labels, or the error that opening them raised."""
+def labels_key(cfg: FitConfig) -> tuple[str, str, str, str]:
+    """What identifies a run's labels: the store, the labels file and the columns read from it."""
+    return cfg.store, cfg.labels, cfg.id_column, cfg.label_column
+
+
+def read_run_labels(cfg: FitConfig, store: FeatureStore) -> Labels:
+    return read_labels(cfg.labels, store.slide_ids(), id_column=cfg.id_column, label_column=cfg.label_column)
+
+
+def _open(cfg: FitConfig) -> tuple[FeatureStore, Labels] | MrantoolError:
+    """The store and the run's labels, or the error that opening them raised."""
     try:
-        store = FeatureStore.open(store_path)
-        return store, read_labels(labels_path, store.slide_ids())
+        store = FeatureStore.open(cfg.store)
+        return store, read_run_labels(cfg, store)
     except MrantoolError as exc:
         return exc
 
@@ -239,8 +251,8 @@ class Worker:
 
     def __init__(self) -> None:
         self.stores: dict[str, FeatureStore] = {}
-        self.labels: dict[tuple[str, str], Labels] = {}
-        self.data: dict[tuple[str, str, bool, float], StoreData] = {}
+        self.labels: dict[tuple[str, ...], Labels] = {}
+        self.data: dict[tuple[object, ...], StoreData] = {}
 
     def run(self, task: Task) -> RunResult:
         """One fit into a fresh run folder; exceptions become an error result and error.txt."""
@@ -252,12 +264,12 @@ class Worker:
             if cfg.store not in self.stores:
                 self.stores[cfg.store] = FeatureStore.open(cfg.store)
             store = self.stores[cfg.store]
-            key = (cfg.store, cfg.labels)
+            key = labels_key(cfg)
             if key not in self.labels:
-                self.labels[key] = read_labels(cfg.labels, store.slide_ids())
+                self.labels[key] = read_run_labels(cfg, store)
             labels = self.labels[key]
             cells = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options).needs_cells
-            data_key = (cfg.store, cfg.labels, cells, cfg.patch_min_tissue)
+            data_key = (*key, cells, cfg.patch_min_tissue)
             if data_key not in self.data:
                 self.data[data_key] = StoreData(store, labels.slide_ids, cells=cells,
                                                 patch_min_tissue=cfg.patch_min_tissue, cache_gb=cfg.cache_gb)

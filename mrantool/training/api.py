@@ -230,7 +230,7 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
     """Cross-validate `cfg.model` on the labelled slides of `cfg.store`; write the run to `cfg.out`."""
     check_config(cfg)
     store = FeatureStore.open(cfg.store)
-    labels = read_labels(cfg.labels, store.slide_ids())
+    labels = read_labels(cfg.labels, store.slide_ids(), id_column=cfg.id_column, label_column=cfg.label_column)
     store.require_whole(labels.slide_ids, "fit")
     leaked = [sid for sid in labels.slide_ids
               if read_provenance(store.layout.slide(sid)).get("labels_seen_by_encoder")]

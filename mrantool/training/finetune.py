@@ -298,15 +298,15 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
              progress: Progress | None = None, val_fraction: float = 0.2, max_bags: int = 64,
              weights: str | Path | None = None, eval_bags: int = 8, threads: int | None = None,
              model: str = "mran", options: dict[str, Any] | None = None, patch_min_tissue: float = 0.25,
-             cache_gb: float = 4.0) -> FinetuneReport:
+             cache_gb: float = 4.0, id_column: str = "slide_id", label_column: str = "label") -> FinetuneReport:
     """Fine-tune the store's encoder (last `layers` stages/blocks) and a MIL head per fold; write `out_dir`.
 
     `init_run`: a frozen-cache `fit` run whose folds (splits, and fold_<k> heads with their standardisation)
     are the starting point (its head, options and patch_min_tissue win over `model`, `options` and
     `patch_min_tissue`); without it, `folds` (an int, default 3) new splits and new `model` heads (MRAN by
     default) with `options`. With it, `folds` may name a subset (e.g. ["fold_0"]). `weights`: the local encoder
-    file when the store was extracted with one. Returns a `FinetuneReport`; see docs/finetune.md for the run
-    folder.
+    file when the store was extracted with one. `id_column` / `label_column` name the labels file's columns.
+    Returns a `FinetuneReport`; see docs/finetune.md for the run folder.
     """
     started = time.perf_counter()
     emit = progress or (lambda event, info: None)
@@ -319,7 +319,7 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
     if "preset" not in store.identity or "transforms" not in store.identity:
         raise ConfigError(f"Store {store_path} has no encoder to fine-tune (imported features); extract the "
                           "slides with `mrantool extract` first.")
-    labels = read_labels(labels_csv, store.slide_ids())
+    labels = read_labels(labels_csv, store.slide_ids(), id_column=id_column, label_column=label_column)
     run = read_run(init_run) if init_run is not None else None
     splits = _fold_splits(labels, run, init_run, folds, val_fraction, seed)
     model, options = (model, dict(options or {})) if run is None else (run["model"], run["head_options"])
@@ -327,7 +327,8 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
     settings = run["config"] if run else {"patch_min_tissue": patch_min_tissue}
     preset = transform_preset(store.identity)
     dev = resolve_device(device)
-    config = {"store": str(store_path), "labels": str(labels_csv), "init_run": None if init_run is None else
+    config = {"store": str(store_path), "labels": str(labels_csv), "id_column": id_column,
+              "label_column": label_column, "init_run": None if init_run is None else
               str(init_run), "layers": layers, "bags_per_slide": bags_per_slide, "epochs": epochs, "lr": lr,
               "encoder_lr": encoder_lr, "seed": seed, "explore": explore, "val_fraction": val_fraction,
               "max_bags": max_bags, "eval_bags": eval_bags, "device": str(dev), "model": model,
@@ -407,7 +408,7 @@ def finetune_from_fit(cfg: FitConfig, *, init_run: str | Path | None = None, lay
                     folds=None if init_run is not None else cfg.folds, seed=cfg.seed, device=cfg.device,
                     progress=progress, val_fraction=cfg.val_fraction, max_bags=cfg.max_bags, threads=cfg.threads,
                     model=cfg.model, options=cfg.options, patch_min_tissue=cfg.patch_min_tissue,
-                    cache_gb=cfg.cache_gb)
+                    cache_gb=cfg.cache_gb, id_column=cfg.id_column, label_column=cfg.label_column)
 
 
 # --- helpers of finetune ---
