@@ -159,3 +159,20 @@ def test_pcam_mosaic_from_the_real_tiles(tmp_path):
     assert {r["source"].split("/")[0] for r in placed if r["label"] == "1"} == {"1"}
     with open_slide(tmp_path / "mosaic-000.tiff") as slide:
         assert slide.dimensions == (192, 192) and slide.mpp == pytest.approx(0.97)
+
+
+def test_demo_data_refusals_name_the_option(tiles, tmp_path):
+    """A negative seed, a file where the cohort folder goes and --size (generated cohorts only) are one sentence
+    each, with nothing written."""
+    runner = CliRunner()
+    args = ["--from-tiles", str(tiles), "--tile-mpp", "0.5", "--slides", "2", "--tiles-per-slide", "4"]
+    negative = runner.invoke(app, ["demo-data", str(tmp_path / "a"), *args, "--seed", "-1"])
+    assert negative.exit_code == 1 and "--seed -1 (use 0 or more)" in negative.output
+    assert not (tmp_path / "a").exists()
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    taken = runner.invoke(app, ["demo-data", str(a_file), *args])
+    assert taken.exit_code == 1 and "is a file, but a folder is written there" in " ".join(taken.output.split())
+    sized = runner.invoke(app, ["demo-data", str(tmp_path / "b"), *args, "--size", "1024"])
+    assert sized.exit_code == 1 and "--size is for the generated cohort" in sized.output
+    assert not (tmp_path / "b").exists()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mrantool.cohorts.tiles import Tile, TileList, read_tile_list
 from mrantool.errors import ConfigError
+from mrantool.files import atomic_path, output_folder
 from mrantool.slides.writer import write_pyramid_tiff
 
 GLASS = (242, 240, 244)  # the colour of empty glass, as on the generated slides
@@ -85,12 +85,10 @@ def _read_tile(tile: Tile, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: list[Sequence[object]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def make_mosaic_cohort(
@@ -116,6 +114,7 @@ def make_mosaic_cohort(
         (not 1 <= positives <= tiles_per_slide, f"--positives {positives} (use 1 to --tiles-per-slide)"),
         (not tile_mpp > 0, f"--tile-mpp {tile_mpp} (the tiles' microns per pixel, e.g. 0.97 for PCam)"),
         (margin < 0, f"--margin {margin} (use 0 or more px)"),
+        (seed < 0, f"--seed {seed} (use 0 or more)"),
     ) if bad]
     if problems:
         raise ConfigError(f"Invalid mosaic settings: {'; '.join(problems)}; fix them and run again.")
@@ -126,8 +125,7 @@ def make_mosaic_cohort(
     cols = math.ceil(math.sqrt(tiles_per_slide))
     rows = math.ceil(tiles_per_slide / cols)
     size = (cols * tw + 2 * margin, rows * th + 2 * margin)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, "The cohort folder")
     placements, labels = [], []
     for index, (label, members) in enumerate(plan):
         slide_id = f"mosaic-{index:03d}"
