@@ -12,12 +12,9 @@ import os
 from typing import Any
 
 import numpy as np
-import zarr
-import zarr.storage
 
 from mrantool.errors import StoreError
-from mrantool.store.locks import owner_is_dead
-from mrantool.store.reader import FeatureStore, read_provenance
+from mrantool.store.reader import FeatureStore
 from mrantool.store.schema import (
     ARRAY_DTYPES,
     COORDS,
@@ -26,7 +23,6 @@ from mrantool.store.schema import (
     STORE_PROVENANCE_KEYS,
     identity_differences,
 )
-from mrantool.store.writer import leftovers
 
 SCAN_BYTES = 32 << 20
 
@@ -52,33 +48,29 @@ def store_warnings(path: str | os.PathLike[str]) -> list[str]:
     except StoreError:
         return []
     warnings = []
-    for leftover in leftovers(store.layout):
-        dead = owner_is_dead(leftover.name, leftover.stat().st_mtime, store.lock_max_age_s)
+    for name, dead in store.leftovers():
         state = ("left by a dead writer; opening the store for writing removes it" if dead
                  else "its writer is still running")
-        warnings.append(f"{leftover.relative_to(store.path)}: {state}.")
-    warnings.extend(f"lock on '{lock['slide_id']}' is stale (pid {lock['pid']} on {lock['host']}); it is broken "
-                    "automatically, or clear it with store.clear_stale_locks()." for lock in store.locks()
-                    if lock["stale"])
+        warnings.append(f"{name}: {state}.")
+    warnings.extend(f"lock on '{lock['slide_id']}' is stale (pid {lock['pid']} on {lock['host']}); the next "
+                    f"extract takes it over, or remove it with `mrantool check {store.path} --clear-stale-locks`."
+                    for lock in store.locks() if lock["stale"])
     warnings.extend(f"slide '{slide_id}' failed: {record.get('message')}"
                     for slide_id, record in store.failures().items())
     return warnings
 
 
 def _stray_entries(store: FeatureStore) -> list[str]:
-    slides = store.layout.slides
-    if not slides.is_dir():
-        return []
-    committed = set(store.slide_ids())
-    return [f"slides/{entry.name} is not a committed slide group; delete it." for entry in os.scandir(slides)
-            if entry.name != "zarr.json" and entry.name not in committed]
+    return [f"{name} is not a committed slide group; delete it." for name in store.backend.stray_entries()]
 
 
 def _check_slide(store: FeatureStore, slide_id: str) -> list[str]:
-    path = store.layout.slide(slide_id)
     try:
-        prov = read_provenance(path)
-        group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+        found = store.backend.slide_group(slide_id)
+        if found is None:
+            return ["its commit names data that is missing"]
+        group = found[0]
+        prov = dict(group.attrs)
     except (OSError, ValueError) as exc:
         return [f"unreadable group metadata ({exc})"]
     defects = []
