@@ -161,10 +161,13 @@ class SlideLock:
             return True
 
     def held(self) -> bool:
-        """Whether the lock file is still this lease (one read)."""
+        """Whether the lock file is still this lease and unexpired (one read; works in any process that was given
+        the lease's record, e.g. a Ray actor writing for the driver that holds the lock)."""
         version = self.files.read(self.slide_id)
-        return (not self.lost and version is not None
-                and describe(version).get("token") == self.token and time.time() < self.record["expires"])
+        if self.lost or version is None:
+            return False
+        info = describe(version)
+        return info.get("token") == self.token and time.time() < info.get("expires", 0)
 
     def release(self) -> None:
         with self._guard:

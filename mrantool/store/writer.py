@@ -30,7 +30,7 @@ from mrantool.store.schema import (
     jsonable,
     validate_slide_id,
 )
-from mrantool.store.urls import is_remote
+from mrantool.urls import is_remote
 
 
 def _now_iso() -> str:

@@ -12,7 +12,7 @@ import os
 from mrantool.store.backends.base import Backend
 from mrantool.store.backends.objects import ObjectBackend
 from mrantool.store.backends.posix import PosixBackend
-from mrantool.store.urls import is_remote, local_path
+from mrantool.urls import is_remote, local_path
 
 __all__ = ["Backend", "ObjectBackend", "PosixBackend", "open_backend"]
 

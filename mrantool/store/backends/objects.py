@@ -15,7 +15,7 @@ from mrantool.errors import StoreError
 from mrantool.store.backends.base import Backend, StillHeld, failure_from
 from mrantool.store.locks import Version, owner_tag
 from mrantool.store.schema import COMMITS_DIR, FAILURES_DIR, LOCKS_DIR, SLIDES_DIR, validate_slide_id
-from mrantool.store.urls import READ_ONLY_PROTOCOLS, filesystem, protocol
+from mrantool.urls import READ_ONLY_PROTOCOLS, filesystem, protocol
 
 ATTEMPT_GRACE_S = 60.0  # an object-store attempt younger than this may belong to a writer about to take its lock
 
