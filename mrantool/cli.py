@@ -127,12 +127,25 @@ def extract(
     shard: Annotated[str | None, typer.Option(help="i/n: this process does the i-th of n deterministic parts.")] = None,
     compile: Annotated[bool | None, typer.Option(help="torch.compile the encoder (faster after ~1 min).")] = None,
     encoder_from: Annotated[str | None, typer.Option(help="A `fit --finetune` run whose encoder to use.")] = None,
+    executor: Annotated[str | None, typer.Option(help="local, or ray (a Ray cluster; see --address).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto joins the running one; none starts one.")]
+    = None,
+    encoders: Annotated[int | None, typer.Option(help="Ray encoder actors (default: one per GPU).")] = None,
+    lock_ttl: Annotated[float | None, typer.Option(help="Seconds a dead extractor's locks last (default 600).")]
+    = None,
+    wait: Annotated[bool | None, typer.Option("--wait", help="Wait for slides other extractors hold.")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Local copies of slides on object storage.")] = None,
+    cache_gb: Annotated[float | None, typer.Option(help="Size bound of --cache-dir (default 50).")] = None,
     quiet: Annotated[bool | None, typer.Option("--quiet", help="Log lines instead of progress bars.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
 ) -> None:
     """Extract patch and cell embeddings of every slide into a Zarr store (resumable; safe to run twice at once).
 
+    Exit status: 0 when every slide is complete, 1 when some failed, 3 when some are still held by another
+    extractor (rerun, or pass --wait), 130 when interrupted (finished slides are kept; rerun to resume).
+
     Example: mrantool extract slides/ --store cohort.zarr --preset mran
+    Example: mrantool extract s3://lab/slides/ --store s3://lab/cohort.zarr --executor ray --address auto
     """
     from mrantool.cli_render import extract_progress, results_table
     from mrantool.config import ExtractConfig
@@ -142,6 +155,8 @@ def extract(
         config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
         pretrained=pretrained, mpp=mpp, mpp_csv=mpp_csv, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
         batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from, quiet=quiet,
+        executor=executor, address=address, encoders=encoders, lock_ttl=lock_ttl, wait=wait, cache_dir=cache_dir,
+        cache_gb=cache_gb,
     ))
     with extract_progress(console, cfg.quiet) as progress:
         report = run_api(lambda: run_extract(cfg, progress=progress))
@@ -153,8 +168,17 @@ def extract(
         f"{len(report.failed)} failed; {report.n_patches} patches in {report.seconds:.1f}s ({rate:.1f} patches/s)",
         soft_wrap=True,
     )
+    if report.interrupted:
+        err_console.print(f"interrupted: the {report.count('done')} slide(s) finished are kept, the others left no "
+                          f"staging or locks; run the same command again to resume.", soft_wrap=True, markup=False)
+        raise typer.Exit(130)
     if report.failed:
         raise typer.Exit(1)
+    if report.busy:
+        err_console.print(f"{len(report.busy)} slide(s) are held by another extractor and not complete yet; run "
+                          "the same command again later, or add --wait to wait for them.", soft_wrap=True,
+                          markup=False)
+        raise typer.Exit(3)
 
 
 @app.command("import")
@@ -249,7 +273,7 @@ def export_qupath(
 
 @app.command()
 def info(
-    store: Annotated[Path, typer.Argument(help="A feature store.")],
+    store: Annotated[str, typer.Argument(help="A feature store (path or s3://, gs://, az:// URL).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Per-slide summary of a store: status, bags, patches, dims, cell grid, mpp, encoder.
@@ -279,21 +303,24 @@ def info(
 
 @app.command()
 def check(
-    store: Annotated[Path, typer.Argument(help="A feature store.")],
-    clear_stale_locks: Annotated[bool, typer.Option(help="Remove locks whose owner process is gone.")] = False,
+    store: Annotated[str, typer.Argument(help="A feature store (path or s3://, gs://, az:// URL).")],
+    clear_stale_locks: Annotated[bool, typer.Option(help="Remove locks whose owner is gone or lease expired.")]
+    = False,
+    lock_ttl: Annotated[float, typer.Option(help="Seconds after which a lock without expiry counts as stale.")]
+    = 600.0,
 ) -> None:
     """Integrity check: arrays, shapes, NaN/inf, provenance. Exits non-zero on any defect.
 
-    Example: mrantool check cohort.zarr
+    Example: mrantool check cohort.zarr --clear-stale-locks
     """
     from mrantool.store.check import check_store, store_warnings
     from mrantool.store.reader import FeatureStore
 
     if clear_stale_locks:
-        cleared = run_api(lambda: FeatureStore.open(store, writable=True).clear_stale_locks())
+        cleared = run_api(lambda: FeatureStore.open(store, writable=True, lock_ttl_s=lock_ttl).clear_stale_locks())
         console.print(f"cleared {len(cleared)} stale lock(s)")
     defects = run_api(lambda: check_store(store))
-    for warning in store_warnings(store):
+    for warning in store_warnings(store, lock_ttl_s=lock_ttl):
         console.print(f"warning: {warning}", soft_wrap=True, highlight=False)
     for defect in defects:
         err_console.print(f"defect: {defect}", soft_wrap=True, highlight=False)
@@ -373,7 +400,7 @@ def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, epoc
 @app.command()
 def predict(
     run: Annotated[Path, typer.Option(help="A finished fit run folder.")],
-    store: Annotated[Path, typer.Option(help="Store with the slides to predict (same encoder and geometry).")],
+    store: Annotated[str, typer.Option(help="Store with the slides to predict (same encoder and geometry).")],
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
 ) -> None:
@@ -394,7 +421,7 @@ def predict(
 @app.command()
 def heatmap(
     run: Annotated[Path, typer.Option(help="A fit run folder (holds attention/<slide>.npz).")],
-    store: Annotated[Path, typer.Option(help="The store the run was trained on.")],
+    store: Annotated[str, typer.Option(help="The store the run was trained on (path or URL).")],
     slide: Annotated[str, typer.Option(help="Slide id.")],
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("heatmap.png"),
     level: Annotated[str, typer.Option(help="bag, patch or cell (cell composes patch and cell weights).")] = "patch",
@@ -458,7 +485,7 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(
-    store: Annotated[Path, typer.Option(help="Feature store to index.")],
+    store: Annotated[str, typer.Option(help="Feature store to index (path or URL).")],
     out: Annotated[Path, typer.Option(help="Index folder to write.")],
     level: Annotated[str, typer.Option(help="patch or cell embeddings.")] = "patch",
     kind: Annotated[str, typer.Option(help="flat (exact), hnsw, or ivfpq (with exact re-ranking).")] = "hnsw",
@@ -481,7 +508,7 @@ def index_build(
 @index_app.command("add")
 def index_add(
     index: Annotated[Path, typer.Option(help="An index folder.")],
-    store: Annotated[Path, typer.Option(help="The store, with newly extracted slides.")],
+    store: Annotated[str, typer.Option(help="The store, with newly extracted slides (path or URL).")],
 ) -> None:
     """Append slides extracted since the index was built, without rebuilding it.
 
@@ -496,7 +523,7 @@ def index_add(
 @app.command()
 def query(
     index: Annotated[Path, typer.Option(help="An index folder from `mrantool index build`.")],
-    store: Annotated[Path, typer.Option(help="The store the index was built from.")],
+    store: Annotated[str, typer.Option(help="The store the index was built from (path or URL).")],
     slide: Annotated[str | None, typer.Option(help="With --run: query with the slide's most attended patches.")] = None,
     run: Annotated[Path | None, typer.Option(help="A fit run folder (attention, labels).")] = None,
     top_attended: Annotated[int, typer.Option(help="How many of the slide's most attended patches.")] = 3,

@@ -28,7 +28,7 @@ def extract_progress(console: Console, quiet: bool):
     with Progress(*columns, console=console, transient=False) as bar:
         slides = bar.add_task("slides", total=None, rate="")
         bags = bar.add_task("bags", total=0, rate="")
-        state = {"patches": 0, "t0": None}
+        state: dict[str, Any] = {"patches": 0, "t0": None, "nodes": {}}
 
         def update(event: str, info: dict[str, Any]) -> None:
             if event == "run_start":
@@ -38,8 +38,12 @@ def extract_progress(console: Console, quiet: bool):
             elif event == "bags":
                 state["t0"] = state["t0"] or time.perf_counter()
                 state["patches"] += info["patches"]
-                rate = state["patches"] / max(time.perf_counter() - state["t0"], 1e-6)
-                bar.update(bags, advance=info["n"], rate=f"{rate:.0f} patches/s")
+                nodes = state["nodes"]
+                nodes[info.get("node", "")] = nodes.get(info.get("node", ""), 0) + info["patches"]
+                elapsed = max(time.perf_counter() - state["t0"], 1e-6)
+                per_node = ", ".join(f"{name} {count / elapsed:.0f}" for name, count in sorted(nodes.items()))
+                text = f"{state['patches'] / elapsed:.0f} patches/s" + (f" ({per_node})" if len(nodes) > 1 else "")
+                bar.update(bags, advance=info["n"], rate=text)
             elif event == "slide_end":
                 bar.update(slides, advance=1)
 

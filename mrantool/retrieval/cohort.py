@@ -11,6 +11,7 @@ import numpy as np
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.retrieval.index import EmbeddingIndex, check_compatible
 from mrantool.store import FeatureStore
+from mrantool.urls import is_remote
 
 LEVELS = ("patch", "cell")
 CENTRE_FILE = "centre.npy"  # the cohort's mean embedding, subtracted from indexed and query vectors
@@ -68,7 +69,8 @@ def build_index(store_path: str | Path, out_dir: str | Path, *, level: str = "pa
     if not slide_ids:
         raise MrantoolError(f"Store {store_path} has no complete slide to index; run `mrantool extract` first.")
     x, columns = _gather(store, slide_ids, level, min_tissue, progress or (lambda e, i: None))
-    provenance = {"encoder": store.identity, "store": str(Path(store_path).resolve()), "level": level,
+    where = str(store_path) if is_remote(store_path) else str(Path(store_path).resolve())
+    provenance = {"encoder": store.identity, "store": where, "level": level,
                   "min_tissue": min_tissue, "centred": centre}
     mean = x.mean(axis=0) if centre else None
     index = EmbeddingIndex.build(x - mean if centre else x, columns, kind=kind, provenance=provenance,

@@ -14,7 +14,9 @@ from mrantool.errors import ConfigError, MrantoolError
 from mrantool.retrieval.cohort import load_centre
 from mrantool.retrieval.index import EmbeddingIndex, check_compatible
 from mrantool.retrieval.query import search_rows
+from mrantool.slides.cache import SlideCache
 from mrantool.store import FeatureStore
+from mrantool.urls import is_remote
 from mrantool.viz.gallery import patch_gallery, read_patches
 
 
@@ -152,7 +154,7 @@ def _draw_gallery(store: FeatureStore, query: Query, rows: list[dict[str, Any]],
 
 def _read(store: FeatureStore, slide_id: str, coords: list[tuple[int, int]], size: int, mpp: float) -> list:
     prov = store.slide(slide_id).provenance
-    source = Path(prov["source"])
+    source = SlideCache().fetch(prov["source"]) if is_remote(prov["source"]) else Path(prov["source"])
     if not source.is_file():
         return [np.full((size, size, 3), 230, np.uint8)]  # slide moved: a grey tile, the table still has the hit
     return read_patches(source, coords, size, mpp, slide_mpp=prov.get("slide_mpp"))

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from mrantool.errors import StoreError
+from mrantool.store.locks import DEFAULT_TTL_S
 from mrantool.store.reader import FeatureStore
 from mrantool.store.schema import (
     ARRAY_DTYPES,
@@ -41,10 +42,10 @@ def check_store(path: str | os.PathLike[str]) -> list[str]:
     return defects
 
 
-def store_warnings(path: str | os.PathLike[str]) -> list[str]:
+def store_warnings(path: str | os.PathLike[str], lock_ttl_s: float = DEFAULT_TTL_S) -> list[str]:
     """Things worth knowing that do not make the store unhealthy: leftovers, stale locks, failed slides."""
     try:
-        store = FeatureStore.open(path)
+        store = FeatureStore.open(path, lock_ttl_s=lock_ttl_s)
     except StoreError:
         return []
     warnings = []
