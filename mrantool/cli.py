@@ -448,25 +448,43 @@ def heatmap(
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep TOML: [base] fit config, [grid] and/or [[variant]] tables.")],
     out: Annotated[Path, typer.Option(help="Sweep folder (runs/, results.csv, summary.md, metric.png).")],
-    workers: Annotated[int, typer.Option(help="Parallel worker processes (each loads the features once).")] = 1,
+    workers: Annotated[int | None, typer.Option(help="Parallel workers (each loads the features once).")] = None,
+    executor: Annotated[str, typer.Option(help="local (worker processes), or ray (Ray tasks on a cluster).")]
+    = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto joins the running one.")] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="Ray: CPUs each run declares (and its torch threads).")] = 1.0,
+    gpus_per_run: Annotated[float, typer.Option(help="Ray: GPU fraction each run declares (e.g. 0.25).")] = 0.0,
 ) -> None:
     """Run an ablation sweep in parallel, resumably; rank the variants with paired tests against a baseline.
 
     Example: mrantool sweep examples/sweep.toml --out sweeps/heads --workers 2
+    Example: mrantool sweep sweep.toml --out /shared/sweeps/heads --executor ray --address auto --gpus-per-run 0.25
     """
     from mrantool.cli_render import results_table
+    from mrantool.errors import ConfigError
+    from mrantool.sweep.ray_pool import RayResources
     from mrantool.sweep.runner import run_sweep
+
+    def resources() -> RayResources | None:
+        if executor not in ("local", "ray"):
+            raise ConfigError(f"--executor {executor!r} is not one of local, ray.")
+        if executor == "local":
+            if address is not None:
+                raise ConfigError("--address names a Ray cluster; pass it with --executor ray.")
+            return None
+        return RayResources(address, workers, cpus_per_run, gpus_per_run)
 
     def progress(event: str, info: dict) -> None:
         if event == "start":
-            console.print(f"{info['n_todo']} of {info['n_runs']} runs to do on {info['workers']} worker(s) "
-                          f"x {info['threads']} thread(s)")
+            where = "Ray" if info["executor"] == "ray" else f"{info['workers']} worker(s)"
+            console.print(f"{info['n_todo']} of {info['n_runs']} runs to do on {where} x {info['threads']} "
+                          "thread(s)")
         elif event == "run_end":
             error = f": {info['error']}" if info.get("error") else ""
             console.print(f"[{info['index']}/{info['n_todo']}] {info['name']} {info['status']} "
                           f"({info['seconds']:.0f}s){error}", markup=False, soft_wrap=True)
 
-    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress))
+    result = run_api(lambda: run_sweep(spec, out, workers=workers or 1, progress=progress, ray=resources()))
     rows = result.table()
     if rows:
         table = results_table(f"sweep ranked by {result.metric}", list(rows[0]), [list(r.values()) for r in rows])

@@ -33,8 +33,9 @@ def extract_progress(console: Console, quiet: bool):
         def update(event: str, info: dict[str, Any]) -> None:
             if event == "run_start":
                 bar.update(slides, total=info["n_slides"])
-            elif event == "slide_start":
-                bar.reset(bags, total=info["n_bags"], description=f"bags of {info['slide_id']}")
+            elif event == "slide_start":  # slides may overlap (several encoders): the bar counts all their bags
+                total = bar.tasks[bags].total or 0
+                bar.update(bags, total=total + info["n_bags"], description=f"bags (last started: {info['slide_id']})")
             elif event == "bags":
                 state["t0"] = state["t0"] or time.perf_counter()
                 state["patches"] += info["patches"]

@@ -1,0 +1,206 @@
+"""Beyond one machine, tested on this one: a local Ray cluster (2 CPUs) and a local S3 server (moto).
+
+No mocks of the parts under test: real Ray actors and tasks, real HTTP requests to an S3 implementation, real
+slides read through OpenSlide. Stores written by Ray or onto S3 must pass `check` and equal the arrays of a plain
+local run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mrantool.cli import app
+from mrantool.config import ExtractConfig
+from mrantool.extract.api import extract
+from mrantool.store import FeatureStore, check_store
+from tests.conftest import tissue_image
+from tests.test_sweep import BASE, write_store
+
+TINY = {"preset": "tiny", "workers": 0, "batch_size": 16, "device": "cpu"}
+CLI_TINY = ["--preset", "tiny", "--workers", "0", "--batch-size", "16", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    """Three generated slides (4 bags each with the tiny preset)."""
+    from mrantool.slides.synthetic import write_pyramid_tiff
+
+    folder = tmp_path_factory.mktemp("cohort")
+    for i in range(3):
+        write_pyramid_tiff(folder / f"slide-{i}.tif", tissue_image(2048, seed=i), mpp=0.5)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_store(cohort: Path, tmp_path_factory) -> Path:
+    """The reference: the cohort extracted by the local executor into a local store."""
+    store = tmp_path_factory.mktemp("ref") / "local.zarr"
+    report = extract(ExtractConfig(slides=[str(cohort)], store=str(store), **TINY))
+    assert [r.status for r in report.results] == ["done"] * 3
+    return store
+
+
+def bucket(name: str) -> str:
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    if not fs.exists(name):
+        fs.mkdir(name)
+    return name
+
+
+def assert_same_arrays(store: str | Path, reference: Path) -> None:
+    a, b = FeatureStore.open(store), FeatureStore.open(reference)
+    assert a.slide_ids() == b.slide_ids()
+    for slide_id in b.slide_ids():
+        x, y = a.slide(slide_id), b.slide(slide_id)
+        for name in ("coords", "patch_tissue", "patch_emb", "cell_emb"):
+            np.testing.assert_array_equal(getattr(x, name)[:], getattr(y, name)[:], err_msg=f"{slide_id} {name}")
+
+
+def test_ray_extract_survives_a_killed_actor_and_equals_local(cohort: Path, local_store: Path, ray_cluster: str,
+                                                              tmp_path: Path) -> None:
+    store = tmp_path / "ray.zarr"
+    killed: list[int] = []
+
+    def kill_an_encoder_mid_slide() -> None:  # kill -9 the actor process that is writing a slide
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for attempt in (store / "staging").glob("*.*.*.*") if (store / "staging").is_dir() else []:
+                pid = int(attempt.name.rsplit(".", 2)[1])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=kill_an_encoder_mid_slide, daemon=True).start()
+    report = extract(ExtractConfig(slides=[str(cohort)], store=str(store), executor="ray", address=ray_cluster,
+                                   **TINY))
+    assert killed, "no actor was killed: the test did not exercise the retry"
+    assert sorted((r.slide_id, r.status) for r in report.results) == [(f"slide-{i}", "done") for i in range(3)]
+    assert check_store(store) == [] and not any((store / "staging").iterdir())
+    assert_same_arrays(store, local_store)
+
+
+def test_store_and_slides_on_s3_through_the_cli(cohort: Path, local_store: Path, s3_server: str,
+                                                tmp_path: Path) -> None:
+    fs = fsspec.filesystem("s3")
+    bucket("lab")
+    for path in sorted(cohort.glob("*.tif")):
+        fs.put_file(str(path), f"lab/slides/{path.name}")
+    store = "s3://lab/cohort.zarr"
+    runner = CliRunner()
+    result = runner.invoke(app, ["extract", "s3://lab/slides/", "--store", store, *CLI_TINY])
+    assert result.exit_code == 0, result.output
+    assert [line.split(":")[1].split()[0] for line in result.output.splitlines() if line.startswith("slide-")] \
+        == ["done"] * 3
+    result = runner.invoke(app, ["check", store])
+    assert result.exit_code == 0 and "ok (3 complete slides)" in result.output, result.output
+    assert_same_arrays(store, local_store)
+    assert FeatureStore.open(store).provenance("slide-0")["source"] == "s3://lab/slides/slide-0.tif"
+    result = runner.invoke(app, ["extract", "s3://lab/slides/", "--store", store, *CLI_TINY])  # resume
+    assert result.exit_code == 0 and "0 done, 3 already complete" in result.output, result.output
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\nslide-0,a\nslide-1,b\nslide-2,a\n")
+    result = runner.invoke(app, ["index", "build", "--store", store, "--out", str(tmp_path / "index"),
+                                 "--kind", "flat"])
+    assert result.exit_code == 0 and "of 3 slides" in result.output, result.output
+
+
+def test_object_store_commit_marker_locks_and_leftovers(s3_server: str) -> None:
+    """No rename on S3: a slide is visible only once its commit marker exists; half-written attempts are invisible
+    and cleaned when the slide is locked again; lock objects use conditional writes."""
+    from tests.test_store import features, identity, provenance
+
+    bucket("proto")
+    store = FeatureStore.create("s3://proto/s.zarr", identity(), lock_ttl_s=30)
+    data = features(5)
+    with store.lock("a") as held:
+        writer = store.begin_slide("a", 5, provenance(), lock=held)
+        writer.write(0, data["coords"], data["patch_tissue"], data["patch_emb"], data["cell_emb"])
+        assert store.slide_ids() == [] and not store.is_complete("a")  # arrays written, no marker yet
+        assert check_store("s3://proto/s.zarr") == []
+        other = FeatureStore.open("s3://proto/s.zarr", writable=True)
+        assert other.try_lock("a") is None  # conditional create refused: the lock object exists
+        # the process dies here: no commit, lock left behind
+    assert [name for name, _ in store.leftovers()] == [writer.location.split("s.zarr/")[1]]
+    with store.lock("a") as held:  # taking the lock removes the dead attempt
+        assert store.leftovers() == []
+        writer = store.begin_slide("a", 5, provenance(), lock=held)
+        writer.write(0, data["coords"], data["patch_tissue"], data["patch_emb"], data["cell_emb"])
+        writer.commit()
+    assert store.slide_ids() == ["a"] and check_store("s3://proto/s.zarr") == []
+    np.testing.assert_array_equal(store.slide("a").patch_emb[:], data["patch_emb"].astype(np.float16))
+
+
+def test_leases_across_two_hosts(ray_cluster: str, s3_server: str) -> None:
+    """Two Ray worker processes with different host names share an S3 store: the heartbeat keeps a lease past its
+    TTL; once its host dies, the other host takes the slide over only after the lease expires."""
+    import ray
+
+    bucket("hosts")
+    from tests.test_store import identity
+
+    FeatureStore.create("s3://hosts/s.zarr", identity())
+
+    class Host:
+        def __init__(self, name: str) -> None:
+            os.environ["MRANTOOL_HOSTNAME"] = name
+            self.store = FeatureStore.open("s3://hosts/s.zarr", writable=True, lock_ttl_s=3)
+            self.held = None
+
+        def lock(self) -> bool:
+            self.held = self.store.try_lock("x")
+            return self.held is not None
+
+    ray.init(address=ray_cluster, log_to_driver=False)
+    try:
+        host = ray.remote(num_cpus=0)(Host)
+        a, b = host.remote("host-a"), host.remote("host-b")
+        assert ray.get(a.lock.remote())
+        time.sleep(4.5)  # longer than the TTL: only the heartbeat keeps A's lease alive
+        assert not ray.get(b.lock.remote())
+        ray.kill(a)  # host A dies without releasing
+        died = time.time()
+        assert not ray.get(b.lock.remote())  # B cannot see A's pid: it must wait for the lease to expire
+        while not ray.get(b.lock.remote()):
+            assert time.time() - died < 15, "the lease of a dead host never expired"
+            time.sleep(0.3)
+        assert time.time() - died >= 1.0
+    finally:
+        ray.shutdown()
+
+
+def test_ray_sweep_on_an_s3_store_equals_the_local_sweep(ray_cluster: str, s3_server: str, tmp_path: Path) -> None:
+    bucket("sweep")
+    store = "s3://sweep/features.zarr"
+    write_store(store)  # type: ignore[arg-type]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide_id,label\n" + "".join(f"s{i:02d},{'tumour' if i % 2 else 'normal'}\n"
+                                                   for i in range(12)))
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(BASE.format(store=store, labels=labels) + 'threads = 1\n[grid]\nmodel = ["mean", "abmil"]\n')
+    runner = CliRunner()
+    local = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    on_ray = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "ray"), "--executor", "ray",
+                                 "--address", ray_cluster, "--cpus-per-run", "1"])
+    assert on_ray.exit_code == 0 and "2 ran" in on_ray.output, on_ray.output
+    again = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "ray"), "--executor", "ray",
+                                "--address", ray_cluster])
+    assert again.exit_code == 0 and "0 ran, 2 already finished" in again.output, again.output
+
+    def rows(folder: str) -> list[dict]:
+        with (tmp_path / folder / "results.csv").open(newline="") as fh:
+            return sorted(csv.DictReader(fh), key=lambda r: (r["hash"], r["repeat"], r["fold"]))
+
+    assert rows("local") == rows("ray")
