@@ -193,10 +193,9 @@ class RayExecutor:
         self._active: dict[int, _Slide] = {}
         self._refs: dict[Any, tuple[str, int, int]] = {}  # ref -> (kind, slide index, attempt)
         try:
-            count, self._options = self._actor_options(ray)
+            self._count, self._options = self._actor_options(ray)
             device = "cuda" if self._options.get("num_gpus") else "cpu"
             self._spec = EncoderSpec(**{**self.spec.__dict__, "device": device})
-            self._actors = [self._new_actor(ray) for _ in range(count)]
             self._loop(ray, slides, ledger, report)
         except KeyboardInterrupt:
             report.interrupted = True
@@ -221,9 +220,9 @@ class RayExecutor:
         refs = self._refs
         planned: deque[tuple[Claim, Plan]] = deque()
         n_plans = 0
-        inflight = self.inflight or 4 * len(self._actors) + 2
+        inflight = self.inflight or 4 * self._count + 2
         while queue or n_plans or planned or self._active:
-            while queue and n_plans + len(planned) < len(self._actors) + 1:
+            while queue and n_plans + len(planned) < self._count + 1:
                 index, item = queue.popleft()
                 claim = ledger.claim(index, item)
                 if claim is not None:
@@ -232,6 +231,8 @@ class RayExecutor:
                                                  mpp_table=self.mpp_table)
                     refs[ref] = ("plan", index, 0)
                     n_plans += 1
+            if planned and not self._actors:  # started only once there is a slide to extract
+                self._actors = [self._new_actor(ray) for _ in range(self._count)]
             while planned and (actor := self._free_actor()) is not None:
                 claim, plan = planned.popleft()
                 self._start(claim, plan, actor)
