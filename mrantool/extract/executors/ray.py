@@ -288,7 +288,7 @@ class RayExecutor:
         try:
             planned.append((claim, ray.get(ref)))
         except MrantoolError as exc:
-            ledger.fail(claim, str(exc))
+            ledger.fail(claim, _cause(exc))
         except Exception as exc:  # an unexpected reader failure must not stop the run
             ledger.fail(claim, f"{claim.slide.path}: {type(exc).__name__}: {_cause(exc)}")
 
@@ -299,7 +299,7 @@ class RayExecutor:
             self._actor_died(ray, slide.actor, ledger)
             return
         except MrantoolError as exc:
-            self._fail(slide, ledger, str(exc))
+            self._fail(slide, ledger, _cause(exc))
             return
         except Exception as exc:
             self._fail(slide, ledger, f"{slide.claim.slide.path}: {type(exc).__name__}: {_cause(exc)}")
@@ -333,6 +333,6 @@ class RayExecutor:
 
 
 def _cause(exc: Exception) -> str:
-    """The original error message of a Ray task error (without Ray's traceback banner)."""
+    """The original error's message of a Ray task error, without Ray's traceback banner."""
     cause = getattr(exc, "cause", None)
     return str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
