@@ -145,6 +145,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         small = make_cohort(work / "small", args.small_slides, 2048)  # 2048 px: one tiny-preset bag per slide
         double = make_cohort(work / "double", 2 * args.small_slides, 2048)
         start = time.perf_counter()
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine cluster on 127.0.0.1
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only: no token file written to ~/.ray
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         ray_init_s = time.perf_counter() - start
         start = time.perf_counter()

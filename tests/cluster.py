@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 RAY_START_TIMEOUT_S = 180
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps every address on 127.0.0.1
 
 
 def _free_port() -> int:
@@ -61,10 +63,12 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
     port = _free_port()
     log = open(temp / "head.log", "w")  # noqa: SIM115 - closed at teardown
     ray = Path(sys.executable).parent / "ray"
+    os.environ[LOOPBACK_ONLY] = "0"  # Ray otherwise binds the machine's network address, not 127.0.0.1
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # a loopback-only test cluster needs no token (and no ~/.ray)
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([str(ray), "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
-                             "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+                             f"--port={port}", "--include-dashboard=false",
                              "--disable-usage-stats", f"--temp-dir={temp}"], stdout=log, stderr=subprocess.STDOUT,
                             env=env, start_new_session=True)
     deadline = time.time() + RAY_START_TIMEOUT_S
@@ -73,6 +77,10 @@ def ray_cluster(s3_server: str) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"ray start --head failed: {(temp / 'head.log').read_text()[-2000:]}")
         time.sleep(0.5)
+    head = re.sub(r"\x1b\[[0-9;]*m", "", (temp / "head.log").read_text())
+    if "Local node IP: 127.0.0.1" not in head:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"Ray did not bind 127.0.0.1 only: {head[-1000:]}")
     yield f"127.0.0.1:{port}"
     import ray as ray_module
 

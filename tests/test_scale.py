@@ -91,6 +91,17 @@ def test_ray_extract_survives_a_killed_actor_and_equals_local(cohort: Path, loca
     assert_same_arrays(store, local_store)
 
 
+def test_ray_reports_a_bad_slide_in_one_sentence_like_local(ray_cluster: str, tmp_path: Path) -> None:
+    """A slide error raised in a Ray task reached the report with Ray's traceback banner around it."""
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"not a slide at all")
+    local = extract(ExtractConfig(slides=[str(bad)], store=str(tmp_path / "l.zarr"), **TINY))
+    on_ray = extract(ExtractConfig(slides=[str(bad)], store=str(tmp_path / "r.zarr"), executor="ray",
+                                   address=ray_cluster, **TINY))
+    assert [(r.status, r.message) for r in on_ray.results] == [(r.status, r.message) for r in local.results]
+    assert on_ray.results[0].status == "failed" and "Traceback" not in on_ray.results[0].message
+
+
 def test_store_and_slides_on_s3_through_the_cli(cohort: Path, local_store: Path, s3_server: str,
                                                 tmp_path: Path) -> None:
     fs = fsspec.filesystem("s3")
