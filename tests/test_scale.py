@@ -215,3 +215,30 @@ def test_ray_sweep_on_an_s3_store_equals_the_local_sweep(ray_cluster: str, s3_se
             return sorted(csv.DictReader(fh), key=lambda r: (r["hash"], r["repeat"], r["fold"]))
 
     assert rows("local") == rows("ray")
+
+
+def test_slide_cache_checks_etag_evicts_lru_and_refuses_what_cannot_fit(s3_server: str, tmp_path: Path) -> None:
+    from mrantool.errors import SlideError
+    from mrantool.slides.cache import TEMP_PREFIX, SlideCache
+
+    fs = fsspec.filesystem("s3")
+    bucket("cache")
+    for name, fill in (("a.tif", b"a"), ("b.tif", b"b")):
+        fs.pipe_file(f"cache/{name}", fill * 600_000)
+    cache = SlideCache(tmp_path / "cache", max_gb=0.001)  # room for one 0.6 MB slide
+    a = cache.fetch("s3://cache/a.tif")
+    assert a.read_bytes()[:1] == b"a" and a.stat().st_size == 600_000
+    assert cache.fetch("s3://cache/a.tif") == a  # cached: same file, not copied again
+    cache.fetch("s3://cache/b.tif")
+    assert not a.exists() and len(cache.entries()) == 1  # least recently used evicted to stay under the budget
+    fs.pipe_file("cache/b.tif", b"c" * 600_000)  # the slide changed: new ETag
+    fs.invalidate_cache()
+    assert cache.fetch("s3://cache/b.tif").read_bytes()[:1] == b"c"
+    fs.pipe_file("cache/big.tif", b"x" * 1_500_000)
+    with pytest.raises(SlideError, match="raise --cache-gb"):
+        cache.fetch("s3://cache/big.tif")
+    stale = a.parent / f"{TEMP_PREFIX}dead"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"partial")
+    os.utime(stale, (0, 0))
+    assert cache.clean() == 1 and not stale.exists()

@@ -105,9 +105,7 @@ class SlideCache:
                                  "run extract again.")
             os.replace(temp, target)
             target.with_name(target.name + ".json").write_text(json.dumps(fingerprint))
-        except SlideError:
-            raise
-        except OSError:
+        except (SlideError, OSError):
             raise
         except Exception as exc:  # fsspec backends raise many types for network errors
             raise SlideError(f"Cannot copy {url} ({type(exc).__name__}: {exc}); check the URL and credentials.") \

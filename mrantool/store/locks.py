@@ -216,7 +216,7 @@ class Heartbeat:
             for lease in leases:
                 try:
                     lease.renew()
-                except OSError:  # a transient storage error: try again next beat, the lease has slack
+                except Exception:  # a transient storage error: the next beat retries, the lease has slack
                     continue
 
 

@@ -46,9 +46,10 @@ class ObjectLockFiles:
 
     def _etag(self, key: str) -> str | None:
         try:
-            return self.fs.info(key, refresh=True).get("ETag") or self.fs.info(key).get("etag")
+            info = self.fs.info(key, refresh=True)
         except FileNotFoundError:
             return None
+        return info.get("ETag") or info.get("etag")
 
     def create(self, slide_id: str, data: bytes) -> Any | None:
         key = self._key(slide_id)
