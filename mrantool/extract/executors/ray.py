@@ -13,6 +13,7 @@ lock stays with the driver all along, so no other extractor takes them and no sl
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -90,8 +91,8 @@ class EncoderActor:
         from mrantool.encoders.registry import create_encoder
         from mrantool.extract.executors.base import BatchEncoder
 
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
+        if spec.threads:  # Ray sets OMP_NUM_THREADS=1 in its workers; an encoder on CPUs needs its share
+            torch.set_num_threads(min(spec.threads, len(os.sched_getaffinity(0))))
         self.store = FeatureStore.open(store, writable=True, lock_ttl_s=lock_ttl_s)
         encoder = create_encoder(spec.preset, weights=spec.weights, pretrained=spec.pretrained, arch=spec.arch)
         self.encode = BatchEncoder(encoder, spec.preset, spec.device, spec.channels_last)
@@ -181,7 +182,7 @@ class RayExecutor:
         if count >= cpus:
             raise ConfigError(f"{count} encoder actors would take all {cpus} CPUs of the Ray cluster and leave none "
                               "for reading; pass --encoders with fewer.")
-        return count, {"num_cpus": 1}
+        return count, {"num_cpus": 1, "threads": self.spec.threads or max(1, cpus // count)}
 
     def run(self, slides: list[SlideInput]) -> ExtractReport:
         ray, started_here = connect(self.address)
@@ -195,7 +196,8 @@ class RayExecutor:
         try:
             self._count, self._options = self._actor_options(ray)
             device = "cuda" if self._options.get("num_gpus") else "cpu"
-            self._spec = EncoderSpec(**{**self.spec.__dict__, "device": device})
+            threads = self._options.pop("threads", self.spec.threads)
+            self._spec = EncoderSpec(**{**self.spec.__dict__, "device": device, "threads": threads})
             self._loop(ray, slides, ledger, report)
         except KeyboardInterrupt:
             report.interrupted = True
