@@ -242,3 +242,27 @@ def test_slide_cache_checks_etag_evicts_lru_and_refuses_what_cannot_fit(s3_serve
     stale.write_bytes(b"partial")
     os.utime(stale, (0, 0))
     assert cache.clean() == 1 and not stale.exists()
+
+
+def test_slides_over_http_are_read_through_the_cache(cohort: Path, tmp_path: Path) -> None:
+    import functools
+    import http.server
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(cohort)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/slide-0.tif"
+        report = extract(ExtractConfig(slides=[url], store=str(tmp_path / "s.zarr"), cache_dir=str(tmp_path / "c"),
+                                       **TINY))
+        assert [(r.slide_id, r.status) for r in report.results] == [("slide-0", "done")]
+        reference = extract(ExtractConfig(slides=[str(cohort / "slide-0.tif")], store=str(tmp_path / "l.zarr"),
+                                          **TINY))
+        assert reference.results[0].status == "done"
+        assert_same_arrays(tmp_path / "s.zarr", tmp_path / "l.zarr")
+        assert FeatureStore.open(tmp_path / "s.zarr").provenance("slide-0")["source"] == url
+    finally:
+        server.shutdown()
