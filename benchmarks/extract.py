@@ -8,7 +8,7 @@ Slides: `--slides` generated H&E-like pyramidal TIFFs (make_cohort, `--size` px 
 For each encoder preset (`mran`: ResNet-18 at 128 px; `resnet50-trunc`: CLAM's ResNet-50 cut after stage 3
 at 256 px) the first slides whose patches add up to at most `--max-patches` (at least one) are processed by:
 
-  (a) our pipeline: `Extractor` into a new feature store (patch + cell embeddings, float16), for each batch
+  (a) our pipeline: `LocalExecutor` into a new feature store (patch + cell embeddings, float16), for each batch
       size and DataLoader worker count, and with compile=True (the first run compiles, later rounds reuse it);
   (b) a naive CLAM-style loop: OpenSlide read_region per patch, PIL -> ToTensor/Normalize, plain fp32 model
       (NCHW, torch.no_grad), features + coords appended to a float32 HDF5 file per slide (opened per batch);
@@ -46,8 +46,9 @@ from torchvision import transforms
 from mrantool.cohorts.synthetic import make_cohort
 from mrantool.encoders.registry import PatchEncoder, create_encoder
 from mrantool.extract.dataset import cut_patches
+from mrantool.extract.executors.base import store_identity
+from mrantool.extract.executors.local import LocalExecutor
 from mrantool.extract.inputs import SlideInput, collect_slides
-from mrantool.extract.pipeline import Extractor, store_identity
 from mrantool.slides.reader import open_slide
 from mrantool.store.reader import FeatureStore
 from mrantool.store.schema import CELL_EMB
@@ -171,7 +172,7 @@ def run_pipeline(work: Workload, encoder: PatchEncoder, setting: Setting, store_
     with GpuSampler() as gpu:
         start = time.perf_counter()
         store = FeatureStore.create(store_dir, store_identity(preset, encoder))
-        extractor = Extractor(store, preset, encoder, device=str(device), batch_size=setting.batch_size,
+        extractor = LocalExecutor(store, preset, encoder, device=str(device), batch_size=setting.batch_size,
                               workers=setting.workers, min_tissue=MIN_TISSUE, compile=setting.compile,
                               progress=progress)
         report = extractor.run(work.slides)

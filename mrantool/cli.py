@@ -169,12 +169,25 @@ def extract(
     encoder_from: Annotated[str | None, typer.Option(help="A `fit --finetune` run whose encoder to use.")] = None,
     allow_label_overlap: Annotated[bool | None, typer.Option(
         "--allow-label-overlap", help="With --encoder-from: extract slides that trained that encoder anyway.")] = None,
+    executor: Annotated[str | None, typer.Option(help="local, or ray (a Ray cluster; see --address).")] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto joins the running one; none starts one.")]
+    = None,
+    encoders: Annotated[int | None, typer.Option(help="Ray encoder actors (default: one per GPU).")] = None,
+    lock_ttl: Annotated[float | None, typer.Option(help="Seconds a dead extractor's locks last (default 600).")]
+    = None,
+    wait: Annotated[bool | None, typer.Option("--wait", help="Wait for slides other extractors hold.")] = None,
+    cache_dir: Annotated[str | None, typer.Option(help="Local copies of slides on object storage.")] = None,
+    cache_gb: Annotated[float | None, typer.Option(help="Size bound of --cache-dir (default 50).")] = None,
     quiet: Annotated[bool | None, typer.Option("--quiet", help="Log lines instead of progress bars.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
 ) -> None:
     """Extract patch and cell embeddings of every slide into a Zarr store (resumable; safe to run twice at once).
 
+    Exit status: 0 when every slide is complete, 1 when some failed, 3 when some are still held by another
+    extractor (rerun, or pass --wait), 130 when interrupted (finished slides are kept; rerun to resume).
+
     Example: mrantool extract slides/ --store cohort.zarr --preset mran
+    Example: mrantool extract s3://lab/slides/ --store s3://lab/cohort.zarr --executor ray --address auto
     """
     from mrantool.cli_render import extract_progress, results_table
     from mrantool.config import ExtractConfig
@@ -184,7 +197,8 @@ def extract(
         config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
         pretrained=pretrained, mpp=mpp, mpp_csv=mpp_csv, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
         batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from,
-        allow_label_overlap=allow_label_overlap, quiet=quiet,
+        allow_label_overlap=allow_label_overlap, quiet=quiet, executor=executor, address=address, encoders=encoders,
+        lock_ttl=lock_ttl, wait=wait, cache_dir=cache_dir, cache_gb=cache_gb,
     ))
     with extract_progress(console, cfg.quiet) as progress:
         report = run_api(lambda: run_extract(cfg, progress=progress))
@@ -196,8 +210,17 @@ def extract(
         f"{len(report.failed)} failed; {report.n_patches} patches in {report.seconds:.1f}s ({rate:.1f} patches/s)",
         soft_wrap=True,
     )
+    if report.interrupted:
+        err_console.print(f"interrupted: the {report.count('done')} slide(s) finished are kept, the others left no "
+                          f"staging or locks; run the same command again to resume.", soft_wrap=True, markup=False)
+        raise typer.Exit(130)
     if report.failed:
         raise typer.Exit(1)
+    if report.busy:
+        err_console.print(f"{len(report.busy)} slide(s) are held by another extractor and not complete yet; run "
+                          "the same command again later, or add --wait to wait for them.", soft_wrap=True,
+                          markup=False)
+        raise typer.Exit(3)
 
 
 @app.command("import")
@@ -292,7 +315,7 @@ def export_qupath(
 
 @app.command()
 def info(
-    store: Annotated[Path, typer.Argument(help="A feature store.")],
+    store: Annotated[str, typer.Argument(help="A feature store (path or s3://, gs://, az:// URL).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Per-slide summary of a store: status, bags, patches, dims, cell grid, mpp, encoder.
@@ -322,12 +345,15 @@ def info(
 
 @app.command()
 def check(
-    store: Annotated[Path, typer.Argument(help="A feature store.")],
+    store: Annotated[str, typer.Argument(help="A feature store (path or s3://, gs://, az:// URL).")],
     deep: Annotated[bool, typer.Option("--deep", help="Also read and decode every chunk (slow on big stores).")]
     = False,
     repair: Annotated[bool, typer.Option("--repair", help="Take defective slides out so `extract` redoes them.")]
     = False,
-    clear_stale_locks: Annotated[bool, typer.Option(help="Remove locks whose owner process is gone.")] = False,
+    clear_stale_locks: Annotated[bool, typer.Option(help="Remove locks whose owner is gone or lease expired.")]
+    = False,
+    lock_ttl: Annotated[float, typer.Option(help="Seconds after which a lock without expiry counts as stale.")]
+    = 600.0,
 ) -> None:
     """Integrity check: metadata, arrays, chunk files (--deep: every value). Exits non-zero on any defect.
 
@@ -337,7 +363,7 @@ def check(
     from mrantool.store.reader import FeatureStore
 
     if clear_stale_locks:
-        cleared = run_api(lambda: FeatureStore.open(store, writable=True).clear_stale_locks())
+        cleared = run_api(lambda: FeatureStore.open(store, writable=True, lock_ttl_s=lock_ttl).clear_stale_locks())
         console.print(f"cleared {len(cleared)} stale lock(s)")
     if repair:
         repaired = run_api(lambda: repair_store(store, deep=deep))
@@ -345,7 +371,7 @@ def check(
             console.print(f"repaired: took '{slide_id}' out of the store ({'; '.join(found)}); re-run `mrantool "
                           "extract` on its slide file to redo it", soft_wrap=True)
     defects = run_api(lambda: check_store(store, deep=deep))
-    for warning in store_warnings(store):
+    for warning in store_warnings(store, lock_ttl_s=lock_ttl):
         console.print(f"warning: {warning}", soft_wrap=True)
     for defect in defects:
         err_console.print(f"defect: {defect}", soft_wrap=True)
@@ -428,7 +454,7 @@ def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, quie
 @app.command()
 def predict(
     run: Annotated[Path, typer.Option(help="A finished fit run folder.")],
-    store: Annotated[Path, typer.Option(help="Store with the slides to predict (same encoder and geometry).")],
+    store: Annotated[str, typer.Option(help="Store with the slides to predict (same encoder and geometry).")],
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
 ) -> None:
@@ -449,7 +475,7 @@ def predict(
 @app.command()
 def heatmap(
     run: Annotated[Path, typer.Option(help="A fit run folder (holds attention/<slide>.npz).")],
-    store: Annotated[Path, typer.Option(help="The store the run was trained on.")],
+    store: Annotated[str, typer.Option(help="The store the run was trained on (path or URL).")],
     slide: Annotated[str, typer.Option(help="Slide id.")],
     out: Annotated[Path, typer.Option(help="PNG to write.")] = Path("heatmap.png"),
     level: Annotated[str, typer.Option(help="bag, patch or cell (cell composes patch and cell weights).")] = "patch",
@@ -476,30 +502,50 @@ def heatmap(
 def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep TOML: [base] fit config, [grid] and/or [[variant]] tables.")],
     out: Annotated[Path, typer.Option(help="Sweep folder (runs/, results.csv, summary.md, metric.png).")],
-    workers: Annotated[int, typer.Option(help="Parallel worker processes (each loads the features once).")] = 1,
+    workers: Annotated[int | None, typer.Option(help="Parallel workers (each loads the features once; default 1).")]
+    = None,
     id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (overrides the spec's base).")
                          ] = None,
     label_column: Annotated[str | None, typer.Option(help="Labels column of labels (overrides the spec's base).")
                             ] = None,
+    executor: Annotated[str, typer.Option(help="local (worker processes), or ray (Ray tasks on a cluster).")]
+    = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster: auto joins the running one.")] = None,
+    cpus_per_run: Annotated[float, typer.Option(help="Ray: CPUs each run declares (and its torch threads).")] = 1.0,
+    gpus_per_run: Annotated[float, typer.Option(help="Ray: GPU fraction each run declares (e.g. 0.25).")] = 0.0,
 ) -> None:
     """Run an ablation sweep in parallel, resumably; rank the variants with paired tests against a baseline.
 
     Example: mrantool sweep examples/sweep.toml --out sweeps/heads --workers 2
+    Example: mrantool sweep sweep.toml --out /shared/sweeps/heads --executor ray --address auto --gpus-per-run 0.25
     """
     from mrantool.cli_render import results_table
+    from mrantool.errors import ConfigError
+    from mrantool.sweep.ray_pool import RayResources
     from mrantool.sweep.runner import run_sweep
+
+    def resources() -> RayResources | None:
+        if executor not in ("local", "ray"):
+            raise ConfigError(f"--executor {executor!r} is not one of local, ray.")
+        if executor == "local":
+            if address is not None:
+                raise ConfigError("--address names a Ray cluster; pass it with --executor ray.")
+            return None
+        return RayResources(address, workers, cpus_per_run, gpus_per_run)
 
     def progress(event: str, info: dict) -> None:
         if event == "start":
-            console.print(f"{info['n_todo']} of {info['n_runs']} runs to do on {info['workers']} worker(s) "
-                          f"x {info['threads']} thread(s)")
+            where = "Ray" if info["executor"] == "ray" else f"{info['workers']} worker(s)"
+            console.print(f"{info['n_todo']} of {info['n_runs']} runs to do on {where} x {info['threads']} "
+                          "thread(s)")
         elif event == "run_end":
             error = f": {info['error']}" if info.get("error") else ""
             console.print(f"[{info['index']}/{info['n_todo']}] {info['name']} {info['status']} "
                           f"({info['seconds']:.0f}s){error}", markup=False, soft_wrap=True)
 
     columns = {k: v for k, v in (("id_column", id_column), ("label_column", label_column)) if v is not None}
-    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress, base=columns))
+    result = run_api(lambda: run_sweep(spec, out, workers=1 if workers is None else workers, progress=progress,
+                                       base=columns, ray=resources()))
     rows = result.table()
     if rows:
         table = results_table(f"sweep ranked by {result.metric}", list(rows[0]), [list(r.values()) for r in rows])
@@ -518,7 +564,7 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def index_build(
-    store: Annotated[Path, typer.Option(help="Feature store to index.")],
+    store: Annotated[str, typer.Option(help="Feature store to index (path or URL).")],
     out: Annotated[Path, typer.Option(help="Index folder to write.")],
     level: Annotated[str, typer.Option(help="patch or cell embeddings.")] = "patch",
     kind: Annotated[str, typer.Option(help="flat (exact), hnsw, or ivfpq (with exact re-ranking).")] = "hnsw",
@@ -541,7 +587,7 @@ def index_build(
 @index_app.command("add")
 def index_add(
     index: Annotated[Path, typer.Option(help="An index folder.")],
-    store: Annotated[Path, typer.Option(help="The store, with newly extracted slides.")],
+    store: Annotated[str, typer.Option(help="The store, with newly extracted slides (path or URL).")],
 ) -> None:
     """Append slides extracted since the index was built, without rebuilding it.
 
@@ -556,8 +602,8 @@ def index_add(
 @app.command()
 def query(
     index: Annotated[Path, typer.Option(help="An index folder from `mrantool index build`.")],
-    store: Annotated[Path | None, typer.Option(help="The store the index was built from (default: the one "
-                                                    "index.json records).")] = None,
+    store: Annotated[str | None, typer.Option(help="The store the index was built from, path or URL (default: the "
+                                                   "one index.json records).")] = None,
     slide: Annotated[str | None, typer.Option(help="With --run: query with the slide's most attended patches.")] = None,
     run: Annotated[Path | None, typer.Option(help="A fit run folder (attention, labels).")] = None,
     top_attended: Annotated[int, typer.Option(help="How many of the slide's most attended patches.")] = 3,

@@ -29,18 +29,23 @@ def extract_progress(console: Console, quiet: bool):
     with Progress(*columns, console=console, transient=False) as bar:
         slides = bar.add_task("slides", total=None, rate="")
         bags = bar.add_task("bags", total=0, rate="")
-        state = {"patches": 0, "t0": None}
+        state: dict[str, Any] = {"patches": 0, "t0": None, "nodes": {}}
 
         def update(event: str, info: dict[str, Any]) -> None:
             if event == "run_start":
                 bar.update(slides, total=info["n_slides"])
-            elif event == "slide_start":
-                bar.reset(bags, total=info["n_bags"], description=f"bags of {info['slide_id']}")
+            elif event == "slide_start":  # slides may overlap (several encoders): the bar counts all their bags
+                total = bar.tasks[bags].total or 0
+                bar.update(bags, total=total + info["n_bags"], description=f"bags (last started: {info['slide_id']})")
             elif event == "bags":
                 state["t0"] = state["t0"] or time.perf_counter()
                 state["patches"] += info["patches"]
-                rate = state["patches"] / max(time.perf_counter() - state["t0"], 1e-6)
-                bar.update(bags, advance=info["n"], rate=f"{rate:.0f} patches/s")
+                nodes = state["nodes"]
+                nodes[info.get("node", "")] = nodes.get(info.get("node", ""), 0) + info["patches"]
+                elapsed = max(time.perf_counter() - state["t0"], 1e-6)
+                per_node = ", ".join(f"{name} {count / elapsed:.0f}" for name, count in sorted(nodes.items()))
+                text = f"{state['patches'] / elapsed:.0f} patches/s" + (f" ({per_node})" if len(nodes) > 1 else "")
+                bar.update(bags, advance=info["n"], rate=text)
             elif event == "slide_end":
                 bar.update(slides, advance=1)
 

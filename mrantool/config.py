@@ -111,6 +111,13 @@ class ExtractConfig(StageConfig):
     compile: bool = False  # torch.compile the encoder (compiles for ~1 min; measure: not reliably faster on CPU)
     shard: str | None = None
     quiet: bool = False
+    executor: str = "local"  # local | ray
+    address: str | None = None  # Ray cluster: "auto" joins the running one; None starts a local one
+    encoders: int | None = None  # Ray encoder actors (default: one per GPU, or one per 4 CPUs)
+    lock_ttl: float = 600.0  # seconds a lock lives without a heartbeat (a dead extractor's slides wait this long)
+    wait: bool = False  # wait for slides other extractors hold, instead of reporting them busy
+    cache_dir: str | None = None  # local copies of slides on object storage
+    cache_gb: float = 50.0
 
 
 class FitConfig(StageConfig):

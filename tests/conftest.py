@@ -63,3 +63,6 @@ def demo_like(tmp_path_factory):
     from tests.demo_like import build_demo_like
 
     return build_demo_like(tmp_path_factory.mktemp("demo_like"))
+
+
+from tests.cluster import ray_cluster, s3_server  # noqa: E402,F401 - session fixtures for the scale-out tests

@@ -158,11 +158,11 @@ def test_kill_9_mid_slide_then_resume_equals_uninterrupted(tmp_path):
 def test_two_concurrent_extractors_share_a_store(slides, tmp_path):
     store = tmp_path / "shared.zarr"
     args = ("extract", str(slides), "--store", str(store), "--preset", "tiny", "--workers", "0", "--device", "cpu",
-            "--quiet")
+            "--quiet", "--wait")  # without --wait, the one that finds a slide busy exits 3
     procs = [_cli(*args, cwd=tmp_path) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
-    done = sum(line.split(":")[1].split()[0] == "done" for out in outs for line in out.splitlines()
+    done = sum(line.split(":", 1)[1].split()[0] == "done" for out in outs for line in out.splitlines()
                if line.startswith("slide-"))
     assert done == 3  # every slide extracted exactly once across the two processes
     assert FeatureStore.open(store).slide_ids() == ["slide-0", "slide-1", "slide-2"]

@@ -75,3 +75,7 @@ def test_fit_and_sweep_read_dataset_columns_from_the_command_line(tmp_path):
                                 "--label-column", "has_tumour"])
     assert swept.exit_code == 0, swept.output
     assert "1 ran, 0 already finished, 0 failed" in swept.output
+    # resume is keyed by content and the columns read: the same columns reuse the run
+    again = runner.invoke(app, ["sweep", str(spec), "--out", str(tmp_path / "SW"), "--id-column", "image",
+                                "--label-column", "has_tumour"])
+    assert again.exit_code == 0 and "0 ran, 1 already finished" in again.output, again.output

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 
 from mrantool.errors import LockedError, StoreError
 from mrantool.store import FeatureStore, check_store, file_fingerprint, make_identity, store_warnings
-from mrantool.store.locks import break_lock, read_lock
+from mrantool.store.locks import describe, is_stale
 from mrantool.store.schema import SCHEMA_VERSION, hostname
 
 GRID, CELLS, DIM = 2, 2, 8
@@ -296,14 +297,45 @@ def test_stale_locks_are_broken(store: FeatureStore) -> None:
     assert store.clear_locks(force=True) == ["live"] and store.locks() == []
 
 
-def test_break_lock_leaves_a_lock_retaken_meanwhile(store: FeatureStore) -> None:
-    path = write_lock(store, "a", dead_pid(), hostname(), datetime.now(timezone.utc))
-    judged_stale = read_lock(path)
-    path.unlink()  # another breaker wins the race and takes a fresh lock
-    with store.lock("a"):
-        assert not break_lock(path, judged_stale)
-        assert read_lock(path)["pid"] == os.getpid()
+def test_a_stale_lock_retaken_meanwhile_is_never_dropped(store: FeatureStore) -> None:
+    """Issue 14 item 5: breaking by rename could drop a fresh lock taken in the rename window."""
+    write_lock(store, "a", dead_pid(), hostname(), datetime.now(timezone.utc))
+    files = store.backend.lock_files()
+    judged_stale = files.read("a")
+    assert is_stale(describe(judged_stale))
+    with store.lock("a") as fresh:  # another breaker wins the race and takes the lock over
+        assert files.replace("a", b"{}", judged_stale.tag) is None
+        assert not files.remove("a", judged_stale.tag)
+        assert fresh.held() and describe(files.read("a"))["token"] == fresh.token
         assert [p.name for p in store.layout.locks.iterdir()] == ["a.lock"]
+
+
+def test_lease_on_another_host_expires_after_its_ttl_not_24h(tmp_path: Path) -> None:
+    """Issue 14 item 5: a dead process's lock on another host was stale only after 24 h, whatever the user set."""
+    store = FeatureStore.create(tmp_path / "s.zarr", identity(), lock_ttl_s=30)
+    now = datetime.now(timezone.utc)
+    path = write_lock(store, "gone", 4242, "other-host", now - timedelta(seconds=60))
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "expires": (now - timedelta(seconds=1)).timestamp(), "ttl": 30}))
+    write_lock(store, "old-format", 4242, "other-host", now - timedelta(seconds=60))  # no expiry: age > TTL
+    write_lock(store, "renewed", 4242, "other-host", now - timedelta(hours=2))
+    record = json.loads(store.layout.lock("renewed").read_text())
+    store.layout.lock("renewed").write_text(json.dumps({**record, "expires": now.timestamp() + 20}))
+    assert {lock["slide_id"]: lock["stale"] for lock in store.locks()} == {
+        "gone": True, "old-format": True, "renewed": False}
+    with store.lock("gone"):
+        pass
+    with pytest.raises(LockedError, match="--clear-stale-locks"):
+        store.lock("renewed")
+
+
+def test_heartbeat_keeps_a_lease_alive_past_its_ttl(tmp_path: Path) -> None:
+    store = FeatureStore.create(tmp_path / "s.zarr", identity(), lock_ttl_s=0.6)
+    other = FeatureStore.open(tmp_path / "s.zarr", writable=True, lock_ttl_s=0.6)
+    with store.lock("a") as held:
+        time.sleep(1.5)
+        assert held.held() and other.try_lock("a") is None
+    assert other.try_lock("a") is not None
 
 
 def race_for_locks(path: str, ids: list[str], barrier: mp.Barrier, results: mp.Queue) -> None:

@@ -1,9 +1,11 @@
-"""The extract stage as one call: resolve slides, build the encoder, open the store, run."""
+"""The extract stage as one call: resolve slides, build the encoder, open the store, run an executor."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,13 +13,17 @@ from mrantool.config import ExtractConfig
 from mrantool.encoders.rebuild import encoder_weights_from_run, finetuned_extract_settings
 from mrantool.encoders.registry import aligned_preset, create_encoder
 from mrantool.errors import ConfigError
-from mrantool.extract.inputs import collect_slides, parse_shard, shard
+from mrantool.extract.executors.base import Executor, ExtractReport, Progress, store_identity
+from mrantool.extract.inputs import SlideInput, collect_slides, parse_shard, shard
 from mrantool.extract.leakage import FIX as LEAK_FIX
 from mrantool.extract.leakage import label_slides, overlapping
-from mrantool.extract.pipeline import Extractor, ExtractReport, Progress, store_identity
-from mrantool.slides.mpp_table import read_mpp_table
+from mrantool.slides.cache import SlideCache
+from mrantool.slides.mpp_table import MppTable, read_mpp_table
 from mrantool.store.reader import FeatureStore
 from mrantool.tiling.presets import Preset, get_preset
+
+EXECUTORS = ("local", "ray")
+WAIT_POLL_S = 5.0  # how often `--wait` looks again at slides other extractors hold
 
 
 def resolve_device(name: str) -> str:
@@ -42,8 +48,25 @@ def with_finetuned_encoder(cfg: ExtractConfig) -> ExtractConfig:
         "cells": settings["cells"]})
 
 
+def _check(cfg: ExtractConfig) -> None:
+    if cfg.executor not in EXECUTORS:
+        raise ConfigError(f"--executor {cfg.executor!r} is not one of {', '.join(EXECUTORS)}; use local or ray.")
+    if cfg.address and cfg.executor != "ray":
+        raise ConfigError("--address names a Ray cluster; pass it with --executor ray.")
+    if not cfg.lock_ttl > 0:
+        raise ConfigError(f"--lock-ttl must be a positive number of seconds, got {cfg.lock_ttl}; e.g. 600.")
+    if not cfg.cache_gb > 0:
+        raise ConfigError(f"--cache-gb must be a positive size in GB, got {cfg.cache_gb}.")
+    if cfg.encoders is not None and cfg.encoders < 1:
+        raise ConfigError(f"--encoders must be 1 or more, got {cfg.encoders}.")
+
+
 def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractReport:
-    """Extract every slide of `cfg.slides` (this shard's part) into `cfg.store`; failures are recorded, not raised."""
+    """Extract every slide of `cfg.slides` (this shard's part) into `cfg.store`; failures are recorded, not raised.
+
+    With `cfg.wait`, slides other extractors hold are looked at again until they are complete or done here.
+    """
+    _check(cfg)
     if cfg.encoder_from:
         cfg = with_finetuned_encoder(cfg)
     index, count = parse_shard(cfg.shard)
@@ -69,10 +92,42 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractRepo
     identity = store_identity(preset, encoder)
     if cfg.encoder_from:
         identity["finetuned_from"] = str(Path(cfg.encoder_from).resolve())
-    store = FeatureStore.create(cfg.store, identity)
-    extractor = Extractor(
-        store, preset, encoder, device=resolve_device(cfg.device), batch_size=cfg.batch_size,
-        workers=cfg.workers, slide_mpp=cfg.mpp, mpp_table=table, min_tissue=cfg.min_tissue, compile=cfg.compile,
-        progress=progress, provenance_extra=extra,
-    )
-    return extractor.run(slides)
+    store = FeatureStore.create(cfg.store, identity, lock_ttl_s=cfg.lock_ttl)
+    cache = SlideCache(cfg.cache_dir, cfg.cache_gb)
+    cache.clean()
+    executor = make_executor(cfg, store, preset, encoder, cache, table, progress, extra)
+    report = executor.run(slides)
+    while cfg.wait and report.busy and not report.interrupted:
+        time.sleep(min(WAIT_POLL_S, cfg.lock_ttl / 4))
+        report = _merge(report, executor.run(_busy(slides, report)))
+    return report
+
+
+def make_executor(cfg: ExtractConfig, store: FeatureStore, preset: Preset, encoder: torch.nn.Module,
+                  cache: SlideCache, mpp_table: MppTable | None, progress: Progress | None,
+                  provenance_extra: dict[str, dict[str, Any]] | None = None) -> Executor:
+    """The executor `cfg.executor` names, set up from the config; `provenance_extra`: slide_id -> extra
+    provenance keys (e.g. labels_seen_by_encoder)."""
+    if cfg.executor == "ray":
+        from mrantool.extract.executors.ray import EncoderSpec, RayExecutor
+
+        spec = EncoderSpec(preset, cfg.weights, cfg.pretrained, cfg.encoder, cfg.device)
+        return RayExecutor(store, spec, address=cfg.address, encoders=cfg.encoders, batch_size=cfg.batch_size,
+                           slide_mpp=cfg.mpp, mpp_table=mpp_table, min_tissue=cfg.min_tissue, cache=cache,
+                           progress=progress, provenance_extra=provenance_extra)
+    from mrantool.extract.executors.local import LocalExecutor
+
+    return LocalExecutor(store, preset, encoder, device=resolve_device(cfg.device), batch_size=cfg.batch_size,
+                         workers=cfg.workers, slide_mpp=cfg.mpp, mpp_table=mpp_table, min_tissue=cfg.min_tissue,
+                         compile=cfg.compile, cache=cache, progress=progress, provenance_extra=provenance_extra)
+
+
+def _busy(slides: list[SlideInput], report: ExtractReport) -> list[SlideInput]:
+    busy = {r.slide_id for r in report.busy}
+    return [s for s in slides if s.slide_id in busy]
+
+
+def _merge(first: ExtractReport, again: ExtractReport) -> ExtractReport:
+    """`first` with its busy slides replaced by what happened to them in `again`."""
+    return ExtractReport([r for r in first.results if r.status != "busy"] + again.results,
+                         first.seconds + again.seconds, first.n_patches + again.n_patches, again.interrupted)

@@ -8,10 +8,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mrantool.errors import ConfigError
+from mrantool.errors import ConfigError, MrantoolError
 from mrantool.slide_ids import FIX, slide_id_problem
 from mrantool.slides.plain import IMAGE_SUFFIXES
 from mrantool.slides.reader import slide_id_from_path
+from mrantool.urls import filesystem, is_remote
 
 #: Files a folder is listed for: whole-slide formats and plain images (PNG, JPEG, BMP: these need --mpp).
 SLIDE_SUFFIXES = {
@@ -21,17 +22,41 @@ SLIDE_SUFFIXES = {
 
 @dataclass(frozen=True)
 class SlideInput:
-    """One slide to process: its id (unique in a store), file, and level-0 mpp when a table gives it."""
+    """One slide to process: its id (unique in a store), file (a local path, or a URL on object storage), and
+    level-0 mpp when a table gives it."""
 
     slide_id: str
-    path: Path
+    path: Path | str
     mpp: float | None = None
 
 
+def _remote(url: str) -> list[SlideInput]:
+    """A slide URL, or the slide files under a URL prefix (s3://bucket/slides/)."""
+    if Path(url.split("?")[0]).suffix.lower() in SLIDE_SUFFIXES:
+        return [SlideInput(slide_id_from_path(url), url)]
+    try:
+        fs, prefix = filesystem(url)
+        names = sorted(fs.ls(prefix, detail=False))
+    except FileNotFoundError:
+        raise ConfigError(f"{url} does not exist; check the slide folder URL.") from None
+    except MrantoolError:
+        raise
+    except Exception as exc:  # fsspec backends raise many types for credentials and network errors
+        raise ConfigError(f"Cannot list {url} ({type(exc).__name__}: {exc}); check the URL and credentials.") \
+            from None
+    scheme = url.split("://", 1)[0]
+    return [SlideInput(slide_id_from_path(name), name if "://" in name else f"{scheme}://{name}")
+            for name in names if Path(name).suffix.lower() in SLIDE_SUFFIXES]
+
+
 def collect_slides(items: list[str | Path]) -> list[SlideInput]:
-    """Files are taken as given, folders are listed for slide files, CSVs give `slide_path` (and `slide_id`)."""
+    """Files are taken as given, folders are listed for slide files, CSVs give `slide_path` (and `slide_id`);
+    URLs (s3://bucket/slide.svs, or a prefix to list) name slides on object storage."""
     found: list[SlideInput] = []
     for item in items:
+        if is_remote(item):
+            found += _remote(str(item))
+            continue
         path = Path(item)
         if path.is_dir():
             found += [
@@ -63,9 +88,9 @@ def _from_csv(path: Path) -> list[SlideInput]:
         raise ConfigError(f"{path} has no 'slide_path' column; a slide list CSV needs slide_path[,slide_id].")
     out = []
     for row in rows:
-        slide_path = Path(row["slide_path"])
-        if not slide_path.is_absolute():
-            slide_path = path.parent / slide_path
+        slide_path: Path | str = row["slide_path"]
+        if not is_remote(slide_path):
+            slide_path = Path(slide_path) if Path(slide_path).is_absolute() else path.parent / slide_path
         out.append(SlideInput(row.get("slide_id") or slide_id_from_path(slide_path), slide_path))
     return out
 

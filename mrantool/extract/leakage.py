@@ -3,7 +3,8 @@
 `fit --finetune` trains the encoder on the labels of each fold's training and validation slides; its encoder.json
 lists them (`label_slides`: slide id and file fingerprint). Extracting those same slides with that encoder and
 cross-validating on the result puts slides whose labels shaped the features into test folds: the metrics are
-optimistic. A slide matches by id, or by file (size and hash of the first MiB; hashed only when the size matches).
+optimistic. A slide matches by id, or by file (size and hash of the first MiB; hashed only when the size matches;
+slides on object storage match by id only).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from mrantool.errors import SlideError
 from mrantool.extract.inputs import SlideInput
 from mrantool.store.fingerprint import file_fingerprint
+from mrantool.urls import is_remote
 
 FIX = ("extract only slides outside the fine-tuning cohort (e.g. an external test set), or pass "
        "--allow-label-overlap to extract anyway (each such slide's provenance then says so and `fit` warns)")
@@ -39,8 +41,10 @@ def overlapping(slides: list[SlideInput], seen: list[dict[str, Any]]) -> list[Sl
         if slide.slide_id in ids:
             found.append(slide)
             continue
+        if is_remote(slide.path):
+            continue  # object storage gives no local file to hash: matched by id only
         try:
-            size = slide.path.stat().st_size
+            size = Path(slide.path).stat().st_size
             if size in by_size and file_fingerprint(slide.path)["sha256_first_mib"] in by_size[size]:
                 found.append(slide)
         except (OSError, SlideError):

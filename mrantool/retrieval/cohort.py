@@ -11,7 +11,7 @@ import numpy as np
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.retrieval.index import EmbeddingIndex, check_compatible
 from mrantool.store import FeatureStore
-from mrantool.store.health import read_provenance
+from mrantool.urls import is_remote
 
 LEVELS = ("patch", "cell")
 CENTRE_FILE = "centre.npy"  # the cohort's mean embedding, subtracted from indexed and query vectors
@@ -56,13 +56,18 @@ def _gather(store: FeatureStore, slide_ids: list[str], level: str, min_tissue: f
 
 def slide_versions(store: FeatureStore, slide_ids: list[str]) -> dict[str, str | None]:
     """slide_id -> the time it was committed: which extraction of each slide an index holds."""
-    return {sid: read_provenance(store.layout.slide(sid)).get("extracted_at") for sid in slide_ids}
+    return {sid: store.provenance(sid).get("extracted_at") for sid in slide_ids}
 
 
-def recorded_store(index_dir: str | Path) -> Path:
-    """The store an index was built from, as recorded in its index.json."""
-    index = EmbeddingIndex.load(index_dir)
-    return Path(index.provenance["store"])
+def store_location(store_path: str | Path) -> str:
+    """How an index records its store: a URL as given, a local path made absolute."""
+    return str(store_path) if is_remote(store_path) else str(Path(store_path).resolve())
+
+
+def recorded_store(index_dir: str | Path) -> Path | str:
+    """The store an index was built from, as recorded in its index.json (a path, or a URL)."""
+    where = EmbeddingIndex.load(index_dir).provenance["store"]
+    return where if is_remote(where) else Path(where)
 
 
 def check_same_store(index_dir: str | Path, provenance: dict[str, Any], store: FeatureStore) -> None:
@@ -76,13 +81,13 @@ def check_same_store(index_dir: str | Path, provenance: dict[str, Any], store: F
     fix = (f"pass --store {built_from} (the store it was built from), or rebuild the index with `mrantool index "
            f"build --store {store.path} --out {index_dir}`")
     if versions is None:
-        if built_from and Path(built_from) != Path(store.path).resolve():
+        if built_from and built_from != store_location(store.path):
             raise MrantoolError(f"Index {index_dir} was built from store {built_from}, not {store.path}; {fix}.")
         return
     present = set(store.slide_ids())
     missing = [sid for sid in versions if sid not in present]
     changed = [sid for sid in versions if sid in present
-               and read_provenance(store.layout.slide(sid)).get("extracted_at") != versions[sid]]
+               and store.provenance(sid).get("extracted_at") != versions[sid]]
     if missing or changed:
         what = (f"lacks {len(missing)} of its slides ({', '.join(missing[:3])})" if missing else
                 f"holds other extractions of {len(changed)} of its slides ({', '.join(changed[:3])})")
@@ -105,7 +110,7 @@ def build_index(store_path: str | Path, out_dir: str | Path, *, level: str = "pa
     if not slide_ids:
         raise MrantoolError(f"Store {store_path} has no complete slide to index; run `mrantool extract` first.")
     x, columns = _gather(store, slide_ids, level, min_tissue, progress or (lambda e, i: None))
-    provenance = {"encoder": store.identity, "store": str(Path(store_path).resolve()), "level": level,
+    provenance = {"encoder": store.identity, "store": store_location(store_path), "level": level,
                   "min_tissue": min_tissue, "centred": centre, "slides": slide_versions(store, slide_ids)}
     mean = x.mean(axis=0) if centre else None
     index = EmbeddingIndex.build(x - mean if centre else x, columns, kind=kind, provenance=provenance,

@@ -14,8 +14,10 @@ from mrantool.files import output_file
 from mrantool.retrieval.cohort import check_same_store, load_centre, recorded_store
 from mrantool.retrieval.index import EmbeddingIndex, check_compatible
 from mrantool.retrieval.query import search_rows
+from mrantool.slides.cache import SlideCache
 from mrantool.store import FeatureStore
 from mrantool.training.labels import read_label_map
+from mrantool.urls import is_remote
 from mrantool.viz.gallery import patch_gallery, read_patches
 
 GALLERY_HITS = 16  # neighbours per query drawn in the gallery (the table lists all k)
@@ -45,7 +47,7 @@ def open_store(index_dir: str | Path, store_path: str | Path | None = None) -> F
     if store_path is not None:
         return FeatureStore.open(store_path)
     recorded = recorded_store(index_dir)
-    if not recorded.exists():
+    if isinstance(recorded, Path) and not recorded.exists():
         raise ConfigError(f"Index {index_dir} was built from store {recorded}, which no longer exists there; pass "
                           "its new location with --store.")
     return FeatureStore.open(recorded)
@@ -181,7 +183,7 @@ def _draw_gallery(store: FeatureStore, query: Query, rows: list[dict[str, Any]],
 
 def _read(store: FeatureStore, slide_id: str, coords: list[tuple[int, int]], size: int, mpp: float) -> list:
     prov = store.slide(slide_id).provenance
-    source = Path(prov["source"])
+    source = SlideCache().fetch(prov["source"]) if is_remote(prov["source"]) else Path(prov["source"])
     if not source.is_file():
         return [np.full((size, size, 3), 230, np.uint8)]  # slide moved: a grey tile, the table still has the hit
     return read_patches(source, coords, size, mpp, slide_mpp=prov.get("slide_mpp"))

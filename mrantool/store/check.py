@@ -9,12 +9,11 @@ Warnings (not defects): staging groups and trash left by writers, stale locks, f
 from __future__ import annotations
 
 import os
-import shutil
 
 from mrantool.errors import StoreError
-from mrantool.store.locks import owner_is_dead, owner_tag
+from mrantool.store.locks import DEFAULT_TTL_S
 from mrantool.store.reader import FeatureStore
-from mrantool.store.writer import leftovers, record_failure
+from mrantool.store.writer import record_failure
 
 
 def check_store(path: str | os.PathLike[str], *, deep: bool = False) -> list[str]:
@@ -35,46 +34,38 @@ def check_store(path: str | os.PathLike[str], *, deep: bool = False) -> list[str
 
 
 def repair_store(path: str | os.PathLike[str], *, deep: bool = False) -> dict[str, list[str]]:
-    """Remove every defective slide from `slides/` and record it as failed, so that `extract` redoes it.
+    """Take every defective slide out of the store (local: out of `slides/`; object storage: its commit marker
+    and data) and record it as failed, so that `extract` redoes it.
 
     Returns slide_id -> its defects. Other slides are not touched.
     """
     store = FeatureStore.open(path, writable=True)
     defective = store.defective(deep=deep)
     for slide_id, found in defective.items():
-        aside = store.layout.trash / f"{slide_id}.{owner_tag()}"
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(store.layout.slide(slide_id), aside)
-        shutil.rmtree(aside, ignore_errors=True)
-        record_failure(store.layout, slide_id, "", f"removed by `mrantool check --repair` ({'; '.join(found)}); "
+        store.backend.retract(slide_id)
+        record_failure(store.backend, slide_id, "", f"removed by `mrantool check --repair` ({'; '.join(found)}); "
                        "re-run `mrantool extract` on its slide file to redo it.")
     return defective
 
 
-def store_warnings(path: str | os.PathLike[str]) -> list[str]:
+def store_warnings(path: str | os.PathLike[str], lock_ttl_s: float = DEFAULT_TTL_S) -> list[str]:
     """Things worth knowing that do not make the store unhealthy: leftovers, stale locks, failed slides."""
     try:
-        store = FeatureStore.open(path)
+        store = FeatureStore.open(path, lock_ttl_s=lock_ttl_s)
     except StoreError:
         return []
     warnings = []
-    for leftover in leftovers(store.layout):
-        dead = owner_is_dead(leftover.name, leftover.stat().st_mtime, store.lock_max_age_s)
+    for name, dead in store.leftovers():
         state = ("left by a dead writer; opening the store for writing removes it" if dead
                  else "its writer is still running")
-        warnings.append(f"{leftover.relative_to(store.path)}: {state}.")
-    warnings.extend(f"lock on '{lock['slide_id']}' is stale (pid {lock['pid']} on {lock['host']}); it is broken "
-                    "automatically, or clear it with store.clear_stale_locks()." for lock in store.locks()
-                    if lock["stale"])
+        warnings.append(f"{name}: {state}.")
+    warnings.extend(f"lock on '{lock['slide_id']}' is stale (pid {lock['pid']} on {lock['host']}); the next "
+                    f"extract takes it over, or remove it with `mrantool check {store.path} --clear-stale-locks`."
+                    for lock in store.locks() if lock["stale"])
     warnings.extend(f"slide '{slide_id}' failed: {record.get('message')}"
                     for slide_id, record in store.failures().items())
     return warnings
 
 
 def _stray_entries(store: FeatureStore) -> list[str]:
-    slides = store.layout.slides
-    if not slides.is_dir():
-        return []
-    committed = set(store.slide_ids())
-    return [f"slides/{entry.name} is not a committed slide group; delete it." for entry in os.scandir(slides)
-            if entry.name != "zarr.json" and entry.name not in committed]
+    return [f"{name} is not a committed slide group; delete it." for name in store.backend.stray_entries()]

@@ -5,6 +5,9 @@
   chunk files only, so it costs milliseconds per slide whatever the slide size.
 - deep: quick, plus every chunk is read and decoded (zstd checksums catch overwritten or truncated chunks) and
   values are finite with tissue fractions in [0, 1]. Reads the whole slide, about 32 MiB at a time.
+
+`slide_defects` checks a local slide folder; `group_defects` any opened slide group (object stores check the
+attempt that the slide's commit marker names).
 """
 
 from __future__ import annotations
@@ -51,9 +54,17 @@ def slide_defects(slide_dir: Path, identity: dict[str, Any], *, deep: bool = Fal
     try:
         prov = read_provenance(slide_dir)
         group = zarr.open_group(zarr.storage.LocalStore(slide_dir, read_only=True), mode="r")
-        present = {name: group[name] for name in group.array_keys()}
     except StoreError as exc:
         return [str(exc)]
+    except Exception as exc:  # zarr raises many types for damaged metadata
+        return [f"unreadable zarr metadata ({type(exc).__name__}: {exc})"]
+    return group_defects(group, prov, identity, deep=deep)
+
+
+def group_defects(group: Any, prov: dict[str, Any], identity: dict[str, Any], *, deep: bool = False) -> list[str]:
+    """Every defect of a committed slide's opened zarr group with provenance `prov` (any storage backend)."""
+    try:
+        present = {name: group[name] for name in group.array_keys()}
     except Exception as exc:  # zarr raises many types for damaged metadata
         return [f"unreadable zarr metadata ({type(exc).__name__}: {exc})"]
     defects = []

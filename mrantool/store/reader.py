@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
-import shutil
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
-import zarr.storage
 
 from mrantool import __version__
 from mrantool.errors import StoreError
-from mrantool.files import os_error_message
 from mrantool.slide_ids import case_twin
 from mrantool.store import locks as _locks
-from mrantool.store.health import REDO, read_provenance, slide_defects
-from mrantool.store.locks import DEFAULT_MAX_AGE_S, SlideLock, owner_tag
+from mrantool.store.backends import Backend, PosixBackend, open_backend
+from mrantool.store.health import REDO, read_provenance
+from mrantool.store.locks import DEFAULT_TTL_S, SlideLock
 from mrantool.store.schema import (
     CELL_EMB,
     COORDS,
@@ -35,25 +30,24 @@ from mrantool.store.schema import (
     validate_identity,
     validate_slide_id,
 )
-from mrantool.store.writer import SlideWriter, clean_orphans, read_failures, record_failure
+from mrantool.store.writer import SlideWriter, record_failure
 
 
 class SlideFeatures:
     """One committed slide: lazy zarr arrays plus provenance; reads load only what they index."""
 
-    def __init__(self, slide_id: str, path: Path) -> None:
+    def __init__(self, slide_id: str, group: Any, location: str) -> None:
         self.slide_id = slide_id
-        self.path = path
-        self.provenance: dict[str, Any] = read_provenance(path)
+        self.path = location
         try:
-            group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+            self.provenance: dict[str, Any] = dict(group.attrs)
             missing = [name for name in (COORDS, PATCH_TISSUE, PATCH_EMB) if name not in group]
             arrays = {name: group.get(name) for name in (COORDS, PATCH_TISSUE, PATCH_EMB, CELL_EMB)}
         except Exception as exc:  # zarr raises many types for damaged metadata
-            raise StoreError(f"Slide '{slide_id}' at {path} has unreadable metadata ({type(exc).__name__}); "
+            raise StoreError(f"Slide '{slide_id}' at {location} has unreadable metadata ({type(exc).__name__}); "
                              f"{REDO}.") from None
         if missing:
-            raise StoreError(f"Slide '{slide_id}' at {path} lacks {', '.join(missing)}; {REDO}.")
+            raise StoreError(f"Slide '{slide_id}' at {location} lacks {', '.join(missing)}; {REDO}.")
         self.coords = arrays[COORDS]
         self.patch_tissue = arrays[PATCH_TISSUE]
         self.patch_emb = arrays[PATCH_EMB]
@@ -114,42 +108,63 @@ class SlideFeatures:
 
 
 class FeatureStore:
-    """One store per (cohort, encoder, geometry); see docs/store-format.md for the layout."""
+    """One store per (cohort, encoder, geometry); see docs/store-format.md for the layout.
 
-    def __init__(self, path: Path, attrs: dict[str, Any], writable: bool, lock_max_age_s: float) -> None:
-        self.path = path
-        self.layout = Layout(path)
+    `path` is a local path or an fsspec URL (s3://bucket/cohort.zarr, gs://..., az://...; http(s):// to read).
+    """
+
+    def __init__(self, backend: Backend, attrs: dict[str, Any], writable: bool, lock_ttl_s: float) -> None:
+        self.backend = backend
+        self.path: Any = backend.path if isinstance(backend, PosixBackend) else backend.root
         self.identity: dict[str, Any] = attrs["identity"]
         self.schema_version: int = attrs["schema_version"]
         self.mrantool_version: str | None = attrs.get("mrantool_version")
         self.created: str | None = attrs.get("created")
         self.dims = Dims.from_identity(self.identity)
         self.writable = writable
-        self.lock_max_age_s = lock_max_age_s
+        self.lock_ttl_s = lock_ttl_s
+        self._heartbeat = _locks.Heartbeat(lock_ttl_s)
+
+    @property
+    def layout(self) -> Layout:
+        """The directory layout of a local store (StoreError for object stores)."""
+        if not isinstance(self.backend, PosixBackend):
+            raise StoreError(f"Store {self.path} is on object storage; it has no local directory layout.")
+        return self.backend.layout
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.backend, PosixBackend)
 
     # --- opening -------------------------------------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], identity: dict[str, Any], *,
-               lock_max_age_s: float = DEFAULT_MAX_AGE_S) -> FeatureStore:
+               lock_ttl_s: float = DEFAULT_TTL_S) -> FeatureStore:
         """Create a store at `path`, or open the existing one there if its identity equals `identity`."""
-        root = Path(path)
-        identity = validate_identity(identity, root)
-        if not (root / "zarr.json").is_file():
-            if root.exists() and (not root.is_dir() or any(root.iterdir())):
-                raise StoreError(f"{root} exists and is not a feature store; choose a new --store path.")
-            _create_root(root, identity)
-        return cls.open(root, identity, writable=True, lock_max_age_s=lock_max_age_s)
+        backend = open_backend(path)
+        identity = validate_identity(identity, backend.root)
+        if isinstance(backend, PosixBackend) and backend.path.exists() and not (backend.path / "zarr.json").is_file():
+            backend.create_root({})  # refuses a path that is neither a store nor an empty folder
+        if _root_attrs(backend) is None:
+            backend.create_root({"schema_version": SCHEMA_VERSION, "mrantool_version": __version__,
+                                 "identity": identity,
+                                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        return cls.open(path, identity, writable=True, lock_ttl_s=lock_ttl_s)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], identity: dict[str, Any] | None = None, *, writable: bool = False,
-             lock_max_age_s: float = DEFAULT_MAX_AGE_S) -> FeatureStore:
+             lock_ttl_s: float = DEFAULT_TTL_S) -> FeatureStore:
         """Open an existing store; with `identity`, refuse a store written with another encoder or geometry."""
-        root = Path(path)
-        if not root.exists():
+        if not lock_ttl_s > 0:
+            raise StoreError(f"The lock TTL must be a positive number of seconds, got {lock_ttl_s}; pass e.g. "
+                             "--lock-ttl 600.")
+        backend = open_backend(path)
+        root = backend.root
+        attrs = _root_attrs(backend)
+        if attrs is None:
             raise StoreError(f"Store {root} does not exist; create it with `mrantool extract ... --store {root}` "
                              "or `mrantool import`.")
-        attrs = _read_root_attrs(root)
         if attrs.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(f"Store {root} has schema version {attrs.get('schema_version')} (written by mrantool "
                              f"{attrs.get('mrantool_version')}) but mrantool {__version__} reads version "
@@ -159,59 +174,56 @@ class FeatureStore:
             if diffs:
                 raise StoreError(f"Store {root} was written with another encoder or geometry ({'; '.join(diffs)}); "
                                  "use a new --store for this encoder and geometry.")
-        store = cls(root, attrs, writable, lock_max_age_s)
+        store = cls(backend, attrs, writable, lock_ttl_s)
         if writable:
-            try:
-                for folder in (store.layout.slides, store.layout.staging, store.layout.locks, store.layout.failures):
-                    folder.mkdir(exist_ok=True)
-                probe = store.layout.staging / f".tmp.{owner_tag()}"
-                probe.write_bytes(b"")  # a read-only or full store fails here, before any slide is read
-                probe.unlink()
-            except OSError as exc:
-                raise StoreError(os_error_message(exc, "write to store", root)) from None
-            clean_orphans(store.layout, lock_max_age_s)
+            backend.prepare()
+            if store.is_local:  # a local sweep is one directory listing; object stores clean per slide
+                store.clean_staging()
         return store
 
     # --- reading -------------------------------------------------------------------------------------------
 
     def slide_ids(self) -> list[str]:
         """Sorted ids of complete (committed) slides."""
-        return self.layout.committed_ids()
+        return self.backend.committed_ids()
 
     def __contains__(self, slide_id: object) -> bool:
         return isinstance(slide_id, str) and slide_id in set(self.slide_ids())
 
     def slide(self, slide_id: str) -> SlideFeatures:
         """The committed slide `slide_id`; StoreError when it is not (yet) in the store."""
-        path = self.layout.slide(validate_slide_id(slide_id))
-        if not (path / "zarr.json").is_file():
+        try:
+            found = self.backend.slide_group(validate_slide_id(slide_id))
+        except StoreError:
+            raise
+        except Exception as exc:  # zarr raises many types for damaged metadata
+            raise StoreError(f"Slide '{slide_id}' in store {self.path} has unreadable metadata "
+                             f"({type(exc).__name__}); {REDO}.") from None
+        if found is None:
             raise StoreError(f"Slide '{slide_id}' is not in store {self.path} ({len(self.slide_ids())} complete "
                              "slides); check the id with `mrantool info` or extract that slide.")
-        return SlideFeatures(slide_id, path)
+        return SlideFeatures(slide_id, *found)
 
     def provenance(self, slide_id: str) -> dict[str, Any]:
         """Provenance of a committed slide without opening its arrays."""
+        if self.is_local:
+            path = self.layout.slide(validate_slide_id(slide_id))
+            if (path / "zarr.json").is_file():
+                return read_provenance(path)
         return self.slide(slide_id).provenance
 
     def is_complete(self, slide_id: str, fingerprint: dict[str, Any] | None = None) -> bool:
         """Whether `slide_id` is committed and whole (quick check), and, when given, was extracted from a file
         with this fingerprint. A defective slide is not complete, so `extract` redoes it."""
-        path = self.layout.slide(validate_slide_id(slide_id))
-        if not (path / "zarr.json").is_file():
+        committed, recorded = self.backend.committed_fingerprint(validate_slide_id(slide_id))
+        if not committed or (fingerprint is not None and recorded != jsonable(fingerprint)):
             return False
-        try:
-            recorded = read_provenance(path).get("fingerprint")
-        except StoreError:
-            return False
-        if fingerprint is not None and recorded != jsonable(fingerprint):
-            return False
-        return not slide_defects(path, self.identity)
+        return not self.backend.slide_defects(slide_id, self.identity)
 
     def case_twin(self, slide_id: str) -> str | None:
         """A slide of the store whose id differs from `slide_id` only in case (one folder on case-insensitive file
         systems), or None. Lists names only, so it stays cheap in stores of many slides."""
-        names = os.listdir(self.layout.slides) if self.layout.slides.is_dir() else []
-        return case_twin(slide_id, [n for n in names if n != "zarr.json"])
+        return case_twin(slide_id, self.backend.slide_names())
 
     def content_hash(self) -> str:
         """A hash of what the store holds: its identity and, per committed slide, id, file fingerprint, bag count
@@ -219,7 +231,7 @@ class FeatureStore:
         slides = []
         for slide_id in self.slide_ids():
             try:
-                prov = read_provenance(self.layout.slide(slide_id))
+                prov = self.provenance(slide_id)
             except StoreError:
                 prov = {"unreadable": True}
             slides.append([slide_id, prov.get("fingerprint"), prov.get("n_bags"), prov.get("extracted_at")])
@@ -230,7 +242,7 @@ class FeatureStore:
         """slide_id -> defects of the committed slides (all, or `slide_ids`) that are not whole."""
         found = {}
         for slide_id in self.slide_ids() if slide_ids is None else slide_ids:
-            defects = slide_defects(self.layout.slide(validate_slide_id(slide_id)), self.identity, deep=deep)
+            defects = self.backend.slide_defects(validate_slide_id(slide_id), self.identity, deep=deep)
             if defects:
                 found[slide_id] = defects
         return found
@@ -246,7 +258,7 @@ class FeatureStore:
 
     def failures(self) -> dict[str, dict[str, Any]]:
         """slide_id -> {slide_id, source, message, time, host, pid, mrantool_version} of recorded failures."""
-        return read_failures(self.layout)
+        return self.backend.failures()
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per committed or failed slide, for `mrantool info`."""
@@ -255,7 +267,7 @@ class FeatureStore:
         rows = []
         for slide_id in self.slide_ids():
             try:
-                prov = read_provenance(self.layout.slide(slide_id))
+                prov = self.provenance(slide_id)
             except StoreError as exc:
                 rows.append({"slide_id": slide_id, "status": "defective", "n_bags": None, "n_patches": None,
                              "dim": None, "cells": None, "mpp": None, "encoder": self.identity["encoder"],
@@ -281,80 +293,75 @@ class FeatureStore:
             raise StoreError(f"Store {self.path} was opened read-only; open it with FeatureStore.create or "
                              "FeatureStore.open(..., writable=True) to write.")
 
-    def begin_slide(self, slide_id: str, n_bags: int, provenance: dict[str, Any]) -> SlideWriter:
-        """A writer for one slide; provenance needs source, fingerprint, mpp, level0_size, bag_size_l0 (+ extras)."""
+    def begin_slide(self, slide_id: str, n_bags: int, provenance: dict[str, Any],
+                    lock: SlideLock | None = None) -> SlideWriter:
+        """A writer for one slide; provenance needs source, fingerprint, mpp, level0_size, bag_size_l0 (+ extras).
+        With the slide's `lock`, commit() refuses once the lock is no longer this writer's."""
         self._require_writable()
         twin = self.case_twin(validate_slide_id(slide_id))
         if twin:
             raise StoreError(f"Slide id '{slide_id}' differs only in case from '{twin}' in store {self.path} (one "
                              "folder on case-insensitive file systems); rename the file or give a `slide_id` column "
                              "in a slide list CSV.")
-        return SlideWriter(self.layout, slide_id, n_bags, self.identity, provenance)
+        return SlideWriter(self.backend, slide_id, n_bags, self.identity, provenance, lock)
 
-    def record_failure(self, slide_id: str, source: str | os.PathLike[str], message: str) -> Path:
+    def record_failure(self, slide_id: str, source: str | os.PathLike[str], message: str) -> str:
         """Record that `slide_id` failed; a later successful commit removes the record."""
         self._require_writable()
-        return record_failure(self.layout, slide_id, source, message)
+        return record_failure(self.backend, slide_id, source, message)
+
+    def try_lock(self, slide_id: str) -> SlideLock | None:
+        """The lock (a lease the store's heartbeat renews) on `slide_id`, or None when it is busy. Attempts at
+        the slide left by writers that lost their lock are deleted once it is taken."""
+        return self._acquire(slide_id)[0]
 
     def lock(self, slide_id: str) -> SlideLock:
         """Hold the lock on `slide_id` (use `with`); LockedError when a live extractor holds it."""
-        self._require_writable()
-        return _locks.lock(self.layout, slide_id, self.lock_max_age_s)
+        held, holder = self._acquire(slide_id)
+        if held is None:
+            raise _locks.locked_error(self.backend.lock_files(), slide_id, holder, str(self.path))
+        return held
 
-    def try_lock(self, slide_id: str) -> SlideLock | None:
-        """The lock on `slide_id`, or None when it is busy."""
+    def _acquire(self, slide_id: str) -> tuple[SlideLock | None, dict[str, Any] | None]:
         self._require_writable()
-        return _locks.try_lock(self.layout, slide_id, self.lock_max_age_s)
+        files = self.backend.lock_files()
+        held, holder = _locks.acquire(files, validate_slide_id(slide_id), self.lock_ttl_s, self._heartbeat)
+        if held is not None:
+            self.backend.abandon_attempts(slide_id)
+        return held, holder
 
     def locks(self) -> list[dict[str, Any]]:
-        """Current lock records: slide_id, pid, host, started, age_s, stale, path."""
-        return _locks.list_locks(self.layout, self.lock_max_age_s)
+        """Current lock records: slide_id, pid, host, started, expires, age_s, stale, path."""
+        return _locks.list_locks(self.backend.lock_files(), self.lock_ttl_s)
 
     def clear_stale_locks(self) -> list[str]:
-        """Break locks whose owner is dead or too old; return their slide ids."""
-        return _locks.clear_locks(self.layout, force=False, max_age_s=self.lock_max_age_s)
+        """Remove locks whose owner is dead or whose lease expired; return their slide ids."""
+        return _locks.clear_locks(self.backend.lock_files(), force=False, ttl_s=self.lock_ttl_s)
 
     def clear_locks(self, force: bool = False) -> list[str]:
-        """Break stale locks, or every lock with `force` (only when no extractor is running)."""
-        return _locks.clear_locks(self.layout, force=force, max_age_s=self.lock_max_age_s)
+        """Remove stale locks, or every lock with `force` (only when no extractor is running)."""
+        return _locks.clear_locks(self.backend.lock_files(), force=force, ttl_s=self.lock_ttl_s)
 
-    def clean_staging(self) -> list[Path]:
-        """Delete staging groups and trash left by dead writers; return what was removed."""
-        return clean_orphans(self.layout, self.lock_max_age_s)
+    def _busy(self, slide_id: str) -> bool:
+        version = self.backend.lock_files().read(slide_id)
+        return version is not None and not _locks.is_stale(_locks.describe(version), self.lock_ttl_s)
+
+    def clean_staging(self) -> list[str]:
+        """Delete attempts, trash and temp files left by dead writers; return what was removed."""
+        return self.backend.clean_orphans(self.lock_ttl_s, self._busy)
+
+    def leftovers(self) -> list[tuple[str, bool]]:
+        """(name, abandoned?) of uncommitted attempts and trash present now."""
+        return self.backend.leftovers(self.lock_ttl_s, self._busy)
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, encoder={self.identity['encoder']!r}, slides={len(self.slide_ids())})"
 
 
-def _read_root_attrs(root: Path) -> dict[str, Any]:
-    if not (root / "zarr.json").is_file():
-        raise StoreError(f"{root} is not an mrantool feature store (no zarr.json); pass a store made by "
-                         "`mrantool extract` or `mrantool import`, or a new path.")
-    try:
-        attrs = dict(zarr.open_group(zarr.storage.LocalStore(root, read_only=True), mode="r").attrs)
-    except Exception as exc:  # zarr raises several types for damaged metadata
-        raise StoreError(f"{root} has unreadable zarr metadata ({exc}); restore it or use a new --store.") from None
-    if "schema_version" not in attrs or "identity" not in attrs:
-        raise StoreError(f"{root} is a zarr group but not an mrantool feature store; pass a store made by "
+def _root_attrs(backend: Backend) -> dict[str, Any] | None:
+    """The root attributes of an mrantool store, None when there is none; StoreError for another zarr group."""
+    attrs = backend.root_attrs()
+    if attrs is not None and ("schema_version" not in attrs or "identity" not in attrs):
+        raise StoreError(f"{backend.root} is a zarr group but not an mrantool feature store; pass a store made by "
                          "`mrantool extract` or `mrantool import`, or a new path.")
     return attrs
-
-
-def _create_root(root: Path, identity: dict[str, Any]) -> None:
-    """Build the root group in a temp dir beside `root` and rename it into place (racing creators are fine)."""
-    temp = root.parent / f".{root.name}.{owner_tag()}"
-    attrs = {"schema_version": SCHEMA_VERSION, "mrantool_version": __version__, "identity": identity,
-             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    try:
-        root.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(zarr.storage.LocalStore(temp), mode="w-", attributes=attrs)
-        group.create_group("slides")
-    except OSError as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise StoreError(os_error_message(exc, "create store", root)) from None
-    try:
-        os.rename(temp, root)
-    except OSError as exc:
-        shutil.rmtree(temp, ignore_errors=True)
-        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-            raise StoreError(f"Cannot create store {root} ({exc.strerror}); choose a writable --store path.") from None

@@ -24,6 +24,7 @@ STAGING_DIR = "staging"
 TRASH_DIR = "trash"
 LOCKS_DIR = "locks"
 FAILURES_DIR = "failures"
+COMMITS_DIR = "commits"  # object stores only: one commit marker per slide
 
 COORDS = "coords"
 PATCH_TISSUE = "patch_tissue"
@@ -41,8 +42,9 @@ STORE_PROVENANCE_KEYS = ("slide_id", "n_bags", "identity", "geometry", "mrantool
 
 
 def hostname() -> str:
-    """This machine's name, reduced to characters safe in file names (no dots)."""
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in socket.gethostname()) or "host"
+    """This machine's name (or $MRANTOOL_HOSTNAME, e.g. a pod's name), reduced to characters safe in file names."""
+    name = os.environ.get("MRANTOOL_HOSTNAME") or socket.gethostname()
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "host"
 
 
 def jsonable(value: Any) -> Any:

@@ -1,14 +1,9 @@
-"""Writing one slide: stream bags into a staging group, then commit it into `slides/` with one rename.
-
-Also the failures manifest (one JSON file per slide) and the clean-up of staging/trash left by dead writers.
-"""
+"""Writing one slide: stream bags into a new attempt, then commit it (POSIX: one rename; object storage: a
+commit marker written last). Also the failures manifest (one JSON file per slide)."""
 
 from __future__ import annotations
 
-import errno
-import json
 import os
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from types import TracebackType
@@ -17,12 +12,11 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs
-import zarr.storage
 
 from mrantool import __version__
 from mrantool.errors import StoreError
-from mrantool.files import atomic_write
-from mrantool.store.locks import DEFAULT_MAX_AGE_S, owner_is_dead, owner_tag
+from mrantool.store.backends import Backend
+from mrantool.store.locks import SlideLock
 from mrantool.store.schema import (
     ARRAY_DTYPES,
     CELL_EMB,
@@ -32,11 +26,11 @@ from mrantool.store.schema import (
     PROVENANCE_KEYS,
     ZSTD_LEVEL,
     Dims,
-    Layout,
     hostname,
     jsonable,
     validate_slide_id,
 )
+from mrantool.urls import is_remote
 
 
 def _now_iso() -> str:
@@ -96,15 +90,17 @@ class _ChunkAligned:
 
 
 class SlideWriter:
-    """Streams one slide's bags into `<store>/staging/<id>.<host>.<pid>.<hex>`; commit() makes it visible.
+    """Streams one slide's bags into a new attempt (a staging folder, or a fresh prefix on object storage);
+    commit() makes it the slide's visible version.
 
     Use as a context manager: leaving the block without commit() (e.g. on an exception) aborts. Not thread-safe:
-    call write() from one thread at a time (a single writer thread per store is enough to keep up).
+    call write() from one thread at a time (a single writer thread per store is enough to keep up). With `lock`,
+    commit() first checks that the lock is still this writer's, so a writer whose lease expired never commits.
     """
 
-    def __init__(self, layout: Layout, slide_id: str, n_bags: int, identity: dict[str, Any],
-                 provenance: dict[str, Any]) -> None:
-        self.layout = layout
+    def __init__(self, backend: Backend, slide_id: str, n_bags: int, identity: dict[str, Any],
+                 provenance: dict[str, Any], lock: SlideLock | None = None) -> None:
+        self.backend = backend
         self.slide_id = validate_slide_id(slide_id)
         if not isinstance(n_bags, (int, np.integer)) or n_bags < 1:
             raise StoreError(f"Slide '{slide_id}' has {n_bags} bags; a slide needs at least one bag to be stored "
@@ -115,15 +111,17 @@ class SlideWriter:
                              "begin_slide (None where unknown).")
         self.n_bags = int(n_bags)
         self.dims = Dims.from_identity(identity)
-        self.staging = layout.staging / f"{slide_id}.{owner_tag()}"
+        self.lock = lock
         self.committed = False
+        self.location = ""
         self._written = np.zeros(self.n_bags, dtype=bool)
         attrs = jsonable({**provenance, "slide_id": slide_id, "n_bags": self.n_bags, "identity": identity,
                           "geometry": identity["geometry"], "mrantool_version": __version__,
                           "timings": provenance.get("timings", {}), "extracted_at": None})
-        layout.staging.mkdir(parents=True, exist_ok=True)
+        self._fingerprint = attrs.get("fingerprint")
+        zstore, self.location = backend.new_attempt(slide_id)
         try:
-            group = zarr.open_group(zarr.storage.LocalStore(self.staging), mode="w-", attributes=attrs)
+            group = zarr.open_group(zstore, mode="w-", attributes=attrs)
             chunks = self.dims.chunks(self.n_bags)
             self._arrays = {
                 name: _ChunkAligned(group.create_array(
@@ -133,10 +131,15 @@ class SlideWriter:
                     config={"write_empty_chunks": True}))
                 for name, shape in self.dims.shapes(self.n_bags).items()
             }
-        except BaseException:  # e.g. a full disk: leave no half-made staging group behind
-            shutil.rmtree(self.staging, ignore_errors=True)
+        except BaseException:  # e.g. a full disk: leave no half-made attempt behind
+            backend.discard(self.location)
             raise
         self._group = group
+
+    @property
+    def staging(self) -> Path:
+        """The attempt's local folder (POSIX stores)."""
+        return Path(self.location)
 
     def _check(self, name: str, value: np.ndarray, n: int) -> np.ndarray:
         expected = (n, *self._arrays[name].array.shape[1:])
@@ -159,19 +162,19 @@ class SlideWriter:
                              f"({self.n_bags} bags); write within 0..{self.n_bags - 1}.")
         if (cell_emb is None) != (CELL_EMB not in self._arrays):
             state = "has no cells" if cell_emb is not None else "stores cells"
-            raise StoreError(f"Store {self.layout.root} {state}; pass cell_emb only to stores whose identity "
+            raise StoreError(f"Store {self.backend.root} {state}; pass cell_emb only to stores whose identity "
                              "has has_cells=True.")
         values = {COORDS: coords, PATCH_TISSUE: patch_tissue, PATCH_EMB: patch_emb, CELL_EMB: cell_emb}
         checked = {name: self._check(name, np.asarray(values[name]), n) for name in self._arrays}
         for name, value in checked.items():
             self._arrays[name].write(start, value)
         self._written[start:start + n] = True
-        os.utime(self.staging)  # last activity, for clean-up of idle staging from other hosts
+        self.backend.touch(self.location)  # last activity, for clean-up of idle staging from other hosts
 
-    def commit(self, timings: dict[str, float] | None = None) -> Path:
-        """Verify every bag was written, then rename the staging group to `slides/<id>`; return its path."""
+    def commit(self, timings: dict[str, float] | None = None) -> Path | str:
+        """Verify every bag was written, then commit the attempt (rename, or commit marker); return where it is."""
         if self.committed:
-            return self.layout.slide(self.slide_id)
+            return self.location if is_remote(self.location) else Path(self.location)
         missing = np.flatnonzero(~self._written)
         if missing.size:
             raise StoreError(f"Slide '{self.slide_id}' cannot be committed: bags {_ranges(missing)} were never "
@@ -180,17 +183,16 @@ class SlideWriter:
             array.flush()
         self._group.attrs.update(jsonable({"timings": {**self._group.attrs.get("timings", {}), **(timings or {})},
                                            "extracted_at": _now_iso()}))
-        target = self.layout.slide(self.slide_id)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _swap_into_place(self.staging, target, self.layout.trash / f"{self.slide_id}.{owner_tag()}")
+        marker = {"fingerprint": self._fingerprint, "n_bags": self.n_bags, "committed_at": _now_iso()}
+        target = self.backend.commit(self.slide_id, self.location, marker, self.lock.held if self.lock else None)
         self.committed = True
-        clear_failure(self.layout, self.slide_id)
-        return target
+        self.backend.clear_failure(self.slide_id)
+        return target if is_remote(target) else Path(target)
 
     def abort(self) -> None:
         """Delete the staging group; the store is as if this writer never ran."""
         if not self.committed:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            self.backend.discard(self.location)
 
     def __enter__(self) -> SlideWriter:
         return self
@@ -201,83 +203,8 @@ class SlideWriter:
             self.abort()
 
 
-def _swap_into_place(staging: Path, target: Path, aside: Path) -> None:
-    """Rename `staging` to `target`; an existing `target` is first renamed to `aside`, then deleted."""
-    for _ in range(3):
-        try:
-            os.rename(staging, target)
-            break
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-        aside.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.rename(target, aside)
-        except FileNotFoundError:
-            continue
-    else:
-        raise StoreError(f"Could not move slide into {target}; another process keeps replacing it (lock slides "
-                         "with store.lock before writing).")
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def clean_orphans(layout: Layout, max_age_s: float = DEFAULT_MAX_AGE_S) -> list[Path]:
-    """Delete staging groups, trash and temp files whose writer is dead; never touches a live writer's files."""
-    removed = []
-    for folder in (layout.staging, layout.trash, layout.failures):
-        if not folder.is_dir():
-            continue
-        for entry in os.scandir(folder):
-            is_temp = entry.name.startswith(".tmp.")
-            if folder == layout.failures and not is_temp:
-                continue
-            try:
-                mtime = entry.stat(follow_symlinks=False).st_mtime
-            except FileNotFoundError:
-                continue
-            if owner_is_dead(entry.name, mtime, max_age_s):
-                if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path, ignore_errors=True)
-                else:
-                    Path(entry.path).unlink(missing_ok=True)
-                removed.append(Path(entry.path))
-    return removed
-
-
-def leftovers(layout: Layout) -> list[Path]:
-    """Staging groups and trash currently present (live or dead writers)."""
-    return sorted(Path(entry.path) for folder in (layout.staging, layout.trash) if folder.is_dir()
-                  for entry in os.scandir(folder))
-
-
-def record_failure(layout: Layout, slide_id: str, source: str | os.PathLike[str], message: str) -> Path:
-    """Write `failures/<id>.json` atomically (temp file + os.replace)."""
-    path = layout.failure(validate_slide_id(slide_id))
-    path.parent.mkdir(parents=True, exist_ok=True)
+def record_failure(backend: Backend, slide_id: str, source: str | os.PathLike[str], message: str) -> str:
+    """Write `failures/<id>.json` (atomically: temp file + rename, or one object PUT); return where."""
     record = {"slide_id": slide_id, "source": os.fspath(source), "message": str(message), "time": _now_iso(),
               "host": hostname(), "pid": os.getpid(), "mrantool_version": __version__}
-    return atomic_write(path, json.dumps(record, indent=1), temp_name=f".tmp.{owner_tag()}")
-
-
-def clear_failure(layout: Layout, slide_id: str) -> None:
-    layout.failure(slide_id).unlink(missing_ok=True)
-
-
-def read_failures(layout: Layout) -> dict[str, dict[str, Any]]:
-    """slide_id -> failure record; an unreadable record becomes {'message': 'unreadable failure record ...'}."""
-    if not layout.failures.is_dir():
-        return {}
-    failures = {}
-    for path in sorted(layout.failures.glob("*.json")):
-        if path.name.startswith("."):
-            continue
-        slide_id = path.name[: -len(".json")]
-        try:
-            record = json.loads(path.read_text())
-            if not isinstance(record, dict):
-                raise ValueError(f"it holds {str(record)[:40]!r}, not a JSON object")
-            failures[slide_id] = record
-        except (OSError, ValueError) as exc:
-            failures[slide_id] = {"slide_id": slide_id, "message": f"unreadable failure record {path}: {exc}"}
-    return failures
-
+    return backend.put_failure(slide_id, record)

@@ -35,6 +35,7 @@ from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.models.registry import create_head
 from mrantool.store import FeatureStore
+from mrantool.sweep.ray_pool import RayResources, execute_on_ray
 from mrantool.sweep.report import VariantSummary, read_outcome, summary_rows, write_json, write_report
 from mrantool.sweep.spec import RunSpec, SweepSpec, load_spec
 from mrantool.training.api import fit_data
@@ -87,10 +88,12 @@ def cpu_cores() -> int:
 
 
 def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int = 1,
-              progress: Progress | None = None, base: dict[str, Any] | None = None) -> SweepResult:
+              progress: Progress | None = None, base: dict[str, Any] | None = None,
+              ray: RayResources | None = None) -> SweepResult:
     """Run every unfinished run of `spec` into `out_dir`/runs/<hash>/ and write results.csv, summary.md and
     metric.png. `base` overrides keys of a spec file's [base] table (the CLI's --id-column / --label-column).
-    Problems in the spec, stores or labels raise one ConfigError before anything runs."""
+    Problems in the spec, stores or labels raise one ConfigError before anything runs. With `ray`, the runs
+    execute as Ray tasks on a cluster (same run folders and inputs keys, so resume and results are the same)."""
     started = time.perf_counter()
     spec = spec if isinstance(spec, SweepSpec) else load_spec(spec, base)
     if workers < 1:
@@ -110,10 +113,13 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
     results = {r.name: RunResult(r.name, r.hash, "skipped") for r in runs if r not in todo}
     workers = max(1, min(workers, len(todo)))
     threads = max(1, cpu_cores() // workers)
+    if ray is not None:
+        workers, threads = ray.workers or 0, max(1, int(ray.cpus_per_run))
     emit("start", {"n_runs": len(runs), "n_todo": len(todo), "n_skipped": len(results), "workers": workers,
-                   "threads": threads, "out": str(out)})
+                   "threads": threads, "out": str(out), "executor": "ray" if ray else "local"})
     tasks = [(r, str(out / "runs" / r.hash), keys[r.name]) for r in todo]
-    for index, result in enumerate(_execute(tasks, workers, threads), 1):
+    executed = execute_on_ray(tasks, ray) if ray is not None and tasks else _execute(tasks, workers, threads)
+    for index, result in enumerate(executed, 1):
         results[result.name] = result
         emit("run_end", {"index": index, "n_todo": len(todo), "name": result.name, "hash": result.hash,
                          "status": result.status, "seconds": result.seconds, "error": result.error})

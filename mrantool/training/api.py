@@ -31,7 +31,6 @@ from mrantool.models.base import MILHead, MILOutput
 from mrantool.models.registry import create_head, head_options
 from mrantool.models.standardize import Standardized
 from mrantool.store import FeatureStore
-from mrantool.store.health import read_provenance
 from mrantool.store.schema import identity_differences
 from mrantool.training.data import MILData, StoreData
 from mrantool.training.labels import Labels, read_labels
@@ -233,7 +232,7 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
     labels = read_labels(cfg.labels, store.slide_ids(), id_column=cfg.id_column, label_column=cfg.label_column)
     store.require_whole(labels.slide_ids, "fit")
     leaked = [sid for sid in labels.slide_ids
-              if read_provenance(store.layout.slide(sid)).get("labels_seen_by_encoder")]
+              if store.provenance(sid).get("labels_seen_by_encoder")]
     if leaked:
         labels.notes.append(f"Warning: {len(leaked)} labelled slide(s) ({', '.join(leaked[:3])}) trained the "
                             f"fine-tuned encoder of this store ({store.identity.get('finetuned_from')}): their "

@@ -29,10 +29,12 @@ from scipy import ndimage
 from mrantool.errors import MrantoolError, SlideError, StoreError
 from mrantool.files import output_file
 from mrantool.slide_ids import validate_slide_id
+from mrantool.slides.cache import SlideCache
 from mrantool.slides.reader import open_slide
 from mrantool.slides.tissue import tissue_mask
 from mrantool.store import FeatureStore
 from mrantool.store.schema import identity_differences
+from mrantool.urls import is_remote
 from mrantool.viz.gallery import patch_gallery, read_patches
 
 LEVELS = ("bag", "patch", "cell")
@@ -295,6 +297,8 @@ def _slide_file(provenance: dict[str, Any], slide_path: str | Path | None, slide
     if not source:
         raise SlideError(f"The store records no slide file for '{slide_id}' (imported features); pass the slide "
                          "with --slide-path.")
+    if is_remote(source):  # a slide on object storage: read from the local slide cache
+        return SlideCache().fetch(source)
     if not Path(source).is_file():
         raise SlideError(f"Slide file {source} recorded for '{slide_id}' in the store does not exist (moved?); "
                          "pass its current location with --slide-path.")
@@ -368,7 +372,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
         raise MrantoolError(f"Head '{head}' of run {run_dir} has no {level} attention, only {', '.join(levels)}; "
                             f"use --level {' or --level '.join(levels)}.")
     store = FeatureStore.open(store_path)
-    check_identity(run, store, run_dir, Path(store_path))
+    check_identity(run, store, run_dir, str(store_path))
     features = store.slide(slide_id)
     store.require_whole([slide_id], "the heatmap")
     geometry = store.identity["geometry"]
@@ -412,7 +416,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
                          heatmap=heat, overlay=overlay, downsample=downsample[0])
 
 
-def check_identity(run: dict[str, Any], store: FeatureStore, run_dir: Path, store_path: Path) -> None:
+def check_identity(run: dict[str, Any], store: FeatureStore, run_dir: Path, store_path: str | Path) -> None:
     """The store must hold the features the run was fit on (same encoder and geometry)."""
     identity = run.get("store_identity")
     if identity is None:
