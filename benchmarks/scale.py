@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,14 +44,10 @@ from mrantool.store import FeatureStore, make_identity
 from mrantool.tiling.presets import get_preset
 
 TARGET_RAY_RATIO = 0.9
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+# columns of scale.md (the git commit and the command are recorded by common.write_results)
+TABLES = {"throughput": ["", "patches/s (median)"],
+          "rounds": ["round", "local s", "Ray s", "patches", "ratio", "per-slide overhead s"],
+          "store": ["", "write s", "read s"]}
 
 
 def disc(size: int, seed: int) -> np.ndarray:
@@ -138,9 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    report: dict[str, Any] = {"hardware": hardware(), "load_before": load_average(), "git_commit": git_commit(),
-                              "command": args.command, "settings": vars(args).copy()}
-    report["settings"].pop("command")
+    report: dict[str, Any] = {"hardware": hardware(), "load_before": load_average(), "settings": vars(args).copy()}
     try:
         cohort = make_cohort(work / "cohort", args.slides, args.slide_px)
         small = make_cohort(work / "small", args.small_slides, 2048)  # 2048 px: one tiny-preset bag per slide
@@ -205,18 +198,17 @@ def to_markdown(report: dict[str, Any]) -> str:
     verdict = "met" if ratio >= TARGET_RAY_RATIO else "not met"
     lines = [
         "# Scale-out benchmark (benchmarks/scale.py)", "",
-        f"Command: `{report['command']}`  ", f"Git commit: {report['git_commit']}  ",
         f"Date: {hw['date']}; {hw['cpu']}, {hw['cores']} cores, {hw['memory_gib']} GiB; torch {hw['torch']}; "
         f"load average {report['load_before']} before, {report['load_after']} after.", "",
         "## Extraction: Ray executor against the local one (same machine, same CPUs)", "",
-        markdown_table(["", "patches/s (median)"], [["local executor", f"{s['local_patches_s']:.1f}"],
-                                                    ["Ray executor", f"{s['ray_patches_s']:.1f}"],
-                                                    [f"Ray / local (target >= {TARGET_RAY_RATIO})",
-                                                     f"{ratio:.2f} ({verdict})"],
-                                                    ["Ray / local without Ray's per-run fixed cost",
-                                                     f"{s['ray_over_local_without_fixed']:.2f}"]],
+        markdown_table(TABLES["throughput"], [["local executor", f"{s['local_patches_s']:.1f}"],
+                                              ["Ray executor", f"{s['ray_patches_s']:.1f}"],
+                                              [f"Ray / local (target >= {TARGET_RAY_RATIO})",
+                                               f"{ratio:.2f} ({verdict})"],
+                                              ["Ray / local without Ray's per-run fixed cost",
+                                               f"{s['ray_over_local_without_fixed']:.2f}"]],
                        [False, True]), "",
-        markdown_table(["round", "local s", "Ray s", "patches", "ratio", "per-slide overhead s"],
+        markdown_table(TABLES["rounds"],
                        [[r["round"], f"{r['local_s']:.1f}", f"{r['ray_s']:.1f}", r["patches"], f"{r['ratio']:.2f}",
                          f"{r['per_slide_overhead_s']:.2f}"] for r in report["rounds"]],
                        [False, True, True, True, True, True]), "",
@@ -225,7 +217,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"{s['ray_run_fixed_s']:.1f} s (connect, actors); per-slide overhead {s['per_slide_overhead_s']:.2f} s "
         "(marginal cost of one-bag slides on Ray minus on the local executor).", "",
         f"## Store on object storage ({report['s3']}) against a local store", "",
-        markdown_table(["", "write s", "read s"],
+        markdown_table(TABLES["store"],
                        [["local store", f"{s['local_write_s']:.2f}", f"{s['local_read_s']:.2f}"],
                         ["S3 store", f"{s['s3_write_s']:.2f}", f"{s['s3_read_s']:.2f}"]], [False, True, True]), "",
         f"One slide of {report['settings']['store_bags']} bags, {report['settings']['preset']} geometry, patch and "
@@ -248,9 +240,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--s3-endpoint", default=None, help="A real S3 endpoint instead of a local moto server.")
     parser.add_argument("--bucket", default="mrantool-bench")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    args.command = "python benchmarks/scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
