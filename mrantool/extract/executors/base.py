@@ -7,9 +7,11 @@ Executor interface: `run(slides: list[SlideInput]) -> ExtractReport`, emitting p
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,6 +101,26 @@ class Plan:
 def source_fingerprint(source: str | Path) -> dict[str, Any]:
     """{size, etag} of a slide on object storage, {size, mtime_ns, sha256_first_mib} of a local one."""
     return remote_fingerprint(str(source)) if is_remote(source) else file_fingerprint(source)
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold a Ctrl-C until the block is done (main thread only), where an interrupt would leave a thread writing
+    while the clean-up that follows (abort, abandon the attempt) deletes the attempt, leaving half of it behind:
+    zarr runs a store call as a coroutine on its own I/O thread, which goes on when the waiting main thread is
+    interrupted; a thread pool's first submit starts its worker, which an interrupted start leaves unjoined."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
 
 
 def store_write_error(exc: OSError, store: FeatureStore) -> FileSystemError:

@@ -28,6 +28,7 @@ from mrantool.extract.executors.base import (
     Progress,
     plan_source,
     store_write_error,
+    uninterrupted,
 )
 from mrantool.extract.inputs import SlideInput
 from mrantool.slides.cache import SlideCache
@@ -156,22 +157,25 @@ class LocalExecutor:
                 claim, plan = planned[index]
                 patch_emb, cell_emb = self.encode(batch["patches"])
                 if index not in writers:
-                    writers[index] = ledger.begin(claim, plan)
+                    with uninterrupted():  # a Ctrl-C waits for the attempt's zarr metadata (see uninterrupted)
+                        writers[index] = ledger.begin(claim, plan)
                     written[index] = 0
                     claim.started = last_tick
                     self.progress("slide_start", {"slide_id": claim.slide.slide_id, "n_bags": len(plan.coords)})
                 n = len(batch["items"])
                 start = batch["items"][0].bag_index
-                pending.append(write_pool.submit(
-                    writers[index].write, start, plan.coords[start:start + n], plan.patch_tissue[start:start + n],
-                    patch_emb, cell_emb))
+                with uninterrupted():  # the first submit starts the write thread: interrupted, it is never joined
+                    pending.append(write_pool.submit(
+                        writers[index].write, start, plan.coords[start:start + n],
+                        plan.patch_tissue[start:start + n], patch_emb, cell_emb))
                 pending = self._drain(pending, MAX_PENDING_WRITES)
                 written[index] += n
                 report.n_patches += n * self.geometry.n_patches
                 self.progress("bags", {"n": n, "patches": n * self.geometry.n_patches, "node": node})
                 if written[index] == len(plan.coords):
                     pending = self._drain(pending, 0)
-                    self._commit(ledger, claim, plan, writers.pop(index))
+                    with uninterrupted():
+                        self._commit(ledger, claim, plan, writers.pop(index))
                 last_tick = time.perf_counter()
             self._drain(pending, 0)
 
