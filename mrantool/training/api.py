@@ -296,7 +296,7 @@ def _run_fold(cfg: FitConfig, data: MILData, labels: Labels, split: Split, name:
     head = create_head(cfg.model, data.in_dim, labels.n_classes, **cfg.options)
     if cfg.standardize:
         head = Standardized(head, data.in_dim)
-        head.set_stats(*feature_stats(data, [ids[i] for i in split.train]))
+        head.set_stats(**feature_stats(data, [ids[i] for i in split.train]))
     result = train_fold(head, data, [ids[i] for i in split.train], y[split.train],
                         [ids[i] for i in split.val], y[split.val], cfg, seed=seed, device=device,
                         progress=emit, context=context)
@@ -320,20 +320,39 @@ def _run_fold(cfg: FitConfig, data: MILData, labels: Labels, split: Split, name:
     return report, rows, result.history, (y[split.test], test.probs)
 
 
-def feature_stats(data: MILData, slide_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides)."""
-    total = torch.zeros(data.in_dim, dtype=torch.float64)
-    squares = torch.zeros(data.in_dim, dtype=torch.float64)
-    count = 0
+def feature_stats(data: MILData, slide_ids: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per-dimension mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides), and of
+    their cell embeddings when `data` loads cells: {"mean", "sd"[, "cell_mean", "cell_sd"]}."""
+    sums = {"patch": _Moments(data.in_dim), "cell": _Moments(data.in_dim)}
     for slide_id in slide_ids:
         bags = data.bags(slide_id, None, "cpu")
-        x = bags.patches[bags.mask].double()
-        total += x.sum(0)
-        squares += (x * x).sum(0)
-        count += len(x)
-    mean = total / max(count, 1)
-    sd = (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt()
-    return mean.float(), sd.float()
+        sums["patch"].add(bags.patches[bags.mask])
+        if bags.cells is not None:
+            sums["cell"].add(bags.cells[bags.mask].flatten(0, -2))
+    stats = dict(zip(("mean", "sd"), sums["patch"].mean_sd(), strict=True))
+    if sums["cell"].count:
+        stats.update(zip(("cell_mean", "cell_sd"), sums["cell"].mean_sd(), strict=True))
+    return stats
+
+
+class _Moments:
+    """Running per-dimension sum and sum of squares (float64)."""
+
+    def __init__(self, dim: int) -> None:
+        self.total = torch.zeros(dim, dtype=torch.float64)
+        self.squares = torch.zeros(dim, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.total += x.sum(0)
+        self.squares += (x * x).sum(0)
+        self.count += len(x)
+
+    def mean_sd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = self.total / max(self.count, 1)
+        sd = (self.squares / max(self.count, 1) - mean * mean).clamp_min(0).sqrt()
+        return mean.float(), sd.float()
 
 
 def _attention_saver(folder: Path) -> Callable[[str, MILOutput], None]:
