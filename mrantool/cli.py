@@ -32,6 +32,12 @@ def run_api(fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+def _print_failures(failed: list) -> None:
+    """One line per failed item (its one-sentence message), after the results table."""
+    for item in failed:
+        err_console.print(f"failed: {item.message}", soft_wrap=True, markup=False, highlight=False)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the cohort, store, run, heatmap and index.")] = Path("demo"),
@@ -76,6 +82,7 @@ def preview(
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("preview.png"),
     preset: Annotated[str, typer.Option(help="Preset: mran, resnet50-trunc, vit-s16, uni, tiny.")] = "mran",
     mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) where the metadata lacks it.")] = None,
+    mpp_csv: Annotated[Path | None, typer.Option(help="CSV slide,mpp: per-slide scan resolutions.")] = None,
     target_mpp: Annotated[float | None, typer.Option(help="Override the preset's target resolution.")] = None,
     min_tissue: Annotated[float, typer.Option(help="Keep bags with at least this tissue fraction.")] = 0.1,
 ) -> None:
@@ -83,12 +90,14 @@ def preview(
 
     Example: mrantool preview CMU-1-Small-Region.svs --preset mran --out preview.png
     """
+    from mrantool.slides.mpp_table import read_mpp_table
     from mrantool.tiling.presets import get_preset
     from mrantool.viz.preview import draw_preview
 
     def go():
         p = get_preset(preset).with_overrides(mpp=target_mpp)
-        return draw_preview(slide, p, out, mpp=mpp, min_tissue=min_tissue)
+        table = read_mpp_table(mpp_csv) if mpp_csv else None
+        return draw_preview(slide, p, out, mpp=mpp, mpp_table=table, min_tissue=min_tissue)
 
     summary = run_api(go)
     console.print(summary.line(), soft_wrap=True)
@@ -99,11 +108,17 @@ def preview(
 def extract(
     slides: Annotated[list[str] | None, typer.Argument(help="Slide files, folders, CSVs with slide_path.")] = None,
     store: Annotated[str | None, typer.Option(help="The Zarr feature store to fill (created when absent).")] = None,
-    preset: Annotated[str | None, typer.Option(help="mran, resnet50-trunc, vit-s16, uni, tiny.")] = None,
-    encoder: Annotated[str | None, typer.Option(help="A timm model name replacing the preset's architecture.")] = None,
-    weights: Annotated[str | None, typer.Option(help="Local encoder weights (safetensors or a state dict).")] = None,
-    pretrained: Annotated[bool | None, typer.Option(help="Load the preset's hub weights (needs hub access).")] = None,
+    preset: Annotated[str | None, typer.Option(help="mran, resnet50-trunc, vit-s16, tiny; uni, uni2-h, virchow2, "
+                                                    "h-optimus-0/1, prov-gigapath.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="A timm model name, or hf-hub:ORG/NAME read from local files, "
+                                                     "replacing the preset's architecture.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local weights: a file (safetensors or a state dict), or a hub "
+                                                     "model's folder.")] = None,
+    pretrained: Annotated[bool | None, typer.Option(help="The preset's hub model: local cache first, a download "
+                                                         "only without HF_HUB_OFFLINE.")] = None,
     mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) for slides without it.")] = None,
+    mpp_csv: Annotated[str | None, typer.Option(help="CSV slide,mpp: per-slide scan resolutions (win over --mpp).")
+                       ] = None,
     target_mpp: Annotated[float | None, typer.Option(help="Override the preset's target resolution.")] = None,
     min_tissue: Annotated[float | None, typer.Option(help="Keep bags with at least this tissue fraction.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = None,
@@ -125,7 +140,7 @@ def extract(
 
     cfg = run_api(lambda: ExtractConfig.load(
         config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
-        pretrained=pretrained, mpp=mpp, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
+        pretrained=pretrained, mpp=mpp, mpp_csv=mpp_csv, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
         batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from, quiet=quiet,
     ))
     with extract_progress(console, cfg.quiet) as progress:
@@ -157,7 +172,7 @@ def import_features(
     Example: mrantool import features/*.h5 --store imported.zarr --format auto
     """
     from mrantool.cli_render import extract_progress, results_table
-    from mrantool.store.importers import import_h5
+    from mrantool.interop.importers import import_h5
 
     with extract_progress(console, quiet) as progress:
         report = run_api(lambda: import_h5(files, store, fmt=format, bag_grid=bag_grid, mpp=mpp, encoder=encoder,
@@ -168,6 +183,66 @@ def import_features(
         console.print(f"note: {note}", soft_wrap=True, markup=False)
     console.print(f"{report.count('done')} imported, {report.count('skipped')} already complete, "
                   f"{len(report.failed)} failed", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("export")
+def export_features(
+    store: Annotated[Path, typer.Option(help="The feature store to export.")],
+    out: Annotated[Path, typer.Option(help="Folder for the per-slide h5 files.")],
+    format: Annotated[str, typer.Option("--format", help="trident (one h5 per slide) or clam (h5_files/ + "
+                                                         "pt_files/).")] = "trident",
+    slide: Annotated[list[str] | None, typer.Option(help="Export only this slide id (repeatable).")] = None,
+    min_tissue: Annotated[float, typer.Option(help="Export patches with at least this tissue fraction.")] = 0.0,
+) -> None:
+    """Write a store's patch features as CLAM or TRIDENT / Patho-Bench h5 files (level-0 coordinates).
+
+    Example: mrantool export --format trident --store cohort.zarr --out features_mrantool/
+    """
+    from mrantool.cli_render import results_table
+    from mrantool.interop.h5_export import export_h5
+
+    report = run_api(lambda: export_h5(store, out, fmt=format, slides=slide, min_tissue=min_tissue))
+    rows = [[r.slide_id, r.status, r.n_patches] for r in report.results]
+    console.print(results_table(f"export ({format})", ["slide", "status", "patches"], rows))
+    _print_failures(report.failed)
+    console.print(f"{len(report.results) - len(report.failed)} slides, {report.n_patches} patches written to {out} "
+                  f"({len(report.failed)} failed) in {report.seconds:.1f}s", soft_wrap=True)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command("export-qupath")
+def export_qupath(
+    run: Annotated[Path, typer.Option(help="A fit run folder (holds attention/<slide>.npz).")],
+    store: Annotated[Path, typer.Option(help="The store the run was fit on.")],
+    out: Annotated[Path, typer.Option(help="Folder for <slide>.geojson files.")],
+    slide: Annotated[list[str] | None, typer.Option(help="Slide id to export (repeatable).")] = None,
+    all_slides: Annotated[bool, typer.Option("--all", help="Every slide the run has attention for.")] = False,
+    level: Annotated[str, typer.Option(help="patch or cell: one detection per patch or per cell.")] = "patch",
+    top: Annotated[int, typer.Option(help="The K most attended items also become annotations.")] = 10,
+) -> None:
+    """Write a run's attention as QuPath GeoJSON (detections with attention measurements, top-K annotations).
+
+    Example: mrantool export-qupath --run runs/mran --store cohort.zarr --slide synth-003 --out qupath/
+    """
+    from mrantool.cli_render import results_table
+    from mrantool.errors import ConfigError
+    from mrantool.interop.qupath import export_qupath as run_export
+
+    def go():
+        if bool(slide) == all_slides:
+            raise ConfigError("Give --slide ID (repeatable) or --all, not both and not neither.")
+        return run_export(run, store, out, slides=None if all_slides else slide, level=level, top=top)
+
+    report = run_api(go)
+    rows = [[r.slide_id, r.status, r.n_detections, r.n_annotations, str(r.path or "")] for r in report.results]
+    console.print(results_table("QuPath GeoJSON", ["slide", "status", "detections", "annotations", "file"], rows))
+    _print_failures(report.failed)
+    console.print(f"{len(report.results) - len(report.failed)} GeoJSON file(s) in {out} ({len(report.failed)} "
+                  "failed); in QuPath: File > Object data... > Import objects, or drag a file onto its slide",
+                  soft_wrap=True)
     if report.failed:
         raise typer.Exit(1)
 
@@ -464,6 +539,35 @@ def query(
     console.print(results_table("similar patches", ["query", *cols[1:]], rows))
     if result.gallery:
         console.print(f"wrote {result.gallery}")
+
+
+@app.command()
+def view(
+    store: Annotated[Path, typer.Option(help="The feature store whose slides to show.")],
+    run: Annotated[Path | None, typer.Option(help="A fit run: predictions and attention overlays.")] = None,
+    index: Annotated[Path | None, typer.Option(help="A patch index (`mrantool index build`): click to find "
+                                                    "similar patches.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="labels.csv, for label columns without a run.")] = None,
+    slides: Annotated[list[str] | None, typer.Option(help="Slide files/folders/CSV, when they moved since "
+                                                          "extraction (repeatable).")] = None,
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; the default serves this computer only.")] =
+        "127.0.0.1",
+) -> None:
+    """Serve a browser viewer: slides with attention overlays, tissue outline, click a patch to find similar ones.
+
+    Example: mrantool view --store demo/store.zarr --run demo/runs/mran --index demo/index
+    """
+    from mrantool.web.server import LOCAL_HOSTS, build_viewer, check_port, serve, url_of
+
+    viewer = run_api(lambda: build_viewer(store, run=run, index=index, labels=labels, slides=slides))
+    run_api(lambda: check_port(host, port))
+    if host not in LOCAL_HOSTS:
+        err_console.print(f"warning: listening on {host}: anyone who can reach this machine on port {port} can see "
+                          "the slides.", soft_wrap=True, markup=False)
+    console.print(f"viewer of {store} ({len(viewer.cohort.slide_ids())} slides) at {url_of(host, port)} "
+                  "(Ctrl+C to stop)", soft_wrap=True, markup=False)
+    run_api(lambda: serve(viewer, host, port))
 
 
 def main() -> None:

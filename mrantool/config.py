@@ -85,6 +85,7 @@ class ExtractConfig(StageConfig):
     pretrained: bool = False  # load the preset's hub weights (needs access to the hub)
     encoder_from: str | None = None  # a fine-tuning run whose encoder to use
     mpp: float | None = None  # scan resolution override for slides without (or with wrong) metadata
+    mpp_csv: str | None = None  # per-slide scan resolutions (slide,mpp); a row wins over `mpp` and the metadata
     target_mpp: float | None = None
     bag_px: int | None = None
     grid: int | None = None
@@ -118,6 +119,8 @@ class FitConfig(StageConfig):
     patience: int = 10
     min_epochs: int = 5
     monitor: str = "loss"  # validation loss or "auc" picks the best epoch
+    smoothing: float = 0.0  # weight of past epochs in an exponential moving average of the monitored value
+    lr_schedule: str = "constant"  # constant | cosine (per step, from lr to 0 over `epochs`)
     class_weights: bool = True
     standardize: bool = True  # z-score features with the training fold's per-dimension mean and sd
     bag_mining: bool = True  # MRAN: slide attention re-weights bags in the next epoch

@@ -9,6 +9,10 @@ class SlideError(MrantoolError):
     """A slide file cannot be read or has no usable metadata."""
 
 
+class MissingMppError(SlideError):
+    """A slide has no microns-per-pixel metadata and none was given."""
+
+
 class StoreError(MrantoolError):
     """A feature store is missing, damaged, or was written with another encoder, geometry or schema."""
 

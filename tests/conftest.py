@@ -54,3 +54,11 @@ def small_slide(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("slides") / "disc.tif"
     write_pyramid_tiff(path, tissue_image(), mpp=0.5)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_like(tmp_path_factory):
+    """A small `mrantool demo`-style output (4 slides, tiny preset, real fit and index): see tests/demo_like.py."""
+    from tests.demo_like import build_demo_like
+
+    return build_demo_like(tmp_path_factory.mktemp("demo_like"))

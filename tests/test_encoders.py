@@ -36,8 +36,8 @@ def tiny() -> registry.PatchEncoder:
     return create_encoder(PRESETS["tiny"])
 
 
-@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"uni"}))
-def test_preset_builds_with_right_shapes(name: str) -> None:
+@pytest.mark.parametrize("name", sorted(name for name, p in PRESETS.items() if p.hub is None))  # foundation models:
+def test_preset_builds_with_right_shapes(name: str) -> None:  # ViT-L to ViT-g, checked on the meta device instead
     preset = PRESETS[name]
     encoder = create_encoder(preset)
     patch, cells = _run(encoder, _batch(preset))
@@ -153,15 +153,27 @@ def test_preset_dim_disagreement_is_a_config_error() -> None:
         create_encoder(dataclasses.replace(PRESETS["tiny"], embed_dim=64))
 
 
-def test_unfetchable_pretrained_weights_point_to_weights_flag(monkeypatch) -> None:
-    def offline(*args, **kwargs):
+def test_unfetchable_pretrained_weights_point_to_weights_flag(monkeypatch, tmp_path) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def unreachable(*args, **kwargs):
+        if kwargs.get("local_files_only"):
+            raise FileNotFoundError("not in the cache")
         raise OSError("We couldn't connect to 'https://huggingface.co'")
 
-    monkeypatch.setattr(registry.timm, "create_model", offline)
-    with pytest.raises(ConfigError, match=r"'hf-hub:MahmoodLab/UNI' could not be fetched.*--weights FILE"):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(ConfigError, match=r"hf-hub:MahmoodLab/UNI could not be downloaded.*--weights DIR"):
         create_encoder(PRESETS["uni"], pretrained=True)
-    with pytest.raises(ConfigError, match="not both"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: the cache is the only place looked at
+    with pytest.raises(ConfigError, match=r"hf-hub:MahmoodLab/UNI is not in the Hugging Face cache"):
+        create_encoder(PRESETS["uni"], pretrained=True)
+    with pytest.raises(ConfigError, match="needs --weights to be a folder"):  # hub models: a folder, not a file
         create_encoder(PRESETS["uni"], pretrained=True, weights="w.pt")
+    with pytest.raises(ConfigError, match="not both"):
+        create_encoder(PRESETS["tiny"], pretrained=True, weights="w.pt")
 
 
 def test_to_tensor_batch_normalises_and_resizes() -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from mrantool.errors import ConfigError, StoreError
+from mrantool.interop.importers import group_by_lattice, import_h5, infer_step
 from mrantool.store import FeatureStore, check_store, make_identity
-from mrantool.store.importers import group_by_lattice, import_h5, infer_step
 
 from .conftest import shared_file
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mrantool.encoders.hub import is_hub_name
 from mrantool.encoders.registry import PatchEncoder, create_encoder, file_sha256
 from mrantool.errors import ConfigError
 from mrantool.tiling.presets import Geometry, get_preset
@@ -14,8 +15,9 @@ from mrantool.tiling.presets import Geometry, get_preset
 def rebuild_encoder(identity: dict[str, Any], weights: str | Path | None = None) -> PatchEncoder:
     """The store's encoder: same architecture, weights, transforms and cell grid.
 
-    Random-init encoders are seeded and rebuild exactly; hub weights are fetched again; local weights need the file
-    (`weights`), whose hash must match the one the store recorded.
+    Random-init encoders are seeded and rebuild exactly; hub models load from the same local folder or cache
+    (`weights` may name the folder); local weights need the file (`weights`), whose hash must match the one the
+    store recorded.
     """
     preset = get_preset(identity["preset"])
     geometry = Geometry(**identity["geometry"])
@@ -29,8 +31,12 @@ def rebuild_encoder(identity: dict[str, Any], weights: str | Path | None = None)
             f"The store's encoder uses local weights ({recorded[:19]}...); pass the same file with --weights."
         )
     pretrained = recorded.startswith("pretrained")
-    arch = None if pretrained else identity["encoder"]
-    encoder = create_encoder(preset, weights=weights if not pretrained else None, pretrained=pretrained, arch=arch)
+    if is_hub_name(identity["encoder"]) and "#sha256:" in recorded:  # a hub model read from local files
+        encoder = create_encoder(preset, weights=weights, arch=identity["encoder"])
+    else:
+        arch = None if pretrained else identity["encoder"]
+        encoder = create_encoder(preset, weights=weights if not pretrained else None, pretrained=pretrained,
+                                 arch=arch)
     got = encoder.identity()["weights"]
     if got != recorded:
         raise ConfigError(

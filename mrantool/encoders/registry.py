@@ -1,4 +1,4 @@
-"""Patch encoders over timm: any timm name, hf-hub pretrained weights, or a local weights file.
+"""Patch encoders over timm: any timm name, hf-hub models from local files (encoders/hub.py), or a weights file.
 
 One forward pass gives both the patch embedding (B, D) and the c x c cell embeddings (B, c*c, D): a CNN's
 final (or truncated) feature map is average-pooled globally and to c x c; a ViT's pooled output is the patch
@@ -11,6 +11,7 @@ import copy
 import difflib
 import hashlib
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,9 +20,10 @@ import timm
 import torch
 from torch import nn
 
+from mrantool.encoders.hub import is_hub_name, model_folder, state_sha256
 from mrantool.encoders.tokens import cells_from_feature_map, cells_from_vit_tokens, token_grid
 from mrantool.errors import ConfigError
-from mrantool.tiling.presets import Preset
+from mrantool.tiling.presets import PRESETS, Preset
 
 RANDOM_INIT_SEED = 0
 _HUB_PREFIXES = ("hf-hub:", "local-dir:")
@@ -76,13 +78,18 @@ def create_encoder(preset: Preset, *, weights: str | Path | None = None, pretrai
     """Build the preset's encoder (or the timm `arch` that overrides it) in eval mode.
 
     Random init is seeded (RANDOM_INIT_SEED) so "random-init" names one set of weights; `weights` loads a
-    local safetensors/torch state dict into the architecture; `pretrained` fetches `preset.hub` (or the timm
-    default weights of `arch`).
+    local safetensors/torch state dict into the architecture; `pretrained` fetches the timm default weights of
+    `arch`. Hub models (`arch` = hf-hub:ORG/NAME, or the preset's hub with `pretrained` or a `weights` folder)
+    load from local files with their own normalisation (see `encoders/hub.py`).
     """
-    if pretrained and weights is not None:
-        raise ConfigError("Pass either a --weights FILE or pretrained weights, not both.")
     overridden = arch is not None and arch != preset.arch
     name = arch if overridden else preset.arch
+    weights_dir = weights is not None and Path(weights).is_dir()
+    if is_hub_name(name) or (not overridden and preset.hub and (pretrained or weights_dir)):
+        return _create_hub_encoder(preset, name if is_hub_name(name) else str(preset.hub), weights, pretrained,
+                                   overridden)
+    if pretrained and weights is not None:
+        raise ConfigError("Pass either a --weights FILE or pretrained weights, not both.")
     kwargs = {} if overridden else dict(preset.model_kwargs)
     source = name if overridden or not preset.hub else preset.hub
     if pretrained:
@@ -109,6 +116,51 @@ def create_encoder(preset: Preset, *, weights: str | Path | None = None, pretrai
     })
 
 
+def _create_hub_encoder(preset: Preset, hub: str, weights: str | Path | None, pretrained: bool,
+                        overridden: bool) -> PatchEncoder:
+    """A hub model from its local folder, with the input size and normalisation of its own config."""
+    if weights is not None and not Path(weights).is_dir():
+        raise ConfigError(f"{hub} needs --weights to be a folder (its config.json and weights) or a Hugging Face "
+                          f"cache folder, not the file {weights}.")
+    known = preset if preset.hub == hub else next((p for p in PRESETS.values() if p.hub == hub), None)
+    kwargs = dict(known.model_kwargs) if known else {}
+    folder = model_folder(hub, weights, allow_download=pretrained)
+    model = _build(f"local-dir:{folder}", kwargs, pretrained=True)
+    data = timm.data.resolve_model_data_config(model)
+    own = replace(preset, mean=tuple(float(v) for v in data["mean"]), std=tuple(float(v) for v in data["std"]),
+                  input_px=int(data["input_size"][-1]))
+    model.eval()
+    return _finish(model, own, name=hub, overridden=overridden, index=None, identity={
+        "arch": str(model.pretrained_cfg.get("architecture", hub)),
+        "hub": hub,
+        "weights": f"pretrained:{hub}#sha256:{state_sha256(model)}",
+        "model_kwargs": kwargs,
+        "mean": list(own.mean),
+        "std": list(own.std),
+        "input_px": own.input_px,
+        "feature_index": None,
+        "cells": preset.geometry.cells,
+    })
+
+
+def aligned_preset(preset: Preset, encoder: PatchEncoder) -> Preset:
+    """`preset` with the encoder's own input size and normalisation (a hub model's config may differ)."""
+    ident = encoder.identity()
+    return replace(preset, mean=tuple(ident["mean"]), std=tuple(ident["std"]), input_px=int(ident["input_px"]))
+
+
+def _resolve_layers(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Model arguments as JSON in presets (`"mlp_layer": "SwiGLUPacked"`) resolved to timm's layer classes."""
+    out = dict(kwargs)
+    if isinstance(out.get("mlp_layer"), str):
+        layer = getattr(timm.layers, out["mlp_layer"], None)
+        if layer is None:
+            raise ConfigError(f"mlp_layer '{out['mlp_layer']}' is not a timm layer; use a name from timm.layers "
+                              "such as SwiGLUPacked.")
+        out["mlp_layer"] = layer
+    return out
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
@@ -128,12 +180,17 @@ def _build(name: str, kwargs: dict[str, Any], *, pretrained: bool) -> nn.Module:
         )
     try:
         if pretrained:
-            return timm.create_model(name, pretrained=True, num_classes=0, **kwargs)
+            return timm.create_model(name, pretrained=True, num_classes=0, **_resolve_layers(kwargs))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_INIT_SEED)
-            return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+            return timm.create_model(name, pretrained=False, num_classes=0, **_resolve_layers(kwargs))
     except Exception as e:  # timm, huggingface_hub and network errors have no common base class
         reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        if name.startswith("local-dir:"):
+            raise ConfigError(
+                f"timm could not build the model in {name[10:]} ({reason}); check that its config.json and weights "
+                "belong together (re-download the repository)."
+            ) from e
         if pretrained:
             raise ConfigError(
                 f"The pretrained weights of '{name}' could not be fetched ({reason}); download them where you "

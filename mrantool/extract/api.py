@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from mrantool.config import ExtractConfig
 from mrantool.encoders.rebuild import encoder_weights_from_run, finetuned_extract_settings
-from mrantool.encoders.registry import create_encoder
+from mrantool.encoders.registry import aligned_preset, create_encoder
 from mrantool.extract.inputs import collect_slides, parse_shard, shard
 from mrantool.extract.pipeline import Extractor, ExtractReport, Progress, store_identity
+from mrantool.slides.mpp_table import read_mpp_table
 from mrantool.store.reader import FeatureStore
 from mrantool.tiling.presets import Preset, get_preset
 
@@ -42,15 +44,22 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractRepo
     if cfg.encoder_from:
         cfg = with_finetuned_encoder(cfg)
     index, count = parse_shard(cfg.shard)
-    slides = shard(collect_slides(cfg.slides), index, count)
+    slides = collect_slides(cfg.slides)
+    table = read_mpp_table(cfg.mpp_csv) if cfg.mpp_csv else None
+    if table is not None:
+        table.check_covers((s.slide_id, s.path) for s in slides)
+        slides = [replace(s, mpp=table.lookup(s.slide_id, s.path)) for s in slides]
+    slides = shard(slides, index, count)
     preset = resolve_preset(cfg)
     encoder = create_encoder(preset, weights=cfg.weights, pretrained=cfg.pretrained, arch=cfg.encoder)
+    preset = aligned_preset(preset, encoder)  # a hub model's own input size and normalisation
     identity = store_identity(preset, encoder)
     if cfg.encoder_from:
         identity["finetuned_from"] = str(Path(cfg.encoder_from).resolve())
     store = FeatureStore.create(cfg.store, identity)
     extractor = Extractor(
         store, preset, encoder, device=resolve_device(cfg.device), batch_size=cfg.batch_size,
-        workers=cfg.workers, slide_mpp=cfg.mpp, min_tissue=cfg.min_tissue, compile=cfg.compile, progress=progress,
+        workers=cfg.workers, slide_mpp=cfg.mpp, mpp_table=table, min_tissue=cfg.min_tissue, compile=cfg.compile,
+        progress=progress,
     )
     return extractor.run(slides)

@@ -18,10 +18,11 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-+ ()\[\],]*$")
 
 @dataclass(frozen=True)
 class SlideInput:
-    """One slide to process: its id (unique in a store) and file."""
+    """One slide to process: its id (unique in a store), file, and level-0 mpp when a table gives it."""
 
     slide_id: str
     path: Path
+    mpp: float | None = None
 
 
 def collect_slides(items: list[str | Path]) -> list[SlideInput]:

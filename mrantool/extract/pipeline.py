@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from mrantool.encoders.registry import PatchEncoder
 from mrantool.errors import LockedError, MrantoolError
 from mrantool.extract.dataset import BagItem, BagRegions, collate_bags
 from mrantool.extract.inputs import SlideInput
+from mrantool.slides.mpp_table import MppTable
 from mrantool.slides.reader import open_slide
 from mrantool.store.fingerprint import file_fingerprint
 from mrantool.store.reader import FeatureStore
@@ -104,6 +106,7 @@ class Extractor:
         batch_size: int = 64,
         workers: int = 2,
         slide_mpp: float | None = None,
+        mpp_table: MppTable | None = None,
         min_tissue: float = 0.1,
         channels_last: bool = True,
         compile: bool = False,
@@ -121,6 +124,7 @@ class Extractor:
         self.bags_per_batch = max(1, batch_size // self.geometry.n_patches)
         self.workers = workers
         self.slide_mpp = slide_mpp
+        self.mpp_table = mpp_table
         self.min_tissue = min_tissue
         self.progress = progress or (lambda event, info: None)
         mean = torch.tensor(preset.mean, device=self.device).view(1, 3, 1, 1) * 255
@@ -142,14 +146,17 @@ class Extractor:
             lock = None
         if lock is None:
             return SlideResult(item.slide_id, item.path, "busy", message="another extractor holds its lock")
+        given = item.mpp or self.slide_mpp
+        explain = self.mpp_table.explain_missing(item.slide_id, item.path) if self.mpp_table else nullcontext()
         try:
-            with open_slide(item.path, mpp=self.slide_mpp) as slide:
+            with explain, open_slide(item.path, mpp=given) as slide:
                 sp = plan_slide(slide, self.geometry, self.min_tissue)
                 provenance = {
                     "source": str(Path(item.path).resolve()),
                     "fingerprint": fingerprint,
                     "mpp": self.geometry.mpp,
                     "slide_mpp": slide.mpp,
+                    "slide_mpp_source": "mpp table" if item.mpp else "--mpp" if given else "metadata",
                     "level0_size": list(slide.dimensions),
                     "bag_size_l0": sp.plan.bag_size_l0,
                     "read_level": sp.read_level,

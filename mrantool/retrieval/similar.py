@@ -89,7 +89,9 @@ def from_image(store: FeatureStore, image_path: str | Path, weights: str | Path 
         raise ConfigError(f"Cannot read the image {image_path} ({exc}); give a PNG, JPEG or TIFF tile.") from None
     encoder = rebuild_encoder(store.identity, weights).eval()
     preset = get_preset(store.identity["preset"])
-    preset = preset.__class__(**{**preset.to_dict(), "input_px": store.identity["transforms"]["input_px"]})
+    t = store.identity["transforms"]
+    preset = preset.__class__(**{**preset.to_dict(), "input_px": t["input_px"], "mean": tuple(t["mean"]),
+                                 "std": tuple(t["std"])})
     with torch.inference_mode():
         patch, _ = encoder(to_tensor_batch(rgb[None], preset))
     return Query(patch.numpy().astype(np.float32), [Path(image_path).name], [None])

@@ -13,7 +13,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from mrantool.errors import SlideError
+from mrantool.errors import MissingMppError, SlideError
 
 # A level is used when its resolution is within this factor of the target (floating point slack in mpp tags).
 _LEVEL_SLACK = 1.01
@@ -132,7 +132,7 @@ def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
         mpp = _metadata_mpp(handle)
         if mpp is None:
             handle.close()
-            raise SlideError(
+            raise MissingMppError(
                 f"{path} has no microns-per-pixel metadata; pass --mpp with the scan resolution, e.g. --mpp 0.25."
             )
     elif not mpp > 0:

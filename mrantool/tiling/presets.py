@@ -9,6 +9,8 @@ from mrantool.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+H_OPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)  # H-optimus-0/1 model cards
+H_OPTIMUS_STD = (0.211883, 0.230117, 0.177517)
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,29 @@ PRESETS: dict[str, Preset] = {
         # Foundation-model shape (UNI): ViT-L/16 at 224 px, 0.5 mpp; hub weights only where the user has access.
         Preset("uni", Geometry(896, 0.5, 4, 7), arch="vit_large_patch16_224", embed_dim=1024, input_px=224,
                tokens="vit", hub="hf-hub:MahmoodLab/UNI", model_kwargs={"init_values": 1e-5}),
+        # Pathology foundation models (docs/foundation-models.md: sources and which facts are unverified). Their
+        # weights load from local files only (--weights DIR or the Hugging Face cache); these architectures and
+        # arguments also give the random-init shape. /14 ViTs at 224 px have 16x16 tokens -> 4x4 cells of 28 um.
+        Preset("uni2-h", Geometry(896, 0.5, 4, 4), arch="vit_giant_patch14_224", embed_dim=1536, input_px=224,
+               tokens="vit", hub="hf-hub:MahmoodLab/UNI2-h",
+               model_kwargs={"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+                             "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True,
+                             "mlp_layer": "SwiGLUPacked", "act_layer": "silu", "reg_tokens": 8,
+                             "dynamic_img_size": True}),
+        Preset("virchow2", Geometry(896, 0.5, 4, 4), arch="vit_huge_patch14_224", embed_dim=1280, input_px=224,
+               tokens="vit", hub="hf-hub:paige-ai/Virchow2",
+               model_kwargs={"img_size": 224, "init_values": 1e-5, "reg_tokens": 4, "mlp_ratio": 5.3375,
+                             "mlp_layer": "SwiGLUPacked", "act_layer": "silu", "dynamic_img_size": True}),
+        Preset("h-optimus-0", Geometry(896, 0.5, 4, 4), arch="vit_giant_patch14_reg4_dinov2", embed_dim=1536,
+               input_px=224, tokens="vit", hub="hf-hub:bioptimus/H-optimus-0", mean=H_OPTIMUS_MEAN,
+               std=H_OPTIMUS_STD, model_kwargs={"img_size": 224, "init_values": 1e-5}),
+        Preset("h-optimus-1", Geometry(896, 0.5, 4, 4), arch="vit_giant_patch14_reg4_dinov2", embed_dim=1536,
+               input_px=224, tokens="vit", hub="hf-hub:bioptimus/H-optimus-1", mean=H_OPTIMUS_MEAN,
+               std=H_OPTIMUS_STD, model_kwargs={"img_size": 224, "init_values": 1e-5}),
+        Preset("prov-gigapath", Geometry(896, 0.5, 4, 7), arch="vit_giant_patch14_dinov2", embed_dim=1536,
+               input_px=224, tokens="vit", hub="hf-hub:prov-gigapath/prov-gigapath",
+               model_kwargs={"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+                             "mlp_ratio": 5.33334}),
         # Small and fast: for tests and CPU demos (ResNet-18 cut after stage 2, 128-d, 64 px patches at 2 mpp).
         Preset("tiny", Geometry(256, 2.0, 4, 2), arch="resnet18", embed_dim=128, input_px=64, tokens="cnn",
                feature_index=2),

@@ -37,6 +37,7 @@ from mrantool.training.labels import Labels, read_labels
 from mrantool.training.loop import (
     MONITORS,
     OPTIMIZERS,
+    SCHEDULES,
     Progress,
     evaluate,
     resolve_device,
@@ -196,6 +197,8 @@ def check_config(cfg: FitConfig) -> None:
     rules = [
         (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} (use {', '.join(OPTIMIZERS)})"),
         (cfg.monitor in MONITORS, f"monitor {cfg.monitor!r} (use {' or '.join(MONITORS)})"),
+        (0 <= cfg.smoothing < 1, f"smoothing {cfg.smoothing} (use 0 <= smoothing < 1)"),
+        (cfg.lr_schedule in SCHEDULES, f"lr_schedule {cfg.lr_schedule!r} (use {' or '.join(SCHEDULES)})"),
         (cfg.folds >= 2, f"folds {cfg.folds} (use 2 or more)"),
         (cfg.repeats >= 1, f"repeats {cfg.repeats} (use 1 or more)"),
         (0 <= cfg.val_fraction < 1, f"val_fraction {cfg.val_fraction} (use 0 <= val_fraction < 1)"),

@@ -31,6 +31,7 @@ from mrantool.training.metrics import auc
 Progress = Callable[[str, dict[str, Any]], None]
 OPTIMIZERS = ("adam", "adamw", "sgd")
 MONITORS = ("loss", "auc")
+SCHEDULES = ("constant", "cosine")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,6 +94,16 @@ def make_optimizer(cfg: FitConfig, params: Any) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     raise ConfigError(f"optimizer {cfg.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")
+
+
+def make_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """None for a constant lr; "cosine" anneals per step from cfg.lr to 0 over cfg.epochs epochs."""
+    if cfg.lr_schedule == "constant":
+        return None
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
+    raise ConfigError(f"lr_schedule {cfg.lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}.")
 
 
 def uses_bag_weights(head: MILHead) -> bool:
@@ -163,10 +174,11 @@ def train_fold(head: MILHead, data: MILData, train_ids: Sequence[str], train_y: 
 
     Each epoch visits the training slides in a fresh random order, one slide per step, with at most
     cfg.max_bags random bags of a larger slide. The best epoch has the lowest validation loss (or highest
-    validation AUC with monitor="auc"; loss when the validation slides have one class); training stops
-    after `patience` epochs without improvement once `min_epochs` have run. Without validation slides the
-    last epoch is kept. With bag mining, the slide head's bag attention x n_bags of a slide's last step
-    becomes that slide's bag weights for its next step (next epoch).
+    validation AUC with monitor="auc"; loss when the validation slides have one class), after an exponential
+    moving average with weight `smoothing` on the past epochs; training stops after `patience` epochs
+    without improvement once `min_epochs` have run. Without validation slides the last epoch is kept.
+    `lr_schedule = "cosine"` anneals the lr per step to 0 over `epochs`. With bag mining, the slide head's
+    bag attention x n_bags of a slide's last step becomes that slide's bag weights for its next step.
     """
     start = time.perf_counter()
     context = context or {}
@@ -174,10 +186,11 @@ def train_fold(head: MILHead, data: MILData, train_ids: Sequence[str], train_y: 
     head.to(device)
     weights = class_weights(train_y, head.n_classes).to(device) if cfg.class_weights else None
     optimizer = make_optimizer(cfg, head.parameters())
+    scheduler = make_scheduler(cfg, optimizer, len(train_ids))
     mining = cfg.bag_mining and uses_bag_weights(head)
     bag_weights: dict[str, np.ndarray] = {}
     monitor = cfg.monitor if cfg.monitor == "loss" or len(set(np.asarray(val_y).tolist())) > 1 else "loss"
-    best_score, best_epoch = math.inf, -1
+    best_score, best_epoch, smoothed = math.inf, -1, math.nan
     best_state = copy.deepcopy(head.state_dict())
     history: list[dict[str, float]] = []
     epoch = -1
@@ -200,6 +213,8 @@ def train_fold(head: MILHead, data: MILData, train_ids: Sequence[str], train_y: 
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             losses.append(parts["loss"])
             ces.append(float(weighted_ce(out.logits.detach(), label, weights)))
             if mining and "bag" in out.attention:
@@ -210,6 +225,9 @@ def train_fold(head: MILHead, data: MILData, train_ids: Sequence[str], train_y: 
             val = evaluate(head, data, val_ids, val_y, device=device, class_weights=weights)
         val_auc = auc(val_y, val.probs) if val is not None else math.nan
         score = -math.inf if val is None else (-val_auc if monitor == "auc" else val.loss)
+        if math.isfinite(smoothed) and math.isfinite(score):  # exponential moving average over epochs
+            score = cfg.smoothing * smoothed + (1 - cfg.smoothing) * score
+        smoothed = score
         if score < best_score or val is None:
             best_score, best_epoch = score, epoch
             best_state = copy.deepcopy(head.state_dict())

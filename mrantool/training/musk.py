@@ -1,10 +1,9 @@
-"""Musk1 (Dietterich et al. 1997) through the real import path, and Ilse et al. 2018's evaluation protocol.
+"""Classical MIL sets (Musk1, Musk2, Elephant, ...) through the real import path, and Ilse et al. 2018's protocol.
 
-`load_musk1` reads the CSV (no header; column 0 bag label, column 1 bag id, then 166 features);
-`write_musk_h5` writes one h5 per molecule (a `features` dataset, no coordinates) plus labels.csv;
-`reproduce_musk` imports those files into a store and cross-validates MIL heads on it with `fit_data`,
-standardising features with each fold's training statistics (`FoldStandardised`), and summarises the
-accuracy the way the paper reports it (mean and standard error over 5 runs of 10-fold CV).
+`write_mil_h5` writes one h5 per bag of a classical set's CSV (a `features` dataset, no coordinates) plus
+labels.csv; `reproduce_musk` imports those files into a store and cross-validates MIL heads on it with
+`fit_data`, standardising features with each fold's training statistics (`FoldStandardised`), and summarises
+the accuracy the way the paper reports it (mean and standard error over 5 runs of 10-fold CV).
 """
 
 from __future__ import annotations
@@ -20,62 +19,45 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mrantool.cohorts.classical import load_mil_csv
 from mrantool.config import FitConfig
-from mrantool.errors import LabelsError, MrantoolError
+from mrantool.errors import MrantoolError
+from mrantool.interop.importers import ImportReport, import_h5
 from mrantool.store import FeatureStore
-from mrantool.store.importers import ImportReport, import_h5
 from mrantool.training.api import FitReport, fit_data
 from mrantool.training.data import MILData, StoreData
 from mrantool.training.labels import Labels, read_labels
 from mrantool.training.splits import Split, make_splits
 
-MUSK_ENCODER = "musk1-166"
-N_FEATURES = 166
 Progress = Callable[[str, dict[str, Any]], None]
 
 
-def load_musk1(csv_path: str | Path) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """(bags: float32 (n_i, 166) each, labels (n_bags,) int64, bag names) from the Musk1 CSV, in file order."""
-    path = Path(csv_path)
-    try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise LabelsError(f"Musk file {path} cannot be read as a numeric CSV ({exc}); pass musk1.csv (no "
-                          "header: bag label, bag id, 166 features).") from None
-    if table.shape[1] != 2 + N_FEATURES or not len(table):
-        raise LabelsError(f"Musk file {path} has {table.shape[1]} columns, expected {2 + N_FEATURES} (bag label, "
-                          "bag id, 166 features); pass the Musk1 CSV.")
-    ids, first = np.unique(table[:, 1], return_index=True)
-    bags, labels, names = [], [], []
-    for bag_id in ids[np.argsort(first)]:
-        rows = table[table[:, 1] == bag_id]
-        if len(np.unique(rows[:, 0])) != 1:
-            raise LabelsError(f"Musk file {path} gives bag {bag_id:g} more than one label; fix the file.")
-        bags.append(rows[:, 2:].astype(np.float32))
-        labels.append(int(rows[0, 0]))
-        names.append(f"musk1_bag{int(bag_id):03d}")
-    return bags, np.asarray(labels, dtype=np.int64), names
+def encoder_name(name: str, n_features: int) -> str:
+    """The store identity's encoder for a classical set, e.g. `musk1-166`."""
+    return f"{name}-{n_features}"
 
 
 @dataclass
 class MuskFiles:
-    """The h5 files written for the molecules and the labels.csv naming their slide ids."""
+    """The h5 files written for the bags and the labels.csv naming their slide ids."""
 
     h5: list[Path]
     labels: Path
 
 
-def write_musk_h5(csv_path: str | Path, out_dir: str | Path) -> MuskFiles:
-    """One `<name>.h5` per molecule (`features` (n, 166) float32, no coords) and `labels.csv`."""
-    bags, labels, names = load_musk1(csv_path)
+def write_mil_h5(csv_path: str | Path, out_dir: str | Path, name: str | None = None) -> MuskFiles:
+    """One `<bag name>.h5` per bag (`features` (n, d) float32, no coords) and `labels.csv`."""
+    name = name or Path(csv_path).stem
+    bags, labels, names = load_mil_csv(csv_path, name)
+    encoder = encoder_name(name, bags[0].shape[1])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    for bag, name in zip(bags, names, strict=True):
-        path = out / f"{name}.h5"
+    for bag, bag_name in zip(bags, names, strict=True):
+        path = out / f"{bag_name}.h5"
         with h5py.File(path, "w") as h5:
             h5.create_dataset("features", data=bag)
-            h5.attrs["encoder"] = MUSK_ENCODER
+            h5.attrs["encoder"] = encoder
             h5.attrs["source"] = str(Path(csv_path).name)
         files.append(path)
     labels_path = out / "labels.csv"
@@ -138,12 +120,13 @@ class FoldStandardised(MILData):
 
 @dataclass
 class MuskProtocol:
-    """Ilse et al. 2018 on Musk1: 5 runs of 10-fold CV, Adam(lr 5e-4, betas 0.9/0.999), no class weights.
+    """Ilse et al. 2018 on the classical MIL sets: 5 runs of 10-fold CV, Adam(lr 5e-4, betas 0.9/0.999), no
+    class weights, every instance of a bag in every step.
 
     Model selection uses only training bags: `val_fraction` of each fold's training bags (stratified) pick
-    the epoch with the lowest validation loss (`patience` epochs without improvement stop a fold early,
-    after at most `epochs`); the test fold is never looked at. Head options map the paper's attention
-    network onto the heads mrantool has (see docs/import.md).
+    the epoch with the lowest validation loss (EMA-smoothed with `smoothing`; `patience` epochs without
+    improvement stop a fold early, after at most `epochs`); the test fold is never looked at. Head options:
+    the paper's MIL-benchmark network (docs/import.md).
     """
 
     repeats: int = 5
@@ -153,6 +136,7 @@ class MuskProtocol:
     weight_decay: float = 5e-4
     val_fraction: float = 0.1
     patience: int = 10
+    smoothing: float = 0.0
     seed: int = 0
     threads: int = 1
     standardise: bool = True
@@ -163,7 +147,7 @@ class MuskProtocol:
         return FitConfig(store=str(store), labels=str(labels), out=str(out), model=model,
                          options=self.options.get(model, {}), folds=self.folds, repeats=self.repeats,
                          val_fraction=self.val_fraction, seed=self.seed, epochs=self.epochs, lr=self.lr,
-                         patience=self.patience,
+                         patience=self.patience, smoothing=self.smoothing, max_bags=100_000,
                          weight_decay=self.weight_decay, optimizer="adam", class_weights=False,
                          bag_mining=False, device="cpu", threads=self.threads, save_attention=False)
 
@@ -205,14 +189,16 @@ def summarise(model: str, options: dict[str, Any], report: FitReport, n_test: di
 
 
 def reproduce_musk(csv_path: str | Path, work_dir: str | Path, *, models: Sequence[str] = ("abmil", "gated-abmil"),
-                   protocol: MuskProtocol | None = None,
+                   protocol: MuskProtocol | None = None, name: str | None = None,
                    progress: Progress | None = None) -> tuple[ImportReport, list[MuskResult]]:
-    """Musk1 -> h5 files -> `import_h5` -> store -> `fit_data` per head; runs go to `work_dir/runs/<model>`."""
+    """A classical set's CSV -> h5 files -> `import_h5` -> store -> `fit_data` per head; runs go to
+    `work_dir/runs/<model>`. `name` (default: the CSV's stem) names the bags and the store."""
     protocol = protocol or MuskProtocol()
     emit = progress or (lambda event, info: None)
     work = Path(work_dir)
-    files = write_musk_h5(csv_path, work / "h5")
-    store_path = work / "musk1.zarr"
+    name = name or Path(csv_path).stem
+    files = write_mil_h5(csv_path, work / "h5", name)
+    store_path = work / f"{name}.zarr"
     imported = import_h5(files.h5, store_path, bag_grid=4)
     if imported.failed:
         raise MrantoolError(f"Importing the Musk h5 files into {store_path} failed: {imported.failed[0].message}")

@@ -203,7 +203,7 @@ def paint(tiles: np.ndarray, coords: np.ndarray, bag_l0: float, shape: tuple[int
 
 # --- drawing ---
 
-def _defined(level: str, weights: np.ndarray, tissue: np.ndarray, min_tissue: float) -> np.ndarray:
+def defined_items(level: str, weights: np.ndarray, tissue: np.ndarray, min_tissue: float) -> np.ndarray:
     """Items the head could attend to: every bag; patches with enough tissue (or any weight); their cells."""
     if level == "bag":
         return np.ones(weights.shape, bool)
@@ -365,7 +365,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
         raise MrantoolError(f"Head '{head}' of run {run_dir} has no {level} attention, only {', '.join(levels)}; "
                             f"use --level {' or --level '.join(levels)}.")
     store = FeatureStore.open(store_path)
-    _check_identity(run, store, run_dir, Path(store_path))
+    check_identity(run, store, run_dir, Path(store_path))
     features = store.slide(slide_id)
     geometry = store.identity["geometry"]
     grid, cells = geometry["grid"], geometry["cells"]
@@ -378,7 +378,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
     coords = np.asarray(features.coords[:], np.int64)
     provenance = features.provenance
     min_tissue = float(run.get("config", {}).get("patch_min_tissue", DEFAULT_PATCH_MIN_TISSUE))
-    defined = _defined(level, weights, features.patch_tissue[:].astype(np.float32), min_tissue)
+    defined = defined_items(level, weights, features.patch_tissue[:].astype(np.float32), min_tissue)
     slide_file = _slide_file(provenance, slide_path, slide_id)
     thumb, slide_mpp, (w0, h0) = _read_thumbnail(slide_file, provenance, slide_id, max_px)
     bag_l0 = float(provenance.get("bag_size_l0") or geometry["bag_px"] * geometry["mpp"] / slide_mpp)
@@ -408,7 +408,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
                          heatmap=heat, overlay=overlay, downsample=downsample[0])
 
 
-def _check_identity(run: dict[str, Any], store: FeatureStore, run_dir: Path, store_path: Path) -> None:
+def check_identity(run: dict[str, Any], store: FeatureStore, run_dir: Path, store_path: Path) -> None:
     """The store must hold the features the run was fit on (same encoder and geometry)."""
     identity = run.get("store_identity")
     if identity is None:

