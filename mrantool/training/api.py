@@ -324,26 +324,29 @@ def _run_fold(cfg: FitConfig, data: MILData, labels: Labels, split: Split, name:
 
 
 def feature_stats(data: MILData, slide_ids: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Per-dimension mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides), and of
-    their cell embeddings when `data` loads cells: {"mean", "sd"[, "cell_mean", "cell_sd"]}."""
-    sums = {"patch": _Moments(data.in_dim), "cell": _Moments(data.in_dim)}
+    """Per-dimension mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides), and,
+    when `data` loads cells, of their cell embeddings per cell position: {"mean", "sd"[, "cell_mean", "cell_sd"]}
+    with (D,) patch and (C, D) cell statistics."""
+    sums: dict[str, _Moments] = {}
     for slide_id in slide_ids:
         bags = data.bags(slide_id, None, "cpu")
-        sums["patch"].add(bags.patches[bags.mask])
+        sums.setdefault("patch", _Moments(bags.patches.shape[-1:])).add(bags.patches[bags.mask])
         if bags.cells is not None:
-            sums["cell"].add(bags.cells[bags.mask].flatten(0, -2))
+            sums.setdefault("cell", _Moments(bags.cells.shape[-2:])).add(bags.cells[bags.mask])
+    if "patch" not in sums:
+        return {"mean": torch.zeros(data.in_dim), "sd": torch.ones(data.in_dim)}
     stats = dict(zip(("mean", "sd"), sums["patch"].mean_sd(), strict=True))
-    if sums["cell"].count:
+    if "cell" in sums:
         stats.update(zip(("cell_mean", "cell_sd"), sums["cell"].mean_sd(), strict=True))
     return stats
 
 
 class _Moments:
-    """Running per-dimension sum and sum of squares (float64)."""
+    """Running sum and sum of squares (float64) over the first axis of rows of shape `shape`."""
 
-    def __init__(self, dim: int) -> None:
-        self.total = torch.zeros(dim, dtype=torch.float64)
-        self.squares = torch.zeros(dim, dtype=torch.float64)
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.total = torch.zeros(shape, dtype=torch.float64)
+        self.squares = torch.zeros(shape, dtype=torch.float64)
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
