@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -140,18 +143,55 @@ class GpuSampler:
                 "gpu_mem_max_mib": max(m for _, m in self.samples), "gpu_samples": len(util)}
 
 
+def table_header(headers: Sequence[str], right: Sequence[bool] | None = None) -> str:
+    """The header and separator lines of a GitHub markdown table; `right` marks right-aligned columns."""
+    right = right or [False] * len(headers)
+    return "| " + " | ".join(headers) + " |\n|" + "|".join("---:" if r else "---" for r in right) + "|"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
                    right: Sequence[bool] | None = None) -> str:
     """A GitHub markdown table; `right` marks right-aligned (numeric) columns."""
-    right = right or [False] * len(headers)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    lines = [table_header(headers, right)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
+def table_headers(markdown: str) -> list[list[str]]:
+    """The column names of every table in a markdown text (a `|` line followed by a `|---` / `| --- |` line)."""
+    lines = markdown.splitlines()
+    return [[cell.strip() for cell in line.strip().strip("|").split("|")]
+            for line, below in itertools.pairwise(lines)
+            if line.startswith("|") and below.replace(" ", "").startswith(("|-", "|:-"))]
+
+
+def run_provenance() -> dict[str, Any]:
+    """What wrote a result: the git commit (git_dirty when tracked files had changes) and the exact command."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    argv = sys.argv or [""]
+    script = Path(argv[0]).resolve()
+    shown = str(script.relative_to(root)) if argv[0] and script.is_relative_to(root) else argv[0]
+    return {"git_commit": git("rev-parse", "HEAD") or "unknown",
+            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "command": shlex.join(["python", shown, *argv[1:]])}
+
+
 def write_results(out_dir: Path, name: str, report: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    """Write `<name>.json` and `<name>.md` into `out_dir`; return their paths."""
+    """Write `<name>.json` and `<name>.md` into `out_dir`, both recording the git commit and the command line
+    (`run_provenance`, unless the report has its own `command` / `git_commit`); return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    report = {**run_provenance(), **report}  # a script's own record (e.g. merged runs' commands) wins
+    dirty = " (with uncommitted changes)" if report["git_dirty"] else ""
+    markdown = (markdown.rstrip("\n") + f"\n\nWritten by `{report['command']}` at git commit "
+                f"{report['git_commit']}{dirty}.\n")
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     json_path.write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     md_path.write_text(markdown)

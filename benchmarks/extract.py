@@ -43,12 +43,12 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.encoders.registry import PatchEncoder, create_encoder
 from mrantool.extract.dataset import cut_patches
 from mrantool.extract.inputs import SlideInput, collect_slides
 from mrantool.extract.pipeline import Extractor, store_identity
 from mrantool.slides.reader import open_slide
-from mrantool.slides.synthetic import make_cohort
 from mrantool.store.reader import FeatureStore
 from mrantool.store.schema import CELL_EMB
 from mrantool.tiling.geometry import patch_coords
@@ -62,6 +62,8 @@ except ImportError:  # run as a script: benchmarks/ is sys.path[0]
 
 TARGETS = {"a_over_c": 1.3, "a_over_b": 1.5, "a_over_d": 1.5}
 MIN_TISSUE = 0.1
+TABLES = {"runs": ["method:setting", "patches", "runs", "seconds", "patches/s", "steady/s", "first batch s",
+                   "GPU util", "load", "note"], "ratios": ["ratio", "value", "target", "met"]}  # columns of extract.md
 
 
 @dataclass(frozen=True)
@@ -570,9 +572,7 @@ def markdown(report: dict[str, Any]) -> str:
             rows.append([key, int(med["patches"]), n_runs, _fmt(med["seconds"], 1),
                          _fmt(med["patches_per_s"]), _fmt(med.get("steady_patches_per_s", float("nan"))),
                          _fmt(med.get("first_batch_s", float("nan")), 1), gpu, _fmt(med["load"], 1), extra])
-        lines.append(markdown_table(
-            ["method:setting", "patches", "runs", "seconds", "patches/s", "steady/s", "first batch s",
-             "GPU util", "load", "note"], rows, [False] + [True] * 8 + [False]))
+        lines.append(markdown_table(TABLES["runs"], rows, [False] + [True] * 8 + [False]))
         head, ratios = res["headline_patches_per_s"], res["ratios"]
         lines += ["", f"Best eager setting of (a): {res['best_eager_setting']}."]
         if "compile" in res:
@@ -583,7 +583,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"(steady {_fmt(c['steady_patches_per_s'])}).")
         lines += ["", "Ratios: within each round, then the median over rounds (a = the best eager setting, "
                   "a_compiled = the warm compiled run, d = the best LazySlide setting):", "", markdown_table(
-            ["ratio", "value", "target", "met"],
+            TABLES["ratios"],
             [[k.replace("_over_", " / "), _fmt(v, 3), TARGETS[k.replace("a_compiled", "a")],
               "yes" if v >= TARGETS[k.replace("a_compiled", "a")] else "no"] for k, v in ratios.items()],
             [False, True, True, False]),

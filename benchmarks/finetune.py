@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/finetune.py` finds benchmarks.common
+
 from benchmarks.common import hardware, load_average, markdown_table, write_results
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.config import ExtractConfig, FitConfig
 from mrantool.encoders.rebuild import rebuild_encoder
 from mrantool.extract.api import extract
-from mrantool.slides.synthetic import make_cohort
 from mrantool.store import FeatureStore
 from mrantool.training.api import fit, load_checkpoint
 from mrantool.training.data import StoreData
@@ -33,6 +36,8 @@ from mrantool.training.finetune import BagPixels, encode, finetune, transform_pr
 from mrantool.training.labels import read_labels
 
 RESULTS = Path(__file__).parent / "results"
+TABLES = {"folds": ["fold", "frozen val AUC", "frozen test AUC", "tuned val AUC", "tuned test AUC", "best epoch",
+                    "s/step", "s/epoch"]}  # columns of finetune.md
 
 
 def reference_epoch(store_path: Path, labels_csv: Path, run: Path, threads: int) -> dict[str, float]:
@@ -122,8 +127,7 @@ def main() -> None:
           f"{args.slides} slides of {args.size} px, n_foci=3, 3 folds; fine-tuning {args.epochs} epochs, last "
           f"{args.layers} stage(s), {args.bags_per_slide} bags/slide; {args.threads} thread(s); load "
           f"{report['load_average']}; {report['hardware']['cpu']}, {report['hardware']['date']}.", "",
-          markdown_table(["fold", "frozen val AUC", "frozen test AUC", "tuned val AUC", "tuned test AUC",
-                          "best epoch", "s/step", "s/epoch"],
+          markdown_table(TABLES["folds"],
                          [[r["fold"], fmt(r["frozen_val_auc"]), fmt(r["frozen_test_auc"]), fmt(r["tuned_val_auc"]),
                            fmt(r["tuned_test_auc"]), r["best_epoch"], fmt(r["seconds_per_step"]),
                            fmt(r["seconds_per_epoch"])] for r in rows], [False] + [True] * 7), "",

@@ -38,6 +38,9 @@ from benchmarks.common import hardware, load_average, markdown_table, median, wr
 ARMS = {"a": "mrantool StoreData + train_fold", "b": "tensors in RAM + train_fold (ceiling)",
         "c": "CLAM-style: h5py read per slide per step", "d": "torchmil ProcessedMILDataset + Trainer"}
 GRID = 8  # 64 patches per bag
+TABLES = {"arms": ["arm", "epoch 1 (cold) s", "median epochs 2..n s", "data s epoch 1", "data s median 2..n",
+                   "RSS after setup MiB", "peak RSS MiB", "setup s", "all epochs s"],
+          "ratios": ["ratio (warm medians)", "value", "target", "met"]}  # columns of fit.md
 HIDDEN, ATTN = 500, 128  # abmil size in every arm (mrantool's defaults)
 SIGNAL_DIMS, SIGNAL_SHIFT, SIGNAL_SHARE = 16, 0.5, 0.05
 
@@ -413,9 +416,7 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append([f"({arm}) {ARMS[arm]}", r["first_epoch_s"], r["warm_epoch_median_s"], r["first_data_s"],
                      r["warm_data_median_s"], f"{r['rss_after_setup_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
                      r["setup_s"], " ".join(f"{t:.2f}" for t in r["epochs_s"])])
-    table = markdown_table(["arm", "epoch 1 (cold) s", "median epochs 2..n s", "data s epoch 1",
-                            "data s median 2..n", "RSS after setup MiB", "peak RSS MiB", "setup s",
-                            "all epochs s"], rows, [False] + [True] * 7 + [False])
+    table = markdown_table(TABLES["arms"], rows, [False] + [True] * 7 + [False])
     met = {True: "yes", False: "no", None: ""}
     ratio_rows = [[k, v["value"], v["target"], met[v["met"]]] for k, v in report["ratios"].items()]
     c = report["cohort"]
@@ -428,7 +429,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['epochs']} epochs per arm, interleaved; medians over epochs 2..{report['epochs']}. "
         "'data s' is the part of an epoch spent producing the step tensors (StoreData/tensor `bags`, the "
         "CLAM DataLoader, torchmil's dataset `__getitem__`); the rest is the model step.", "",
-        table, "", markdown_table(["ratio (warm medians)", "value", "target", "met"], ratio_rows,
+        table, "", markdown_table(TABLES["ratios"], ratio_rows,
                                   [False, True, False, False]), "",
         f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, niceness {hw['niceness']}; load average "
         f"{report['load_before']} before, {report['load_after']} after (shared machine). Features were in the "

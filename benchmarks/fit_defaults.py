@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/fit_defaults.py` finds benchmarks
 
 from benchmarks.common import hardware, load_average, markdown_table, write_results
 from mrantool.cohorts.classical import find_csv, load_mil_csv
@@ -33,6 +36,7 @@ from mrantool.training.labels import make_labels
 from mrantool.training.splits import make_splits
 
 ROOT = Path(__file__).resolve().parents[1]
+TABLES = {"candidates": ["candidate", "settings", "..."]}  # columns of fit_defaults.md ("...": one per set, mean)
 OUTER_SEED = 1000
 # name -> (FitConfig values, head options); "today" is FitConfig as it was before this comparison.
 TODAY = {"lr": 2e-4, "weight_decay": 1e-4, "monitor": "loss", "patience": 10, "min_epochs": 5, "epochs": 40}
@@ -114,7 +118,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`", "",
         "Cell: mean inner-fold accuracy (share of folds whose kept epoch is 1, mean kept epoch, folds); mean: "
         "over the sets the candidate ran on.", "",
-        markdown_table(["candidate", "settings", *sets, "mean"], table, [False, False, *[True] * (len(sets) + 1)]),
+        markdown_table([*TABLES["candidates"][:-1], *sets, "mean"], table,
+                       [False, False, *[True] * (len(sets) + 1)]),
         ""])
 
 

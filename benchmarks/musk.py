@@ -33,6 +33,8 @@ from mrantool.training.musk import MuskProtocol, MuskResult, reproduce_musk  # n
 
 SHARED = ROOT.parent / "shared" / "data" / "mil"
 HEADS = ("abmil", "gated-abmil")
+TABLES = {"sets": ["set", "head", "accuracy (ours)", "SE over runs", "published", "ours − published", "reached",
+                   "time"]}  # columns of musk.md
 
 
 def row(name: str, result: MuskResult, n_bags: int, n_instances: int) -> dict[str, Any]:
@@ -62,8 +64,7 @@ def markdown(rows: list[dict[str, Any]], missing: dict[str, str], meta: dict[str
         f"the loss of {p['val_fraction']:.0%} of each fold's training bags (patience {p['patience']}, EMA "
         f"smoothing {p['smoothing']}); features standardised with each fold's training statistics; no class "
         f"weights. Heads: {options}.", "",
-        markdown_table(["set", "head", "accuracy (ours)", "SE over runs", "published", "ours − published",
-                        "reached", "time"], table, [False, False, True, True, True, True, False, True]),
+        markdown_table(TABLES["sets"], table, [False, False, True, True, True, True, False, True]),
         "",
         "Accuracy: mean of the fold accuracies ± the standard error over the folds of a run (averaged over the "
         "runs), which is how we read the paper's ±. 'Reached': yes = at or above the published mean; within 1 SE "

@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -26,6 +27,9 @@ from typing import Any
 import faiss
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/retrieval.py` finds benchmarks.common
+
+from benchmarks.common import table_header, write_results
 from mrantool.retrieval.index import EmbeddingIndex
 
 K = 10
@@ -35,6 +39,10 @@ TARGET_RECALL = 0.95
 TARGET_SPEEDUP = 20.0
 HNSW_EF_SEARCH = (16, 32, 64, 128, 256)
 IVFPQ_SETTINGS = ((8, 4), (16, 4), (16, 8), (32, 8), (64, 8), (64, 16))  # (nprobe, k_factor)
+
+
+TABLES = {"indexes": ["index", "search params", "build s", "bytes/vector", "single ms", "single CPU ms", "batch ms",
+                      "recall@10", "speedup single", "speedup batch"]}  # columns of retrieval.md
 
 
 def clustered_vectors(n: int, dim: int, n_clusters: int, rank: int, seed: int, chunk: int = 100_000) -> np.ndarray:
@@ -229,9 +237,7 @@ def markdown(report: dict[str, Any]) -> str:
         "Bytes/vector: faiss.serialize_index size / N (the id map adds "
         f"{exact['id_bytes_per_vector']:.0f} B).",
         "",
-        "| index | search params | build s | bytes/vector | single ms | single CPU ms | batch ms | recall@10 "
-        "| speedup single | speedup batch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        table_header(TABLES["indexes"], [False, False] + [True] * 8),
         f"| exact (IndexFlatIP) | - | {exact['build_s']:.1f} | {exact['bytes_per_vector']:.0f} | "
         f"{exact['single_ms']:.2f} | {exact['single_cpu_ms']:.2f} | {exact['batch_ms']:.3f} | 1.000 | 1x | 1x |",
     ]
@@ -291,10 +297,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     report = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "retrieval.json").write_text(json.dumps(report, indent=2))
-    (args.out / "retrieval.md").write_text(markdown(report))
-    print(markdown(report))
+    _, md_path = write_results(args.out, "retrieval", report, markdown(report))
+    print(md_path.read_text())
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ Writes `sweep.json` and `sweep.md` into `--out`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -32,6 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/sweep.py` finds benchmarks.common
+
+from benchmarks.common import table_header, write_results
 from mrantool.config import FitConfig
 from mrantool.store import FeatureStore, make_identity
 from mrantool.sweep.runner import cpu_cores, run_sweep
@@ -44,6 +47,9 @@ HEADS = [("mran", {}), ("mran-no-cells", {"options": {"cells": False}}), ("abmil
          ("transmil", {"options": {"hidden": 128, "heads": 4}}), ("dsmil", {}), ("clam-sb", {}), ("mean", {})]
 LRS = [1e-3, 3e-4]
 TARGET_SPEEDUP = 1.7
+
+
+TABLES = {"measures": ["measure", "value"], "runs": ["run", "1 worker", "2 workers"]}  # columns of sweep.md
 
 
 def build_store(path: Path, n_slides: int, n_bags: int, dim: int, seed: int = 0) -> Path:
@@ -168,7 +174,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"patches x {ds['cells_per_patch']} cells x {ds['dim']}-d {ds['dtype']}. Sweep: {sw['runs']} runs "
         f"(heads {', '.join(sw['heads'])} x lr {sw['lr']}), {sw['folds']} folds, {sw['epochs']} epochs; "
         f"medians of {sw['repeats']} repeat(s).", "",
-        "| measure | value |", "| --- | --- |",
+        table_header(TABLES["measures"]),
         f"| wall, 1 worker ({res['threads_1_worker']} torch threads) | {res['wall_s_1_worker']:.1f} s"
         f"{at('sweep_1_worker')} |",
         f"| wall, 2 workers ({res['threads_2_workers']} torch thread(s) each) | "
@@ -193,8 +199,7 @@ def markdown(report: dict[str, Any]) -> str:
                   "down far more on a busy machine than 1-thread workers do). Only the per-run overhead, "
                   "measured inside one sweep, is robust. Rerun on a quiet machine: "
                   "`nice python benchmarks/sweep.py`."]
-    lines += ["", "Per-run seconds (last repeat):", "", "| run | 1 worker | 2 workers |",
-              "| --- | --- | --- |"]
+    lines += ["", "Per-run seconds (last repeat):", "", table_header(TABLES["runs"])]
     lines += [f"| {name} | {s:.1f} | {res['run_s_2_workers'][name]:.1f} |"
               for name, s in res["run_s_1_worker"].items()]
     return "\n".join(lines) + "\n"
@@ -220,10 +225,8 @@ def main() -> None:
         work = args.work or Path(temp)
         work.mkdir(parents=True, exist_ok=True)
         report = run(args, work)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "sweep.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "sweep.md").write_text(markdown(report))
-    print(markdown(report))
+    _, md_path = write_results(args.out, "sweep", report, markdown(report))
+    print(md_path.read_text())
 
 
 if __name__ == "__main__":  # required: sweep workers re-import the main module

@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from mrantool.slides.reader import open_slide
-from mrantool.slides.synthetic import write_pyramid_tiff
+from mrantool.slides.writer import write_pyramid_tiff
 from mrantool.web.tiles import JPEG_QUALITY, BytesCache, DeepZoomLayout, encode_jpeg, read_tile
 
 try:
     from benchmarks.common import hardware, load_average, markdown_table, median, write_results
 except ImportError:  # run as a script: benchmarks/ is on sys.path
     from common import hardware, load_average, markdown_table, median, write_results
+
+TABLES = {"methods": ["method", "ms per tile", "tiles/s"]}  # columns of viewer.md
 
 
 def make_slide(path: Path, size: int, seed: int) -> Path:
@@ -167,7 +169,7 @@ def main() -> None:
         f"Git {report['git_commit']}.",
         f"Command: `{report['command']}`. Slide: {report['slide']}; {n} tiles of the top {args.levels} Deep Zoom "
         f"levels per method and round; {args.rounds} rounds, medians.", "",
-        markdown_table(["method", "ms per tile", "tiles/s"], rows, [False, True, True]), "",
+        markdown_table(TABLES["methods"], rows, [False, True, True]), "",
         f"OpenSlide DeepZoomGenerator time / ours (within rounds, median): {ratio:.2f} (above 1: ours is faster).", "",
         "a = mrantool's read_tile (Slide.read_region_mpp at the level's resolution) + JPEG; b = OpenSlide's "
         "DeepZoomGenerator.get_tile + the same JPEG encoding; c = the same tiles from the tile cache; d = GET through "

@@ -8,8 +8,10 @@ from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from mrantool.errors import MrantoolError
+from mrantool.files import os_error_message
 
 app = typer.Typer(
     name="mrantool",
@@ -18,18 +20,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Paths, slide ids and messages are printed verbatim: no rich markup ([batch2] stays), no emoji codes (:a:).
+console = Console(markup=False, emoji=False, highlight=False)
+err_console = Console(stderr=True, markup=False, emoji=False, highlight=False)
 T = TypeVar("T")
 
 
+def fail(message: str) -> typer.Exit:
+    """Print `message` after a red 'error:' (verbatim) and return the exit to raise (code 1)."""
+    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    return typer.Exit(1)
+
+
 def run_api(fn: Callable[[], T]) -> T:
-    """Call the API; a user error becomes one red sentence and exit code 1, never a traceback."""
+    """Call the API; a user error or an OS failure becomes one red sentence and exit code 1, never a traceback."""
     try:
         return fn()
     except MrantoolError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise fail(str(exc)) from None
+    except OSError as exc:
+        raise fail(os_error_message(exc, "use")) from None
 
 
 def _print_failures(failed: list) -> None:
@@ -44,15 +54,18 @@ def demo(
     slides: Annotated[int, typer.Option(help="Slides in the generated cohort.")] = 16,
     preset: Annotated[str, typer.Option(help="Extraction preset (mran; tiny for a quick look).")] = "mran",
     seed: Annotated[int, typer.Option(help="Seed for the cohort, splits and training.")] = 0,
+    size: Annotated[int, typer.Option(help="Slide side in pixels at 0.5 mpp.")] = 4096,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 4,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs per fold.")] = 40,
 ) -> None:
     """Run the whole flow on a generated cohort: slides, extract, fit MRAN with CV, heatmap, index, query.
 
-    Example: mrantool demo --out demo/
+    Example: mrantool demo --out demo/   (a quick look: --preset tiny --slides 4 --size 1024 --folds 2 --epochs 2)
     """
     from mrantool.cli_render import extract_progress, fit_progress
     from mrantool.demo import DemoSettings, run_demo
 
-    settings = DemoSettings(slides=slides, preset=preset, seed=seed)
+    settings = DemoSettings(slides=slides, preset=preset, seed=seed, size=size, folds=folds, epochs=epochs)
     with extract_progress(console, quiet=True) as ep, fit_progress(console, quiet=True) as fp:
         result = run_api(lambda: run_demo(out, settings, say=lambda m: console.print(m, soft_wrap=True, markup=False),
                                           extract_progress=ep, fit_progress=fp))
@@ -62,23 +75,49 @@ def demo(
 
 @app.command("demo-data")
 def demo_data(
-    out: Annotated[Path, typer.Argument(help="Folder for the generated slides and labels.csv.")],
+    out: Annotated[Path, typer.Argument(help="Folder for the slides and labels.csv.")],
     slides: Annotated[int, typer.Option("--slides", help="Number of slides (half tumour, half normal).")] = 12,
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same pixels.")] = 0,
+    size: Annotated[int | None, typer.Option(help="Slide side in pixels at 0.5 mpp (generated cohort; default "
+                                                  "6144).")] = None,
+    from_tiles: Annotated[Path | None, typer.Option(help="Folder of labelled tiles: build a mosaic cohort.")] = None,
+    tile_labels: Annotated[Path | None, typer.Option(help="Tile CSV: path (relative to --from-tiles), 0/1 label "
+                                                          "(default: labels.csv in --from-tiles).")] = None,
+    tile_mpp: Annotated[float | None, typer.Option(help="The tiles' microns per pixel (PCam: 0.97).")] = None,
+    tiles_per_slide: Annotated[int | None, typer.Option(help="Tiles per mosaic slide (default 64).")] = None,
+    positives: Annotated[int | None, typer.Option(help="Label-1 tiles per positive slide (default 4).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="The tile CSV's label column, if it has several.")] = None,
+    margin: Annotated[int | None, typer.Option(help="Glass border around a mosaic, level-0 px (default 0).")] = None,
 ) -> None:
-    """Generate a small cohort of pyramidal TIFF slides (0.5 mpp) whose class signal lives at the cell scale.
+    """Generate a small cohort of slides, or with --from-tiles a mosaic cohort of real labelled tiles.
+
+    Generated: pyramidal TIFFs (0.5 mpp), class signal at the cell scale. Mosaics: tiles.csv says where tiles went.
 
     Example: mrantool demo-data demo/ --slides 12
-    """
-    from mrantool.slides.synthetic import make_cohort
 
-    labels = run_api(lambda: make_cohort(out, n_slides=slides, seed=seed))
-    console.print(f"wrote {slides} slides and {labels}")
+    Mosaic example: mrantool demo-data pcam/ --from-tiles pcam_valid --tile-mpp 0.97 --slides 20 --positives 2
+    """
+    from mrantool.cohorts.demo_data import demo_data as make_demo_data
+
+    result = run_api(lambda: make_demo_data(
+        out, n_slides=slides, seed=seed, size=size, from_tiles=from_tiles, tile_labels=tile_labels, tile_mpp=tile_mpp,
+        tiles_per_slide=tiles_per_slide, positives=positives, label_column=label_column, margin=margin))
+    if isinstance(result, Path):
+        console.print(f"wrote {slides} slides and {result}")
+        return
+    tiles = result.tiles
+    console.print(f"{len(tiles.tiles)} distinct tiles in {tiles.csv} ({tiles.n_rows} rows, {tiles.n_copies} "
+                  f"byte-identical copies counted once, {tiles.n_conflicting} rows with conflicting labels left out)",
+                  soft_wrap=True, markup=False)
+    (cols, rows), (tw, th), (w, h) = result.grid, result.tile_size, result.slide_size
+    console.print(f"wrote {result.n_slides} mosaic slides ({cols}x{rows} tiles of {tw}x{th} px, {w}x{h} px at "
+                  f"{tile_mpp:g} mpp; {result.n_positive} positive), {result.labels} and {result.placements}",
+                  soft_wrap=True, markup=False)
 
 
 @app.command()
 def preview(
-    slide: Annotated[Path, typer.Argument(help="A slide file (SVS, NDPI, MRXS, TIFF...).")],
+    slide: Annotated[Path, typer.Argument(help="A slide file (SVS, NDPI, MRXS, TIFF...) or a PNG/JPEG image.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("preview.png"),
     preset: Annotated[str, typer.Option(help="Preset: mran, resnet50-trunc, vit-s16, uni, tiny.")] = "mran",
     mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) where the metadata lacks it.")] = None,
@@ -116,7 +155,8 @@ def extract(
                                                      "model's folder.")] = None,
     pretrained: Annotated[bool | None, typer.Option(help="The preset's hub model: local cache first, a download "
                                                          "only without HF_HUB_OFFLINE.")] = None,
-    mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px) for slides without it.")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Scan resolution (microns/px): for PNG/JPEG/plain TIFF images "
+                                                   "and slides without it; overrides the metadata.")] = None,
     mpp_csv: Annotated[str | None, typer.Option(help="CSV slide,mpp: per-slide scan resolutions (win over --mpp).")
                        ] = None,
     target_mpp: Annotated[float | None, typer.Option(help="Override the preset's target resolution.")] = None,
@@ -127,6 +167,8 @@ def extract(
     shard: Annotated[str | None, typer.Option(help="i/n: this process does the i-th of n deterministic parts.")] = None,
     compile: Annotated[bool | None, typer.Option(help="torch.compile the encoder (faster after ~1 min).")] = None,
     encoder_from: Annotated[str | None, typer.Option(help="A `fit --finetune` run whose encoder to use.")] = None,
+    allow_label_overlap: Annotated[bool | None, typer.Option(
+        "--allow-label-overlap", help="With --encoder-from: extract slides that trained that encoder anyway.")] = None,
     quiet: Annotated[bool | None, typer.Option("--quiet", help="Log lines instead of progress bars.")] = None,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
 ) -> None:
@@ -141,7 +183,8 @@ def extract(
     cfg = run_api(lambda: ExtractConfig.load(
         config, "extract", slides=slides or None, store=store, preset=preset, encoder=encoder, weights=weights,
         pretrained=pretrained, mpp=mpp, mpp_csv=mpp_csv, target_mpp=target_mpp, min_tissue=min_tissue, device=device,
-        batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from, quiet=quiet,
+        batch_size=batch_size, workers=workers, shard=shard, compile=compile, encoder_from=encoder_from,
+        allow_label_overlap=allow_label_overlap, quiet=quiet,
     ))
     with extract_progress(console, cfg.quiet) as progress:
         report = run_api(lambda: run_extract(cfg, progress=progress))
@@ -280,34 +323,46 @@ def info(
 @app.command()
 def check(
     store: Annotated[Path, typer.Argument(help="A feature store.")],
+    deep: Annotated[bool, typer.Option("--deep", help="Also read and decode every chunk (slow on big stores).")]
+    = False,
+    repair: Annotated[bool, typer.Option("--repair", help="Take defective slides out so `extract` redoes them.")]
+    = False,
     clear_stale_locks: Annotated[bool, typer.Option(help="Remove locks whose owner process is gone.")] = False,
 ) -> None:
-    """Integrity check: arrays, shapes, NaN/inf, provenance. Exits non-zero on any defect.
+    """Integrity check: metadata, arrays, chunk files (--deep: every value). Exits non-zero on any defect.
 
-    Example: mrantool check cohort.zarr
+    Example: mrantool check cohort.zarr --deep --repair
     """
-    from mrantool.store.check import check_store, store_warnings
+    from mrantool.store.check import check_store, repair_store, store_warnings
     from mrantool.store.reader import FeatureStore
 
     if clear_stale_locks:
         cleared = run_api(lambda: FeatureStore.open(store, writable=True).clear_stale_locks())
         console.print(f"cleared {len(cleared)} stale lock(s)")
-    defects = run_api(lambda: check_store(store))
+    if repair:
+        repaired = run_api(lambda: repair_store(store, deep=deep))
+        for slide_id, found in repaired.items():
+            console.print(f"repaired: took '{slide_id}' out of the store ({'; '.join(found)}); re-run `mrantool "
+                          "extract` on its slide file to redo it", soft_wrap=True)
+    defects = run_api(lambda: check_store(store, deep=deep))
     for warning in store_warnings(store):
-        console.print(f"warning: {warning}", soft_wrap=True, highlight=False)
+        console.print(f"warning: {warning}", soft_wrap=True)
     for defect in defects:
-        err_console.print(f"defect: {defect}", soft_wrap=True, highlight=False)
+        err_console.print(f"defect: {defect}", soft_wrap=True)
     if defects:
-        err_console.print(f"[bold red]{len(defects)} defect(s)[/] in {store}")
+        err_console.print(Text.assemble((f"{len(defects)} defect(s)", "bold red"), f" in {store}"), soft_wrap=True)
         raise typer.Exit(1)
     n = len(FeatureStore.open(store).slide_ids())
-    console.print(f"{store}: ok ({n} complete slides)")
+    level = "deep: every chunk read" if deep else "quick: metadata and chunk files; --deep reads every value"
+    console.print(f"{store}: ok ({n} complete slides; {level})", soft_wrap=True)
 
 
 @app.command()
 def fit(
     store: Annotated[str | None, typer.Option(help="Feature store to train on.")] = None,
     labels: Annotated[str | None, typer.Option(help="labels.csv: slide_id,label[,patient_id][,fold].")] = None,
+    id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (default slide_id).")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Labels column of labels (default label).")] = None,
     model: Annotated[str | None, typer.Option(help="Head: mran, abmil, gated-abmil, clam-sb, transmil...")] = None,
     out: Annotated[str | None, typer.Option(help="Run folder to write.")] = None,
     folds: Annotated[int | None, typer.Option(help="Cross-validation folds.")] = None,
@@ -335,7 +390,8 @@ def fit(
     from mrantool.training.api import fit as run_fit
 
     def load() -> FitConfig:
-        cfg = FitConfig.load(config, "fit", store=store, labels=labels, model=model, out=out, folds=folds,
+        cfg = FitConfig.load(config, "fit", store=store, labels=labels, id_column=id_column,
+                             label_column=label_column, model=model, out=out, folds=folds,
                              repeats=repeats, epochs=epochs, lr=lr, seed=seed, cache_gb=cache_gb, device=device,
                              threads=threads)
         if option:
@@ -344,7 +400,7 @@ def fit(
 
     cfg = run_api(load)
     if finetune:
-        return _finetune(cfg, finetune_layers, bags_per_slide, init_run, epochs is not None)
+        return _finetune(cfg, finetune_layers, bags_per_slide, init_run, quiet)
     with fit_progress(console, quiet) as progress:
         report = run_api(lambda: run_fit(cfg, progress=progress))
     rows = report.table()
@@ -353,21 +409,20 @@ def fit(
                   f"in {report.seconds:.0f}s", soft_wrap=True)
 
 
-def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, epochs_given: bool) -> None:
-    """`fit --finetune`: the fine-tuning API with the fit options that apply to it; a frozen vs fine-tuned table."""
-    from mrantool.cli_render import results_table
-    from mrantool.training.finetune import finetune as run_finetune
+def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, quiet: bool) -> None:
+    """`fit --finetune`: fold/epoch progress, then a frozen vs fine-tuned table."""
+    from mrantool.cli_render import fit_progress, results_table
+    from mrantool.training.finetune import finetune_from_fit
 
-    report = run_api(lambda: run_finetune(
-        cfg.store, cfg.labels, cfg.out, init_run=init_run, layers=layers, bags_per_slide=bags_per_slide,
-        epochs=cfg.epochs if epochs_given else 3, lr=cfg.lr, seed=cfg.seed, device=cfg.device, threads=cfg.threads,
-        folds=None if init_run else cfg.folds, progress=lambda e, i: None))
+    with fit_progress(console, quiet) as progress:
+        report = run_api(lambda: finetune_from_fit(cfg, init_run=init_run, layers=layers,
+                                                   bags_per_slide=bags_per_slide, progress=progress))
     rows = [[f.name, f"{f.best_epoch}/{f.epochs_run}", f"{f.start_metrics.get('auc', float('nan')):.3f}",
              f"{f.metrics.get('auc', float('nan')):.3f}", f"{f.seconds_per_step:.2f}"] for f in report.folds]
     console.print(results_table("fine-tuning (test AUC)", ["fold", "best epoch", "start", "fine-tuned", "s/step"],
                                 rows))
     console.print(f"wrote {report.out} (encoder.safetensors: re-extract with `mrantool extract ... --encoder-from "
-                  f"{report.out}`)", soft_wrap=True)
+                  f"{report.out}`; slides that trained it are refused there, see docs/finetune.md)", soft_wrap=True)
 
 
 @app.command()
@@ -422,6 +477,10 @@ def sweep(
     spec: Annotated[Path, typer.Argument(help="Sweep TOML: [base] fit config, [grid] and/or [[variant]] tables.")],
     out: Annotated[Path, typer.Option(help="Sweep folder (runs/, results.csv, summary.md, metric.png).")],
     workers: Annotated[int, typer.Option(help="Parallel worker processes (each loads the features once).")] = 1,
+    id_column: Annotated[str | None, typer.Option(help="Labels column of slide ids (overrides the spec's base).")
+                         ] = None,
+    label_column: Annotated[str | None, typer.Option(help="Labels column of labels (overrides the spec's base).")
+                            ] = None,
 ) -> None:
     """Run an ablation sweep in parallel, resumably; rank the variants with paired tests against a baseline.
 
@@ -439,7 +498,8 @@ def sweep(
             console.print(f"[{info['index']}/{info['n_todo']}] {info['name']} {info['status']} "
                           f"({info['seconds']:.0f}s){error}", markup=False, soft_wrap=True)
 
-    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress))
+    columns = {k: v for k, v in (("id_column", id_column), ("label_column", label_column)) if v is not None}
+    result = run_api(lambda: run_sweep(spec, out, workers=workers, progress=progress, base=columns))
     rows = result.table()
     if rows:
         table = results_table(f"sweep ranked by {result.metric}", list(rows[0]), [list(r.values()) for r in rows])
@@ -496,7 +556,8 @@ def index_add(
 @app.command()
 def query(
     index: Annotated[Path, typer.Option(help="An index folder from `mrantool index build`.")],
-    store: Annotated[Path, typer.Option(help="The store the index was built from.")],
+    store: Annotated[Path | None, typer.Option(help="The store the index was built from (default: the one "
+                                                    "index.json records).")] = None,
     slide: Annotated[str | None, typer.Option(help="With --run: query with the slide's most attended patches.")] = None,
     run: Annotated[Path | None, typer.Option(help="A fit run folder (attention, labels).")] = None,
     top_attended: Annotated[int, typer.Option(help="How many of the slide's most attended patches.")] = 3,
@@ -510,18 +571,17 @@ def query(
 ) -> None:
     """Find the patches most similar to a query patch, a slide's most attended patches, or an image tile.
 
-    Example: mrantool query --index cohort.index --store cohort.zarr --slide synth-003 --run runs/mran -k 5
+    Example: mrantool query --index cohort.index --slide synth-003 --run runs/mran -k 5
     """
     from mrantool.cli_render import results_table
     from mrantool.errors import ConfigError
     from mrantool.retrieval import similar
-    from mrantool.store import FeatureStore
 
     def go():
         chosen = [name for name, v in (("--slide", slide), ("--image", image), ("--patch", patch)) if v]
         if len(chosen) != 1:
             raise ConfigError("Give exactly one of --slide (with --run), --image or --patch.")
-        fs = FeatureStore.open(store)
+        fs = similar.open_store(index, store)
         if slide:
             if run is None:
                 raise ConfigError("--slide needs --run: the run's attention picks the slide's query patches.")
@@ -530,7 +590,7 @@ def query(
             q = similar.from_image(fs, image, weights)
         else:
             q = similar.from_patch_spec(fs, patch)
-        return similar.run_query(index, store, q, k=k, exclude_same_slide=exclude_same_slide, gallery=gallery,
+        return similar.run_query(index, fs.path, q, k=k, exclude_same_slide=exclude_same_slide, gallery=gallery,
                                  labels_csv=labels, run_dir=run)
 
     result = run_api(go)

@@ -10,6 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 
 @contextmanager
@@ -23,8 +24,8 @@ def extract_progress(console: Console, quiet: bool):
                 console.print(line, markup=False, highlight=False, soft_wrap=True)
         yield log
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[rate]}"))
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[rate]}", markup=False))
     with Progress(*columns, console=console, transient=False) as bar:
         slides = bar.add_task("slides", total=None, rate="")
         bags = bar.add_task("bags", total=0, rate="")
@@ -47,12 +48,12 @@ def extract_progress(console: Console, quiet: bool):
 
 
 def results_table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
-    """A plain rich table."""
-    table = Table(title=title)
+    """A plain rich table; every title, header and cell is shown verbatim (no markup, no emoji codes)."""
+    table = Table(title=Text(title))
     for col in columns:
-        table.add_column(col, overflow="fold")
+        table.add_column(Text(col), overflow="fold")
     for row in rows:
-        table.add_row(*[str(v) for v in row])
+        table.add_row(*[Text(str(v)) for v in row])
     return table
 
 
@@ -68,19 +69,21 @@ def fit_progress(console: Console, quiet: bool):
                               f"auc {info['auc']:.3f} accuracy {info['accuracy']:.3f}")
         yield log
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[status]}"))
+    columns = (TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}", markup=False))
     with Progress(*columns, console=console, transient=False) as bar:
         folds = bar.add_task("folds", total=None, status="")
         epochs = bar.add_task("epochs", total=None, status="")
 
         def update(event: str, info: dict[str, Any]) -> None:
             if event == "note":
-                console.print(f"note: {info['message']}", soft_wrap=True)
+                console.print(f"note: {info['message']}", soft_wrap=True, markup=False, emoji=False)
             elif event == "start":
                 bar.update(folds, total=info["n_folds"])
             elif event == "fold_start":
                 bar.reset(epochs, total=None, description=f"epochs of {info['name']}", status="")
+            elif event == "step":  # fine-tuning: one training slide
+                bar.update(epochs, total=info.get("n_epochs"), status=f"step loss {info['loss']:.3f}")
             elif event == "epoch":
                 loss, auc = info.get("val_loss"), info.get("val_auc")
                 val = f"val loss {loss:.3f} auc {auc:.3f}" if loss is not None and math.isfinite(loss) else ""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-import tomllib
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mrantool.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the same parser, from PyPI
+    import tomli as tomllib
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -40,7 +45,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist; check the --config path.") from None
-    except tomllib.TOMLDecodeError as exc:
+    except IsADirectoryError:
+        raise ConfigError(f"Config file {path} is a folder; pass the TOML file itself to --config.") from None
+    except OSError as exc:
+        raise ConfigError(f"Config file {path} cannot be read ({exc.strerror}); check the --config path.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid TOML ({exc}); fix the syntax.") from None
 
 
@@ -74,6 +83,10 @@ def validate(cls: type[C], values: dict[str, Any], source: str) -> C:
         raise ConfigError(f"Invalid settings in {source}: " + "; ".join(problems) + ".") from None
 
 
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
 class ExtractConfig(StageConfig):
     """`mrantool extract`: which slides, which store, which encoder and geometry, how to run."""
 
@@ -84,16 +97,17 @@ class ExtractConfig(StageConfig):
     weights: str | None = None  # local weights file (safetensors or state dict)
     pretrained: bool = False  # load the preset's hub weights (needs access to the hub)
     encoder_from: str | None = None  # a fine-tuning run whose encoder to use
-    mpp: float | None = None  # scan resolution override for slides without (or with wrong) metadata
+    allow_label_overlap: bool = False  # extract slides that trained that encoder anyway (recorded in provenance)
+    mpp: Positive | None = None  # scan resolution override for slides without (or with wrong) metadata
     mpp_csv: str | None = None  # per-slide scan resolutions (slide,mpp); a row wins over `mpp` and the metadata
-    target_mpp: float | None = None
-    bag_px: int | None = None
-    grid: int | None = None
-    cells: int | None = None
-    min_tissue: float = 0.1
+    target_mpp: Positive | None = None
+    bag_px: Annotated[int, Field(ge=1)] | None = None
+    grid: Annotated[int, Field(ge=1)] | None = None
+    cells: Annotated[int, Field(ge=1)] | None = None
+    min_tissue: Fraction = 0.1
     device: str = "auto"
-    batch_size: int = 64
-    workers: int = 2
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    workers: Annotated[int, Field(ge=0)] = 2
     compile: bool = False  # torch.compile the encoder (compiles for ~1 min; measure: not reliably faster on CPU)
     shard: str | None = None
     quiet: bool = False
@@ -105,6 +119,8 @@ class FitConfig(StageConfig):
     store: str
     labels: str
     out: str
+    id_column: str = "slide_id"  # the labels file's column of slide ids (e.g. "image")
+    label_column: str = "label"  # its column of labels (e.g. "mil_label_has_epithelial")
     model: str = "mran"
     options: dict[str, Any] = {}  # head options, e.g. {"cells": false, "attention": "gated", "t": 0.1}
     folds: int = 5

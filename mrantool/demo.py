@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.config import ExtractConfig, FitConfig
 from mrantool.extract.api import extract
 from mrantool.retrieval.cohort import build_index
 from mrantool.retrieval.similar import from_top_attended, run_query
-from mrantool.slides.synthetic import make_cohort
 from mrantool.store import FeatureStore
 from mrantool.training.api import fit
 from mrantool.viz.heatmap import draw_heatmap

@@ -27,3 +27,7 @@ class ConfigError(MrantoolError):
 
 class LabelsError(MrantoolError):
     """A labels file is malformed or does not match the store."""
+
+
+class FileSystemError(MrantoolError):
+    """An operating-system failure the user can fix: a full disk, a read-only folder, a file where a folder belongs."""

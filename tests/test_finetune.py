@@ -23,7 +23,7 @@ TINY = {"preset": "tiny", "workers": 0, "batch_size": 32, "device": "cpu"}
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> tuple[Path, Path, list[str]]:
     """Four 2048 px generated slides (two per class) extracted with the tiny preset: store, labels, slides."""
-    from mrantool.slides.synthetic import make_cohort
+    from mrantool.cohorts.synthetic import make_cohort
 
     folder = tmp_path_factory.mktemp("ft")
     labels = make_cohort(folder / "slides", n_slides=4, seed=0, size=(2048, 2048), workers=1, n_foci=2)
@@ -103,3 +103,53 @@ def test_trainable_blocks_and_bag_choice():
     assert choose_bags(attention, 2, 0.0, rng).tolist() == [1, 3]
     picks = [choose_bags(attention, 2, 0.5, rng) for _ in range(20)]
     assert all(1 in p and len(p) == 2 for p in picks) and any(3 not in p for p in picks)
+
+
+def test_encoder_from_refuses_the_slides_that_trained_it(run, cohort, tmp_path):
+    """fold_0's encoder (the run's) saw the labels of fold_0's training slides: re-extracting those is refused,
+    its test slides are fine, and --allow-label-overlap extracts anyway and records it in the provenance."""
+    import json
+
+    _, _, slides = cohort
+    split = json.loads((run.out / "splits.json").read_text())[0] if (run.out / "splits.json").is_file() else None
+    seen = {e["slide_id"] for e in json.loads((run.out / "encoder.json").read_text())["label_slides"]}
+    assert split is None or seen == set(split["train"]) | set(split["val"])
+    by_id = {Path(s).stem: s for s in slides}
+    trained, held_out = sorted(seen)[0], sorted(set(by_id) - seen)[0]
+    cfg = {**TINY, "encoder_from": str(run.out)}
+    with pytest.raises(ConfigError, match=f"1 of the slides to extract \\({trained}\\) trained or validated"):
+        extract(ExtractConfig(slides=[by_id[trained]], store=str(tmp_path / "a.zarr"), **cfg))
+    assert not (tmp_path / "a.zarr").exists()
+    report = extract(ExtractConfig(slides=[by_id[held_out]], store=str(tmp_path / "b.zarr"), **cfg))
+    assert [r.status for r in report.results] == ["done"]
+    copy = tmp_path / "renamed.tiff"  # the same file under another name is still recognised
+    copy.write_bytes(Path(by_id[trained]).read_bytes())
+    extract(ExtractConfig(slides=[str(copy)], store=str(tmp_path / "c.zarr"), allow_label_overlap=True, **cfg))
+    prov = FeatureStore.open(tmp_path / "c.zarr").provenance("renamed")
+    assert prov["labels_seen_by_encoder"] == str(run.out.resolve())
+
+
+def test_fit_finetune_applies_model_and_options_or_refuses(cohort, tmp_path):
+    """`fit --finetune` used to train MRAN with defaults whatever --model/-O said, and dropped config keys."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mrantool.cli import app
+
+    store, labels, _ = cohort
+    out = tmp_path / "ft"
+    base = ["fit", "--finetune", "--store", str(store), "--labels", str(labels), "--folds", "2", "--epochs", "1",
+            "--device", "cpu", "--threads", "1", "--quiet"]
+    done = CliRunner().invoke(app, [*base, "--out", str(out), "--model", "abmil", "-O", "hidden=16"])
+    assert done.exit_code == 0, done.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "abmil" and config["head_options"]["hidden"] == 16
+    assert "fold_0: best epoch" in done.output  # progress lines (quiet mode)
+    toml = tmp_path / "fit.toml"
+    toml.write_text("patience = 3\nweight_decay = 0.01\n")
+    refused = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "no"), "--config", str(toml)])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "cannot apply weight_decay, patience (fine-tuning" in refused.output
+    again = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "no2"), "--init-run", str(out), "--model", "mran"])
+    assert again.exit_code == 1 and "cannot apply model, folds (they come from --init-run" in again.output

@@ -28,7 +28,7 @@ TINY = {"preset": "tiny", "workers": 0, "device": "cpu"}
 @pytest.fixture(scope="module")
 def disc(tmp_path_factory) -> tuple[Path, Path]:
     """(slide file, store) of a 2048 px generated slide with a central tissue disc."""
-    from mrantool.slides.synthetic import write_pyramid_tiff
+    from mrantool.slides.writer import write_pyramid_tiff
 
     folder = tmp_path_factory.mktemp("heatmap")
     (folder / "slides").mkdir()

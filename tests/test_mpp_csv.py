@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mrantool.cli import app
 from mrantool.errors import ConfigError
 from mrantool.slides.mpp_table import read_mpp_table
-from mrantool.slides.synthetic import write_pyramid_tiff
+from mrantool.slides.writer import write_pyramid_tiff
 from mrantool.store import FeatureStore
 from tests.conftest import tissue_image
 

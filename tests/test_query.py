@@ -18,7 +18,7 @@ from mrantool.retrieval.cohort import add_new_slides, build_index
 from mrantool.retrieval.index import EmbeddingIndex
 from mrantool.retrieval.similar import from_image, from_patch_spec, from_top_attended, patch_location, run_query
 from mrantool.slides.reader import open_slide
-from mrantool.slides.synthetic import write_pyramid_tiff
+from mrantool.slides.writer import write_pyramid_tiff
 from mrantool.store import FeatureStore
 from tests.conftest import tissue_image
 

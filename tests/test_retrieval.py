@@ -253,3 +253,29 @@ def test_bad_inputs_raise_clear_errors() -> None:
         index.search(vectors[:3], 5, exclude_slides=[0, 0])
     with pytest.raises(MrantoolError, match="Rows must lie"):
         index.lookup(np.array([-1]))
+
+
+def test_save_killed_between_its_two_renames_keeps_an_index(tmp_path: Path, monkeypatch) -> None:
+    """`index add` saves by renaming the old folder aside, then the new one in; killed in between, the old index
+    used to be gone. Now `load` finds the old one, and the next save cleans up."""
+    grown = build("flat", n_slides=4)[0]
+    grown.save(tmp_path / "idx")
+    grown.add(*cohort(2, seed=1))
+    real_rename = Path.rename
+    calls = []
+
+    def killed_on_second(self: Path, target):
+        calls.append(self)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # SIGINT between the renames
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        grown.save(tmp_path / "idx")
+    monkeypatch.undo()
+    assert not (tmp_path / "idx").exists()
+    assert EmbeddingIndex.load(tmp_path / "idx").count == 4 * PER_SLIDE  # the index before the add
+    grown.save(tmp_path / "idx")
+    assert EmbeddingIndex.load(tmp_path / "idx").count == 6 * PER_SLIDE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]

@@ -356,7 +356,9 @@ def test_check_finds_nan_missing_array_and_stray_entries(store: FeatureStore) ->
     write_slide(store, "hole")
     shutil.rmtree(store.layout.slide("hole") / "patch_tissue")
     (store.layout.slides / "junk").mkdir()
-    defects = check_store(store.path)
+    assert check_store(store.path) == ["slides/junk is not a committed slide group; delete it.",
+                                       "slide 'hole': array patch_tissue is missing"]  # quick: no value reads
+    defects = check_store(store.path, deep=True)
     assert "slide 'nan': cell_emb has 1 NaN/inf values (first in bag 3)" in defects
     assert "slide 'nan': patch_emb has 1 NaN/inf values (first in bag 4)" in defects
     assert "slide 'hole': array patch_tissue is missing" in defects
@@ -376,7 +378,7 @@ def test_check_finds_missing_chunk_and_bad_provenance(store: FeatureStore) -> No
     del meta["attributes"]["fingerprint"]
     meta["attributes"]["identity"]["embed_dim"] = 16
     (group / "zarr.json").write_text(json.dumps(meta))
-    defects = check_store(store.path)
+    defects = check_store(store.path, deep=True)
     assert "slide 'a': cell_emb lacks 1 of 3 chunks" in defects
     assert "slide 'a': provenance lacks fingerprint" in defects
     assert any("identity differs" in d and "embed_dim" in d for d in defects)

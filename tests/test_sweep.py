@@ -262,3 +262,29 @@ def test_paired_comparison_picks_the_test() -> None:
     assert nan_fold.n == 4 and nan_fold.ties == 4 and nan_fold.p == 1.0
     moved = compare(outcome("v", [0.5, 0.6], [["s0"], ["x"]]), outcome("b", [0.4, 0.5]), "auc")
     assert moved.n == 1 and moved.unpaired == 1 and moved.test == "none"
+
+
+def test_resume_is_keyed_by_content_not_paths(cohort: dict, tmp_path: Path) -> None:
+    """An edited labels.csv or a re-extracted store at the same paths used to reuse the stale finished runs."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(Path(cohort["spec"]).parent / "s.zarr", store)
+    labels = tmp_path / "labels.csv"
+    labels.write_text(Path(cohort["labels"]).read_text())
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(BASE.format(store=store, labels=labels).replace("epochs = 2", "epochs = 1")
+                    + '[[variant]]\nname = "mean"\nmodel = "mean"\n')
+    out = tmp_path / "SWEEP"
+    assert status(run_sweep(spec, out)) == {"mean": "ran"}
+    assert status(run_sweep(spec, out)) == {"mean": "skipped"}
+    rows = labels.read_text().splitlines()
+    rows[1], rows[2] = rows[1].replace("normal", "tumour"), rows[2].replace("tumour", "normal")
+    labels.write_text("\n".join(rows) + "\n")
+    edited = run_sweep(spec, out)
+    assert status(edited) == {"mean": "ran"} and "changed since they ran" in edited.notes[0]
+    fs = FeatureStore.open(store, writable=True)  # re-extract one slide: same id, new commit
+    old = fs.slide("s00")
+    writer = fs.begin_slide("s00", old.n_bags, old.provenance)
+    writer.write(0, old.coords[:], old.patch_tissue[:], old.patch_emb[:], old.cell_emb[:])
+    writer.commit()
+    assert status(run_sweep(spec, out)) == {"mean": "ran"}
+    assert status(run_sweep(spec, out)) == {"mean": "skipped"}

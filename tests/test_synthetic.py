@@ -12,9 +12,10 @@ import openslide
 import pytest
 from scipy import ndimage as ndi
 
+from mrantool.cohorts import synthetic
+from mrantool.cohorts.synthetic import cohort_design, make_cohort, render_slide
 from mrantool.errors import ConfigError, SlideError
-from mrantool.slides import synthetic
-from mrantool.slides.synthetic import cohort_design, make_cohort, render_slide, write_pyramid_tiff
+from mrantool.slides.writer import write_pyramid_tiff
 
 PATCH = 256  # level-0 px: a 128 px patch at 1 mpp
 

@@ -10,15 +10,11 @@ from PIL import Image
 
 from mrantool.errors import MrantoolError
 from mrantool.slides.tissue import MIN_TILE_FRACTION, has_tissue, ink_mask, tissue_fraction, tissue_mask
-
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
+from tests.conftest import shared_file
 
 
 def _data(sub: str) -> Path:
-    path = DATA / sub
-    if not path.exists():
-        pytest.skip(f"real test data not found at {path}")
-    return path
+    return shared_file(sub)
 
 
 def _rgb(path: Path) -> np.ndarray:

@@ -345,3 +345,17 @@ def test_val_fraction_zero_trains_on_all_training_slides() -> None:
     train = np.arange(8)
     fit_rows, val_rows = validation_split(labels, train, 0.0, seed=0)
     assert fit_rows.tolist() == train.tolist() and len(val_rows) == 0
+
+
+def test_mean_row_says_over_how_many_folds_a_metric_is_defined(tmp_path: Path) -> None:
+    """A fold whose test slides have one class has AUC NaN: the mean must say it covers n of k folds."""
+    from mrantool.training.api import FitReport, FoldReport
+    from mrantool.training.metrics import folds_used, mean_sd
+
+    per_fold = [{"auc": math.nan, "accuracy": 1.0, "balanced_accuracy": 1.0, "f1": 1.0},
+                {"auc": 0.5, "accuracy": 0.5, "balanced_accuracy": 0.5, "f1": 0.5}]
+    folds = [FoldReport(f"fold_{k}", 0, k, 1, 1, "loss", 2, 0, 2, m) for k, m in enumerate(per_fold)]
+    mean, sd = mean_sd(per_fold)
+    report = FitReport(tmp_path, "mean", ["a", "b"], folds, mean, sd, per_fold[1], n_used=folds_used(per_fold))
+    row = report.table()[-2]
+    assert row["auc"] == "0.500 ± 0.000 (1 of 2 folds)" and row["accuracy"] == "0.750 ± 0.354"

@@ -10,7 +10,10 @@ import torch
 from mrantool.config import ExtractConfig
 from mrantool.encoders.rebuild import encoder_weights_from_run, finetuned_extract_settings
 from mrantool.encoders.registry import aligned_preset, create_encoder
+from mrantool.errors import ConfigError
 from mrantool.extract.inputs import collect_slides, parse_shard, shard
+from mrantool.extract.leakage import FIX as LEAK_FIX
+from mrantool.extract.leakage import label_slides, overlapping
 from mrantool.extract.pipeline import Extractor, ExtractReport, Progress, store_identity
 from mrantool.slides.mpp_table import read_mpp_table
 from mrantool.store.reader import FeatureStore
@@ -51,6 +54,16 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractRepo
         slides = [replace(s, mpp=table.lookup(s.slide_id, s.path)) for s in slides]
     slides = shard(slides, index, count)
     preset = resolve_preset(cfg)
+    extra: dict[str, dict[str, str]] = {}
+    if cfg.encoder_from:
+        leaked = overlapping(slides, label_slides(cfg.encoder_from))
+        if leaked and not cfg.allow_label_overlap:
+            shown = ", ".join(s.slide_id for s in leaked[:3]) + (f" and {len(leaked) - 3} more" if len(leaked) > 3
+                                                                 else "")
+            raise ConfigError(f"{len(leaked)} of the slides to extract ({shown}) trained or validated the encoder of "
+                              f"{cfg.encoder_from}, so their features carry their labels and cross-validation on "
+                              f"them would be optimistic; {LEAK_FIX}.")
+        extra = {s.slide_id: {"labels_seen_by_encoder": str(Path(cfg.encoder_from).resolve())} for s in leaked}
     encoder = create_encoder(preset, weights=cfg.weights, pretrained=cfg.pretrained, arch=cfg.encoder)
     preset = aligned_preset(preset, encoder)  # a hub model's own input size and normalisation
     identity = store_identity(preset, encoder)
@@ -60,6 +73,6 @@ def extract(cfg: ExtractConfig, progress: Progress | None = None) -> ExtractRepo
     extractor = Extractor(
         store, preset, encoder, device=resolve_device(cfg.device), batch_size=cfg.batch_size,
         workers=cfg.workers, slide_mpp=cfg.mpp, mpp_table=table, min_tissue=cfg.min_tissue, compile=cfg.compile,
-        progress=progress,
+        progress=progress, provenance_extra=extra,
     )
     return extractor.run(slides)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from mrantool.errors import ConfigError
+from mrantool.slide_ids import FIX, slide_id_problem
+from mrantool.slides.plain import IMAGE_SUFFIXES
 from mrantool.slides.reader import slide_id_from_path
 
+#: Files a folder is listed for: whole-slide formats and plain images (PNG, JPEG, BMP: these need --mpp).
 SLIDE_SUFFIXES = {
-    ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm",
+    ".svs", ".ndpi", ".mrxs", ".tif", ".tiff", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".dcm", *IMAGE_SUFFIXES,
 }
-_VALID_ID = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-+ ()\[\],]*$")
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,22 @@ def collect_slides(items: list[str | Path]) -> list[SlideInput]:
             found += _from_csv(path)
         else:
             found.append(SlideInput(slide_id_from_path(path), path))
+    if not found:
+        shown = ", ".join(str(i) for i in items[:3]) or "nothing"
+        raise ConfigError(f"No slide files found in {shown} (looked for {', '.join(sorted(SLIDE_SUFFIXES))}); pass "
+                          "slide files, folders holding them, or a CSV with a slide_path column.")
     return validate_ids(found)
 
 
 def _from_csv(path: Path) -> list[SlideInput]:
     try:
-        with path.open(newline="") as fh:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
     except FileNotFoundError:
         raise ConfigError(f"Slide list {path} does not exist; check the path.") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"Slide list {path} cannot be read as a UTF-8 CSV ({exc}); save it as CSV with a "
+                          "slide_path column.") from None
     if not rows or "slide_path" not in rows[0]:
         raise ConfigError(f"{path} has no 'slide_path' column; a slide list CSV needs slide_path[,slide_id].")
     out = []
@@ -61,22 +71,35 @@ def _from_csv(path: Path) -> list[SlideInput]:
 
 
 def validate_ids(slides: list[SlideInput]) -> list[SlideInput]:
-    """Ids must be safe names and unique: two files with one id is an error, not an overwrite."""
-    seen: dict[str, Path] = {}
+    """Ids must be unique, also ignoring case: two files with one id is an error, not an overwrite.
+
+    An id that cannot name a slide (see mrantool.slide_ids) is kept: that slide fails alone, in the run's report.
+    """
+    seen: dict[str, SlideInput] = {}
     for s in slides:
-        if not _VALID_ID.match(s.slide_id) or s.slide_id in {".", ".."}:
-            raise ConfigError(
-                f"Slide id '{s.slide_id}' of {s.path} is not a valid name (letters, digits, ._-+ and no path "
-                "separators); rename the file or give a slide_id column in a slide list CSV."
-            )
-        if s.slide_id in seen and seen[s.slide_id] != s.path:
-            raise ConfigError(
-                f"Two files have the slide id '{s.slide_id}': {seen[s.slide_id]} and {s.path}; rename one or give "
-                "unique slide_id values in a slide list CSV."
-            )
-        seen[s.slide_id] = s.path
-    unique = {s.slide_id: s for s in slides}
+        if slide_id_problem(s.slide_id):
+            continue
+        twin = seen.get(s.slide_id.casefold())
+        if twin is not None and twin.path != s.path:
+            same = "the slide id" if twin.slide_id == s.slide_id else "slide ids that differ only in case"
+            raise ConfigError(f"Two files have {same} '{twin.slide_id}' / '{s.slide_id}': {twin.path} and {s.path}; "
+                              f"{FIX} so that every id is unique.")
+        seen[s.slide_id.casefold()] = s
+    unique = {(s.slide_id, s.path): s for s in slides}
     return list(unique.values())
+
+
+def id_problem(slide_id: str, twin_of: Callable[[str], str | None]) -> str | None:
+    """Why a slide with this id cannot go into a store (None when it can); `twin_of` finds an id of the store
+    that differs only in case (FeatureStore.case_twin)."""
+    problem = slide_id_problem(slide_id)
+    if problem:
+        return f"Invalid slide id {slide_id!r}: {problem}; {FIX}."
+    twin = twin_of(slide_id)
+    if twin:
+        return (f"Slide id '{slide_id}' differs only in case from '{twin}' already in the store (one folder on "
+                f"case-insensitive file systems); {FIX}.")
+    return None
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -22,9 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from mrantool.encoders.registry import PatchEncoder
-from mrantool.errors import LockedError, MrantoolError
+from mrantool.errors import FileSystemError, LockedError, MrantoolError
 from mrantool.extract.dataset import BagItem, BagRegions, collate_bags
-from mrantool.extract.inputs import SlideInput
+from mrantool.extract.inputs import SlideInput, id_problem
+from mrantool.files import os_error_message
+from mrantool.slide_ids import slide_id_problem
 from mrantool.slides.mpp_table import MppTable
 from mrantool.slides.reader import open_slide
 from mrantool.store.fingerprint import file_fingerprint
@@ -111,6 +113,7 @@ class Extractor:
         channels_last: bool = True,
         compile: bool = False,
         progress: Progress | None = None,
+        provenance_extra: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.store = store
         self.preset = preset
@@ -130,10 +133,14 @@ class Extractor:
         mean = torch.tensor(preset.mean, device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(preset.std, device=self.device).view(1, 3, 1, 1) * 255
         self._mean, self._std = mean, std
+        self.provenance_extra = provenance_extra or {}  # slide_id -> extra provenance keys
 
     # -- planning (runs in a helper thread, a few slides ahead) -------------------------------------------------
     def _plan(self, index: int, item: SlideInput) -> _Planned | SlideResult:
         started = time.perf_counter()
+        problem = id_problem(item.slide_id, self.store.case_twin)
+        if problem:
+            return SlideResult(item.slide_id, item.path, "failed", message=problem)
         try:
             fingerprint = file_fingerprint(item.path)
         except OSError:
@@ -157,6 +164,7 @@ class Extractor:
                     "mpp": self.geometry.mpp,
                     "slide_mpp": slide.mpp,
                     "slide_mpp_source": "mpp table" if item.mpp else "--mpp" if given else "metadata",
+                    "reader": slide.backend,
                     "level0_size": list(slide.dimensions),
                     "bag_size_l0": sp.plan.bag_size_l0,
                     "read_level": sp.read_level,
@@ -171,6 +179,7 @@ class Extractor:
         except Exception as exc:  # an unexpected reader failure must not stop the run
             lock.release()
             return SlideResult(item.slide_id, item.path, "failed", message=f"{item.path}: {type(exc).__name__}: {exc}")
+        provenance.update(self.provenance_extra.get(item.slide_id, {}))
         provenance["timings"] = {"plan_s": round(time.perf_counter() - started, 3)}
         return _Planned(index, item, mpp, sp.plan.coords, sp.plan.patch_tissue, provenance, lock, started)
 
@@ -190,7 +199,7 @@ class Extractor:
                     outcome = futures[i].result()
                     futures[i] = None  # type: ignore[call-overload]
                     if isinstance(outcome, SlideResult):
-                        if outcome.status == "failed":
+                        if outcome.status == "failed" and slide_id_problem(outcome.slide_id) is None:
                             self.store.record_failure(outcome.slide_id, str(outcome.path), outcome.message)
                         report.results.append(outcome)
                         self.progress("slide_end", {"result": outcome})
@@ -214,6 +223,19 @@ class Extractor:
             multiprocessing_context="fork" if self.workers else None,
         )
         writers: dict[int, Any] = {}
+        try:
+            self._loop(loader, planned, writers, report)
+        except OSError as exc:  # a full disk or a store made read-only mid-run: stop, keep what is committed
+            for index, writer in writers.items():
+                writer.abort()
+                planned[index].lock.release()
+            raise FileSystemError(os_error_message(exc, "write to store", self.store.path)) from None
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _loop(self, loader: DataLoader, planned: dict[int, _Planned], writers: dict[int, Any],
+              report: ExtractReport) -> None:
+        """Encode every batch and stream it to its slide's writer; commit each slide when its last bag is in."""
         written: dict[int, int] = {}
         failed: set[int] = set()
         with ThreadPoolExecutor(1, thread_name_prefix="write") as write_pool:
@@ -251,8 +273,6 @@ class Extractor:
                     self._commit(p, writers.pop(index), report)
                 last_tick = time.perf_counter()
             self._drain(pending, 0)
-        report.seconds = time.perf_counter() - started
-        return report
 
     @staticmethod
     def _drain(pending: list[Future], keep: int) -> list[Future]:

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from mrantool.errors import ConfigError, MrantoolError
-from mrantool.interop.files import atomic_path
+from mrantool.files import atomic_path
 from mrantool.store import FeatureStore
 from mrantool.store.geometry import bag_side_l0, patch_corners
 

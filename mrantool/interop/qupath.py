@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mrantool.errors import ConfigError, MrantoolError
-from mrantool.interop.files import atomic_path
+from mrantool.files import atomic_path
 from mrantool.store import FeatureStore
 from mrantool.training.outputs import read_predictions
 from mrantool.viz.slide_attention import SlideAttention, load_slide_attention, percentile_ranks

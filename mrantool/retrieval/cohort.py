@@ -11,6 +11,7 @@ import numpy as np
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.retrieval.index import EmbeddingIndex, check_compatible
 from mrantool.store import FeatureStore
+from mrantool.store.health import read_provenance
 
 LEVELS = ("patch", "cell")
 CENTRE_FILE = "centre.npy"  # the cohort's mean embedding, subtracted from indexed and query vectors
@@ -53,6 +54,42 @@ def _gather(store: FeatureStore, slide_ids: list[str], level: str, min_tissue: f
     return x, {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in columns.items()}
 
 
+def slide_versions(store: FeatureStore, slide_ids: list[str]) -> dict[str, str | None]:
+    """slide_id -> the time it was committed: which extraction of each slide an index holds."""
+    return {sid: read_provenance(store.layout.slide(sid)).get("extracted_at") for sid in slide_ids}
+
+
+def recorded_store(index_dir: str | Path) -> Path:
+    """The store an index was built from, as recorded in its index.json."""
+    index = EmbeddingIndex.load(index_dir)
+    return Path(index.provenance["store"])
+
+
+def check_same_store(index_dir: str | Path, provenance: dict[str, Any], store: FeatureStore) -> None:
+    """MrantoolError unless `store` holds the very slides (same extraction) that the index was built from.
+
+    A store of the same preset with the same slide names but other features would answer with wrong coordinates.
+    Indexes from before slide versions were recorded are compared by store path.
+    """
+    built_from = provenance.get("store")
+    versions = provenance.get("slides")
+    fix = (f"pass --store {built_from} (the store it was built from), or rebuild the index with `mrantool index "
+           f"build --store {store.path} --out {index_dir}`")
+    if versions is None:
+        if built_from and Path(built_from) != Path(store.path).resolve():
+            raise MrantoolError(f"Index {index_dir} was built from store {built_from}, not {store.path}; {fix}.")
+        return
+    present = set(store.slide_ids())
+    missing = [sid for sid in versions if sid not in present]
+    changed = [sid for sid in versions if sid in present
+               and read_provenance(store.layout.slide(sid)).get("extracted_at") != versions[sid]]
+    if missing or changed:
+        what = (f"lacks {len(missing)} of its slides ({', '.join(missing[:3])})" if missing else
+                f"holds other extractions of {len(changed)} of its slides ({', '.join(changed[:3])})")
+        raise MrantoolError(f"Index {index_dir} was built from store {built_from}, but store {store.path} {what}, "
+                            f"so its hits would point at the wrong patches; {fix}.")
+
+
 def build_index(store_path: str | Path, out_dir: str | Path, *, level: str = "patch", kind: str = "hnsw",
                 min_tissue: float = 0.25, centre: bool = True,
                 progress: Callable[[str, dict[str, Any]], None] | None = None, **params: Any) -> EmbeddingIndex:
@@ -69,7 +106,7 @@ def build_index(store_path: str | Path, out_dir: str | Path, *, level: str = "pa
         raise MrantoolError(f"Store {store_path} has no complete slide to index; run `mrantool extract` first.")
     x, columns = _gather(store, slide_ids, level, min_tissue, progress or (lambda e, i: None))
     provenance = {"encoder": store.identity, "store": str(Path(store_path).resolve()), "level": level,
-                  "min_tissue": min_tissue, "centred": centre}
+                  "min_tissue": min_tissue, "centred": centre, "slides": slide_versions(store, slide_ids)}
     mean = x.mean(axis=0) if centre else None
     index = EmbeddingIndex.build(x - mean if centre else x, columns, kind=kind, provenance=provenance,
                                  slide_names=slide_ids, **params)
@@ -85,8 +122,10 @@ def add_new_slides(index_dir: str | Path, store_path: str | Path,
     index = EmbeddingIndex.load(index_dir)
     store = FeatureStore.open(store_path)
     check_compatible(index.provenance, store.identity)
+    check_same_store(index_dir, index.provenance, store)
     new = [s for s in store.slide_ids() if s not in set(index.slide_names)]
     if new:
+        index.provenance.setdefault("slides", {}).update(slide_versions(store, new))
         level, min_tissue = index.provenance["level"], index.provenance["min_tissue"]
         x, columns = _gather(store, new, level, min_tissue, progress or (lambda e, i: None))
         mean = load_centre(index_dir)

@@ -30,6 +30,7 @@ REQUIRED_COLUMNS = ("slide", "bag", "patch")
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
 NAMES_FILE = "slide_names.npy"
+OLD_PREFIX = ".{name}.old-"  # where `save` sets the previous index aside while renaming the new one in
 
 # Build parameters (None: derived from the data) and which of them can change after the build.
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
@@ -100,8 +101,9 @@ class EmbeddingIndex:
 
     @classmethod
     def load(cls, directory: str | Path) -> EmbeddingIndex:
-        """Open an index folder written by `save`."""
-        folder = Path(directory)
+        """Open an index folder written by `save` (or, when a save was killed between its two renames, the
+        previous index it had set aside)."""
+        folder = _recover(Path(directory))
         meta = _read_meta(folder)
         try:
             index = faiss.read_index(str(folder / INDEX_FILE))
@@ -133,13 +135,14 @@ class EmbeddingIndex:
             np.save(tmp / f"ids_{column}.npy", values, allow_pickle=False)
         np.save(tmp / NAMES_FILE, self._names, allow_pickle=False)
         (tmp / META_FILE).write_text(json.dumps(self.metadata(), indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():  # killed between these two renames, `load` finds the old index set aside
+            old = out.with_name(f"{OLD_PREFIX.format(name=out.name)}{os.getpid()}")
             out.rename(old)
             tmp.rename(out)
-            shutil.rmtree(old)
         else:
             tmp.rename(out)
+        for leftover in out.parent.glob(f"{OLD_PREFIX.format(name=out.name)}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
 
     # ------------------------------------------------------------------ properties
 
@@ -459,6 +462,15 @@ def _describe(identity: Any, other: Any) -> str:
     details = ", ".join(f"{k}={str(identity.get(k))[:24]}" for k in keys[:3])
     name = identity[name_key] if name_key else "an unnamed encoder"
     return f"{name} ({details})" if details else name
+
+
+def _recover(folder: Path) -> Path:
+    """`folder`, or the newest complete index that an interrupted `save` set aside beside it."""
+    if (folder / META_FILE).is_file():
+        return folder
+    aside = sorted(folder.parent.glob(f"{OLD_PREFIX.format(name=folder.name)}*"), key=lambda p: p.stat().st_mtime)
+    complete = [p for p in aside if (p / META_FILE).is_file()]
+    return complete[-1] if complete else folder
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,11 +10,16 @@ from typing import Any
 import numpy as np
 
 from mrantool.errors import ConfigError, MrantoolError
-from mrantool.retrieval.cohort import load_centre
+from mrantool.files import output_file
+from mrantool.retrieval.cohort import check_same_store, load_centre, recorded_store
 from mrantool.retrieval.index import EmbeddingIndex, check_compatible
 from mrantool.retrieval.query import search_rows
 from mrantool.store import FeatureStore
+from mrantool.training.labels import read_label_map
 from mrantool.viz.gallery import patch_gallery, read_patches
+
+GALLERY_HITS = 16  # neighbours per query drawn in the gallery (the table lists all k)
+MAX_IMAGE_PIXELS = 4096 * 4096  # a query tile is about one patch; anything this large is a mistake
 
 
 @dataclass
@@ -34,6 +38,17 @@ class QueryResult:
     rows: list[dict[str, Any]]
     gallery: Path | None = None
     queries: list[str] = field(default_factory=list)
+
+
+def open_store(index_dir: str | Path, store_path: str | Path | None = None) -> FeatureStore:
+    """The store to query with: `store_path`, or the one the index records (index.json) when it is None."""
+    if store_path is not None:
+        return FeatureStore.open(store_path)
+    recorded = recorded_store(index_dir)
+    if not recorded.exists():
+        raise ConfigError(f"Index {index_dir} was built from store {recorded}, which no longer exists there; pass "
+                          "its new location with --store.")
+    return FeatureStore.open(recorded)
 
 
 def patch_location(store: FeatureStore, slide_id: str, bag: int, patch: int) -> tuple[int, int]:
@@ -83,8 +98,20 @@ def from_image(store: FeatureStore, image_path: str | Path, weights: str | Path 
     from mrantool.encoders.transforms import to_tensor_batch
     from mrantool.tiling.presets import get_preset
 
+    geometry = store.identity["geometry"]
+    patch_px = geometry["bag_px"] // geometry["grid"]
     try:
-        rgb = np.array(Image.open(image_path).convert("RGB"))
+        with Image.open(image_path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ConfigError(f"--image {image_path} is {width}x{height} px, far more than one patch "
+                                  f"({patch_px} px at {geometry['mpp']} mpp for this store); crop one patch-sized "
+                                  "tile from it and query with that.")
+            rgb = np.array(image.convert("RGB"))
+    except Image.DecompressionBombError:
+        raise ConfigError(f"--image {image_path} has more pixels than it is safe to decode, far more than one patch "
+                          f"({patch_px} px at {geometry['mpp']} mpp for this store); crop one patch-sized tile from "
+                          "it and query with that.") from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"Cannot read the image {image_path} ({exc}); give a PNG, JPEG or TIFF tile.") from None
     encoder = rebuild_encoder(store.identity, weights).eval()
@@ -98,12 +125,11 @@ def from_image(store: FeatureStore, image_path: str | Path, weights: str | Path 
 
 
 def _slide_labels(labels_csv: str | Path | None, run_dir: str | Path | None) -> dict[str, str]:
-    """slide_id -> label from a labels.csv, or from a run's predictions.csv."""
-    path = Path(labels_csv) if labels_csv else (Path(run_dir) / "predictions.csv" if run_dir else None)
-    if path is None or not path.is_file():
-        return {}
-    with path.open(newline="") as fh:
-        return {row["slide_id"]: row["label"] for row in csv.DictReader(fh) if "label" in row}
+    """slide_id -> label from a labels.csv (read like `fit` reads it), or from a run's predictions.csv."""
+    if labels_csv:
+        return read_label_map(labels_csv)
+    predictions = Path(run_dir) / "predictions.csv" if run_dir else None
+    return read_label_map(predictions) if predictions is not None and predictions.is_file() else {}
 
 
 def run_query(index_dir: str | Path, store_path: str | Path, query: Query, *, k: int = 8,
@@ -113,18 +139,21 @@ def run_query(index_dir: str | Path, store_path: str | Path, query: Query, *, k:
     index = EmbeddingIndex.load(index_dir)
     store = FeatureStore.open(store_path)
     check_compatible(index.provenance, store.identity)
+    check_same_store(index_dir, index.provenance, store)
+    labels = _slide_labels(labels_csv, run_dir)
     slides = [o[0] if o else "" for o in query.origins]
     mean = load_centre(index_dir)
     vectors = query.vectors if mean is None else query.vectors - mean
+    k = min(k, index.count)  # more neighbours than the index holds would only be padding
     rows = search_rows(index, vectors, k, query_slides=slides, exclude_same_slide=exclude_same_slide)
-    labels = _slide_labels(labels_csv, run_dir)
     for row in rows:
         row["x"], row["y"] = patch_location(store, row["slide"], row["bag"], row["patch"])
         row["label"] = labels.get(row["slide"], "")
         row["query_name"] = query.labels[row["query"]]
     result = QueryResult(rows, queries=query.labels)
     if gallery:
-        result.gallery = _draw_gallery(store, query, rows, k, Path(gallery))
+        shown = [row for row in rows if row["rank"] <= GALLERY_HITS]
+        result.gallery = _draw_gallery(store, query, shown, min(k, GALLERY_HITS), output_file(gallery, "--gallery"))
     return result
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,10 @@ import zarr.storage
 
 from mrantool import __version__
 from mrantool.errors import StoreError
+from mrantool.files import os_error_message
+from mrantool.slide_ids import case_twin
 from mrantool.store import locks as _locks
+from mrantool.store.health import REDO, read_provenance, slide_defects
 from mrantool.store.locks import DEFAULT_MAX_AGE_S, SlideLock, owner_tag
 from mrantool.store.schema import (
     CELL_EMB,
@@ -34,27 +38,26 @@ from mrantool.store.schema import (
 from mrantool.store.writer import SlideWriter, clean_orphans, read_failures, record_failure
 
 
-def read_provenance(slide_dir: Path) -> dict[str, Any]:
-    """A committed slide's provenance (its group attributes) without opening its arrays."""
-    return json.loads((slide_dir / "zarr.json").read_text()).get("attributes", {})
-
-
 class SlideFeatures:
     """One committed slide: lazy zarr arrays plus provenance; reads load only what they index."""
 
     def __init__(self, slide_id: str, path: Path) -> None:
         self.slide_id = slide_id
         self.path = path
-        group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
-        missing = [name for name in (COORDS, PATCH_TISSUE, PATCH_EMB) if name not in group]
+        self.provenance: dict[str, Any] = read_provenance(path)
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(path, read_only=True), mode="r")
+            missing = [name for name in (COORDS, PATCH_TISSUE, PATCH_EMB) if name not in group]
+            arrays = {name: group.get(name) for name in (COORDS, PATCH_TISSUE, PATCH_EMB, CELL_EMB)}
+        except Exception as exc:  # zarr raises many types for damaged metadata
+            raise StoreError(f"Slide '{slide_id}' at {path} has unreadable metadata ({type(exc).__name__}); "
+                             f"{REDO}.") from None
         if missing:
-            raise StoreError(f"Slide '{slide_id}' at {path} lacks {', '.join(missing)}; run `mrantool check` on "
-                             "the store and re-extract that slide.")
-        self.coords = group[COORDS]
-        self.patch_tissue = group[PATCH_TISSUE]
-        self.patch_emb = group[PATCH_EMB]
-        self.cell_emb = group.get(CELL_EMB)
-        self.provenance: dict[str, Any] = dict(group.attrs)
+            raise StoreError(f"Slide '{slide_id}' at {path} lacks {', '.join(missing)}; {REDO}.")
+        self.coords = arrays[COORDS]
+        self.patch_tissue = arrays[PATCH_TISSUE]
+        self.patch_emb = arrays[PATCH_EMB]
+        self.cell_emb = arrays[CELL_EMB]
 
     @property
     def n_bags(self) -> int:
@@ -81,9 +84,9 @@ class SlideFeatures:
     def _read(self, array: Any, index: Any) -> np.ndarray:
         try:
             return array[index]
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise StoreError(f"Slide '{self.slide_id}' at {self.path} has a damaged chunk ({exc}); run `mrantool "
-                             "check` on the store and re-extract that slide.") from None
+        except Exception as exc:  # codec and checksum errors come in several types
+            raise StoreError(f"Slide '{self.slide_id}' at {self.path} has a damaged chunk ({type(exc).__name__}: "
+                             f"{exc}); {REDO}.") from None
 
     def read_bag(self, bag: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(patch embeddings (P, D), cell embeddings (P, C, D) or None) of one bag."""
@@ -158,8 +161,14 @@ class FeatureStore:
                                  "use a new --store for this encoder and geometry.")
         store = cls(root, attrs, writable, lock_max_age_s)
         if writable:
-            for folder in (store.layout.slides, store.layout.staging, store.layout.locks, store.layout.failures):
-                folder.mkdir(exist_ok=True)
+            try:
+                for folder in (store.layout.slides, store.layout.staging, store.layout.locks, store.layout.failures):
+                    folder.mkdir(exist_ok=True)
+                probe = store.layout.staging / f".tmp.{owner_tag()}"
+                probe.write_bytes(b"")  # a read-only or full store fails here, before any slide is read
+                probe.unlink()
+            except OSError as exc:
+                raise StoreError(os_error_message(exc, "write to store", root)) from None
             clean_orphans(store.layout, lock_max_age_s)
         return store
 
@@ -185,11 +194,55 @@ class FeatureStore:
         return self.slide(slide_id).provenance
 
     def is_complete(self, slide_id: str, fingerprint: dict[str, Any] | None = None) -> bool:
-        """Whether `slide_id` is committed (and, when given, was extracted from a file with this fingerprint)."""
+        """Whether `slide_id` is committed and whole (quick check), and, when given, was extracted from a file
+        with this fingerprint. A defective slide is not complete, so `extract` redoes it."""
         path = self.layout.slide(validate_slide_id(slide_id))
         if not (path / "zarr.json").is_file():
             return False
-        return fingerprint is None or read_provenance(path).get("fingerprint") == jsonable(fingerprint)
+        try:
+            recorded = read_provenance(path).get("fingerprint")
+        except StoreError:
+            return False
+        if fingerprint is not None and recorded != jsonable(fingerprint):
+            return False
+        return not slide_defects(path, self.identity)
+
+    def case_twin(self, slide_id: str) -> str | None:
+        """A slide of the store whose id differs from `slide_id` only in case (one folder on case-insensitive file
+        systems), or None. Lists names only, so it stays cheap in stores of many slides."""
+        names = os.listdir(self.layout.slides) if self.layout.slides.is_dir() else []
+        return case_twin(slide_id, [n for n in names if n != "zarr.json"])
+
+    def content_hash(self) -> str:
+        """A hash of what the store holds: its identity and, per committed slide, id, file fingerprint, bag count
+        and commit time. It changes when a slide is added, removed or re-extracted (metadata only: cheap)."""
+        slides = []
+        for slide_id in self.slide_ids():
+            try:
+                prov = read_provenance(self.layout.slide(slide_id))
+            except StoreError:
+                prov = {"unreadable": True}
+            slides.append([slide_id, prov.get("fingerprint"), prov.get("n_bags"), prov.get("extracted_at")])
+        text = json.dumps({"identity": self.identity, "slides": slides}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def defective(self, slide_ids: list[str] | None = None, *, deep: bool = False) -> dict[str, list[str]]:
+        """slide_id -> defects of the committed slides (all, or `slide_ids`) that are not whole."""
+        found = {}
+        for slide_id in self.slide_ids() if slide_ids is None else slide_ids:
+            defects = slide_defects(self.layout.slide(validate_slide_id(slide_id)), self.identity, deep=deep)
+            if defects:
+                found[slide_id] = defects
+        return found
+
+    def require_whole(self, slide_ids: list[str], what: str) -> None:
+        """StoreError naming every defective slide among `slide_ids` (quick check), before `what` uses them."""
+        bad = self.defective(slide_ids)
+        if bad:
+            listed = "; ".join(f"'{sid}' ({found[0]})" for sid, found in list(bad.items())[:3])
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise StoreError(f"Store {self.path} has {len(bad)} defective slide(s) that {what} needs: {listed}{more}; "
+                             f"{REDO}, or leave those slides out.")
 
     def failures(self) -> dict[str, dict[str, Any]]:
         """slide_id -> {slide_id, source, message, time, host, pid, mrantool_version} of recorded failures."""
@@ -201,7 +254,13 @@ class FeatureStore:
         cells = self.identity["geometry"]["cells"]
         rows = []
         for slide_id in self.slide_ids():
-            prov = read_provenance(self.layout.slide(slide_id))
+            try:
+                prov = read_provenance(self.layout.slide(slide_id))
+            except StoreError as exc:
+                rows.append({"slide_id": slide_id, "status": "defective", "n_bags": None, "n_patches": None,
+                             "dim": None, "cells": None, "mpp": None, "encoder": self.identity["encoder"],
+                             "source": None, "error": str(exc)})
+                continue
             rows.append({"slide_id": slide_id, "status": "complete", "n_bags": prov.get("n_bags"),
                          "n_patches": self.dims.n_patches, "dim": self.dims.dim,
                          "cells": f"{cells}x{cells}" if self.dims.n_cells else None, "mpp": prov.get("mpp"),
@@ -225,6 +284,11 @@ class FeatureStore:
     def begin_slide(self, slide_id: str, n_bags: int, provenance: dict[str, Any]) -> SlideWriter:
         """A writer for one slide; provenance needs source, fingerprint, mpp, level0_size, bag_size_l0 (+ extras)."""
         self._require_writable()
+        twin = self.case_twin(validate_slide_id(slide_id))
+        if twin:
+            raise StoreError(f"Slide id '{slide_id}' differs only in case from '{twin}' in store {self.path} (one "
+                             "folder on case-insensitive file systems); rename the file or give a `slide_id` column "
+                             "in a slide list CSV.")
         return SlideWriter(self.layout, slide_id, n_bags, self.identity, provenance)
 
     def record_failure(self, slide_id: str, source: str | os.PathLike[str], message: str) -> Path:
@@ -278,12 +342,16 @@ def _read_root_attrs(root: Path) -> dict[str, Any]:
 
 def _create_root(root: Path, identity: dict[str, Any]) -> None:
     """Build the root group in a temp dir beside `root` and rename it into place (racing creators are fine)."""
-    root.parent.mkdir(parents=True, exist_ok=True)
     temp = root.parent / f".{root.name}.{owner_tag()}"
     attrs = {"schema_version": SCHEMA_VERSION, "mrantool_version": __version__, "identity": identity,
              "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    group = zarr.open_group(zarr.storage.LocalStore(temp), mode="w-", attributes=attrs)
-    group.create_group("slides")
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(zarr.storage.LocalStore(temp), mode="w-", attributes=attrs)
+        group.create_group("slides")
+    except OSError as exc:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise StoreError(os_error_message(exc, "create store", root)) from None
     try:
         os.rename(temp, root)
     except OSError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mrantool.errors import StoreError
+from mrantool.slide_ids import validate_slide_id as validate_slide_id  # the one validator, re-exported
 
 SCHEMA_VERSION = 1
 
@@ -37,7 +38,6 @@ TABLE_CHUNK_BAGS = 4096  # coords and patch_tissue are small: many bags per chun
 IDENTITY_KEYS = ("encoder", "weights", "transforms", "embed_dim", "geometry", "preset", "has_cells")
 PROVENANCE_KEYS = ("source", "fingerprint", "mpp", "level0_size", "bag_size_l0")
 STORE_PROVENANCE_KEYS = ("slide_id", "n_bags", "identity", "geometry", "mrantool_version", "timings", "extracted_at")
-MAX_ID_BYTES = 200
 
 
 def hostname() -> str:
@@ -62,25 +62,6 @@ def jsonable(value: Any) -> Any:
     except (TypeError, ValueError) as exc:
         raise StoreError(f"Store metadata must be JSON-serialisable ({exc}); pass plain numbers, strings, "
                          "lists and dicts.") from None
-
-
-def validate_slide_id(slide_id: str) -> str:
-    """Return `slide_id` if it can name a file in the store, else raise StoreError saying why."""
-    problem = None
-    if not isinstance(slide_id, str) or not slide_id:
-        problem = "it is empty"
-    elif "/" in slide_id or "\\" in slide_id or (os.altsep and os.altsep in slide_id):
-        problem = "it contains a path separator"
-    elif slide_id.startswith("."):
-        problem = "it starts with a dot"
-    elif any(ord(ch) < 32 for ch in slide_id):
-        problem = "it contains a control character"
-    elif len(slide_id.encode("utf-8")) > MAX_ID_BYTES:
-        problem = f"it is longer than {MAX_ID_BYTES} bytes"
-    if problem:
-        raise StoreError(f"Invalid slide id {slide_id!r}: {problem}; rename the file or give a `slide_id` column "
-                         "in the SLIDES CSV.")
-    return slide_id
 
 
 def validate_identity(identity: dict[str, Any], path: Path | str) -> dict[str, Any]:

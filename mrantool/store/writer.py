@@ -21,6 +21,7 @@ import zarr.storage
 
 from mrantool import __version__
 from mrantool.errors import StoreError
+from mrantool.files import atomic_write
 from mrantool.store.locks import DEFAULT_MAX_AGE_S, owner_is_dead, owner_tag
 from mrantool.store.schema import (
     ARRAY_DTYPES,
@@ -121,17 +122,21 @@ class SlideWriter:
                           "geometry": identity["geometry"], "mrantool_version": __version__,
                           "timings": provenance.get("timings", {}), "extracted_at": None})
         layout.staging.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(zarr.storage.LocalStore(self.staging), mode="w-", attributes=attrs)
+        try:
+            group = zarr.open_group(zarr.storage.LocalStore(self.staging), mode="w-", attributes=attrs)
+            chunks = self.dims.chunks(self.n_bags)
+            self._arrays = {
+                name: _ChunkAligned(group.create_array(
+                    name, shape=shape, chunks=chunks[name], dtype=ARRAY_DTYPES[name],
+                    fill_value=0 if name == COORDS else np.nan,
+                    compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL, checksum=True),
+                    config={"write_empty_chunks": True}))
+                for name, shape in self.dims.shapes(self.n_bags).items()
+            }
+        except BaseException:  # e.g. a full disk: leave no half-made staging group behind
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise
         self._group = group
-        chunks = self.dims.chunks(self.n_bags)
-        self._arrays = {
-            name: _ChunkAligned(group.create_array(
-                name, shape=shape, chunks=chunks[name], dtype=ARRAY_DTYPES[name],
-                fill_value=0 if name == COORDS else np.nan,
-                compressors=zarr.codecs.ZstdCodec(level=ZSTD_LEVEL, checksum=True),
-                config={"write_empty_chunks": True}))
-            for name, shape in self.dims.shapes(self.n_bags).items()
-        }
 
     def _check(self, name: str, value: np.ndarray, n: int) -> np.ndarray:
         expected = (n, *self._arrays[name].array.shape[1:])
@@ -251,10 +256,7 @@ def record_failure(layout: Layout, slide_id: str, source: str | os.PathLike[str]
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"slide_id": slide_id, "source": os.fspath(source), "message": str(message), "time": _now_iso(),
               "host": hostname(), "pid": os.getpid(), "mrantool_version": __version__}
-    temp = path.parent / f".tmp.{owner_tag()}"
-    temp.write_text(json.dumps(record, indent=1))
-    os.replace(temp, path)
-    return path
+    return atomic_write(path, json.dumps(record, indent=1), temp_name=f".tmp.{owner_tag()}")
 
 
 def clear_failure(layout: Layout, slide_id: str) -> None:
@@ -271,7 +273,10 @@ def read_failures(layout: Layout) -> dict[str, dict[str, Any]]:
             continue
         slide_id = path.name[: -len(".json")]
         try:
-            failures[slide_id] = json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError(f"it holds {str(record)[:40]!r}, not a JSON object")
+            failures[slide_id] = record
         except (OSError, ValueError) as exc:
             failures[slide_id] = {"slide_id": slide_id, "message": f"unreadable failure record {path}: {exc}"}
     return failures

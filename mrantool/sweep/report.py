@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from scipy import stats
 
+from mrantool.files import atomic_path, atomic_write
 from mrantool.training.metrics import METRICS
 
 MIN_WILCOXON = 6
@@ -73,15 +73,8 @@ class VariantSummary:
     comparison: Comparison | None  # None for the baseline itself and failed runs
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to a temp file beside `path`, then rename it into place."""
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
-
-
 def write_json(path: Path, value: Any) -> None:
-    write_atomic(path, json.dumps(value, indent=1, default=str) + "\n")
+    atomic_write(path, json.dumps(value, indent=1, default=str) + "\n")
 
 
 def read_outcome(run_dir: Path, name: str, run_hash: str) -> RunOutcome:
@@ -191,10 +184,10 @@ def write_report(out: Path, outcomes: list[RunOutcome], metric: str, baselines: 
     writer = csv.DictWriter(buffer, fieldnames=list(RESULT_COLUMNS), lineterminator="\n")
     writer.writeheader()
     writer.writerows(result_rows(outcomes))
-    write_atomic(out / "results.csv", buffer.getvalue())
+    atomic_write(out / "results.csv", buffer.getvalue())
     summaries = summarize(outcomes, metric, baselines)
     notes = _notes(summaries, metric)
-    write_atomic(out / "summary.md", _markdown(summaries, metric, source, notes))
+    atomic_write(out / "summary.md", _markdown(summaries, metric, source, notes))
     plot_metric(summaries, metric, set(baselines.values()), out / "metric.png")
     return summaries, notes
 
@@ -249,6 +242,5 @@ def plot_metric(summaries: list[VariantSummary], metric: str, baselines: set[str
     ax.set_title(f"{metric} per variant (ranked; baseline in orange)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    temp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(temp, format="png", dpi=100)
-    os.replace(temp, path)
+    with atomic_path(path) as temp:
+        fig.savefig(temp, format="png", dpi=100)

@@ -1,18 +1,22 @@
 """`run_sweep`: every run of a spec in worker processes that keep the features in RAM, resumable.
 
 Each run is a normal fit run folder, SWEEP/runs/<hash>/, where the hash identifies its resolved settings
-(spec.run_hash). A run is finished when its metrics.json exists: re-running the same sweep skips those and
-redoes the others from scratch. A run that raises is recorded (runs/<hash>/error.txt and the results) and
-the others go on.
+(spec.run_hash). A run is finished when its metrics.json exists and its inputs.json matches the current inputs:
+the store's content (identity, and each slide's file fingerprint and commit time), the labels file's bytes, the id
+and label columns read from it, and the mrantool version. Re-running the same sweep skips those and redoes the
+others from scratch, so a re-extracted store or an edited labels.csv never reuses stale runs. A run that raises is
+recorded (runs/<hash>/error.txt and the results) and the others go on.
 
 Workers are started with forkserver (spawn where that does not exist), never by forking a process that
 already runs torch threads. Each worker opens each store once and keeps one `StoreData` (an LRU feature
-cache of `cache_gb`) per (store, labels, cells, patch_min_tissue) across its runs, and uses
+cache of `cache_gb`) per (store, labels, columns, cells, patch_min_tissue) across its runs, and uses
 max(1, cores // workers) torch threads. With one worker the runs go in this process, without a start-up cost.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import os
 import shutil
@@ -26,6 +30,8 @@ from typing import Any
 
 import torch
 
+from mrantool import __version__
+from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.models.registry import create_head
 from mrantool.store import FeatureStore
@@ -41,6 +47,7 @@ DUMMY_DIM = 8
 # what the forkserver imports before forking workers: this module, and torch._dynamo, which the first
 # optimizer a process builds imports lazily (seconds; once in the server instead of once per worker)
 PRELOAD = [__name__, "torch._dynamo"]
+INPUTS_FILE = "inputs.json"
 
 
 @dataclass
@@ -80,15 +87,16 @@ def cpu_cores() -> int:
 
 
 def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int = 1,
-              progress: Progress | None = None) -> SweepResult:
+              progress: Progress | None = None, base: dict[str, Any] | None = None) -> SweepResult:
     """Run every unfinished run of `spec` into `out_dir`/runs/<hash>/ and write results.csv, summary.md and
-    metric.png. Problems in the spec, stores or labels raise one ConfigError before anything runs."""
+    metric.png. `base` overrides keys of a spec file's [base] table (the CLI's --id-column / --label-column).
+    Problems in the spec, stores or labels raise one ConfigError before anything runs."""
     started = time.perf_counter()
-    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec)
+    spec = spec if isinstance(spec, SweepSpec) else load_spec(spec, base)
     if workers < 1:
         raise ConfigError(f"workers {workers} is not a number of processes; use --workers 1 or more.")
     runs = spec.runs()
-    preflight(runs, spec.source)
+    inputs = preflight(runs, spec.source)
     emit = progress or (lambda event, info: None)
     out = Path(out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -96,19 +104,25 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
                                      "baselines": spec.baselines(runs),
                                      "runs": [{"name": r.name, "hash": r.hash, "variant": r.variant,
                                                "point": r.point, "config": r.config} for r in runs]})
-    todo = [r for r in runs if not (out / "runs" / r.hash / "metrics.json").is_file()]
+    keys = {r.name: inputs[_data_key(r)] for r in runs}
+    todo = [r for r in runs if not _finished(out / "runs" / r.hash, keys[r.name])]
+    stale = [r.name for r in todo if (out / "runs" / r.hash / "metrics.json").is_file()]
     results = {r.name: RunResult(r.name, r.hash, "skipped") for r in runs if r not in todo}
     workers = max(1, min(workers, len(todo)))
     threads = max(1, cpu_cores() // workers)
     emit("start", {"n_runs": len(runs), "n_todo": len(todo), "n_skipped": len(results), "workers": workers,
                    "threads": threads, "out": str(out)})
-    tasks = [(r, str(out / "runs" / r.hash)) for r in todo]
+    tasks = [(r, str(out / "runs" / r.hash), keys[r.name]) for r in todo]
     for index, result in enumerate(_execute(tasks, workers, threads), 1):
         results[result.name] = result
         emit("run_end", {"index": index, "n_todo": len(todo), "name": result.name, "hash": result.hash,
                          "status": result.status, "seconds": result.seconds, "error": result.error})
     outcomes = [read_outcome(out / "runs" / r.hash, r.name, r.hash) for r in runs]
     summary, notes = write_report(out, outcomes, spec.metric, spec.baselines(runs), spec.source)
+    if stale:
+        more = " and more" if len(stale) > 3 else ""
+        notes.insert(0, f"{len(stale)} finished run(s) were redone because their store, labels file or mrantool "
+                        f"version changed since they ran ({', '.join(stale[:3])}{more}).")
     result = SweepResult(out, spec.metric, [results[r.name] for r in runs], summary,
                          time.perf_counter() - started, notes)
     emit("end", {"out": str(out), "seconds": result.seconds, "n_ran": result.count("ran"),
@@ -116,17 +130,19 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
     return result
 
 
-def preflight(runs: list[RunSpec], source: str) -> None:
-    """Open each store and labels file once and check every run against them (cells, folds), so that
-    data problems surface before any run starts; one ConfigError lists them all."""
+def preflight(runs: list[RunSpec], source: str) -> dict[tuple[str, ...], str]:
+    """Open each store and labels file once and check every run against them (cells, folds, defective slides),
+    so that data problems surface before any run starts; one ConfigError lists them all. Returns the inputs key
+    (`inputs_key`) of each `labels_key` (store, labels file, id and label columns)."""
     problems: dict[str, list[str]] = {}
-    opened: dict[tuple[str, str], tuple[FeatureStore, Labels] | MrantoolError] = {}
+    keys: dict[tuple[str, ...], str] = {}
+    opened: dict[tuple[str, ...], tuple[FeatureStore, Labels] | MrantoolError] = {}
     for run in runs:
         cfg = run.fit_config("")
-        key = (cfg.store, cfg.labels)
+        key = labels_key(cfg)
         try:
             if key not in opened:
-                opened[key] = _open(cfg.store, cfg.labels)
+                opened[key] = _open(cfg)
             entry = opened[key]
             if isinstance(entry, MrantoolError):
                 raise entry
@@ -135,6 +151,9 @@ def preflight(runs: list[RunSpec], source: str) -> None:
                 raise ConfigError(f"head {cfg.model!r} with these options needs cell embeddings but store "
                                   f"{cfg.store} has none; set options.cells = false or use a patch head")
             make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
+            if key not in keys:
+                store.require_whole(labels.slide_ids, "the sweep")
+                keys[key] = inputs_key(store, cfg)
         except MrantoolError as exc:
             problems.setdefault(str(exc).rstrip(". "), []).append(repr(run.name))
     if problems:
@@ -142,18 +161,52 @@ def preflight(runs: list[RunSpec], source: str) -> None:
                  for message, names in problems.items()]
         raise ConfigError(f"Sweep spec {source} cannot run: " + "; ".join(lines) + "; fix them and run the "
                           "sweep again.")
+    return keys
 
 
-def _open(store_path: str, labels_path: str) -> tuple[FeatureStore, Labels] | MrantoolError:
-    """The store and its labels, or the error that opening them raised."""
+def inputs_key(store: FeatureStore, cfg: FitConfig) -> str:
+    """What a run's results depend on besides its settings: store content, labels bytes and the columns read from
+    them, mrantool version."""
+    text = json.dumps({"store": store.content_hash(), "labels": hashlib.sha256(Path(cfg.labels).read_bytes())
+                       .hexdigest(), "id_column": cfg.id_column, "label_column": cfg.label_column,
+                       "mrantool": __version__}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _data_key(run: RunSpec) -> tuple[str, ...]:
+    return labels_key(run.fit_config(""))
+
+
+def _finished(folder: Path, key: str) -> bool:
+    """A run folder holds a finished run made from the current inputs."""
+    record = folder / INPUTS_FILE
+    if not (folder / "metrics.json").is_file() or not record.is_file():
+        return False
     try:
-        store = FeatureStore.open(store_path)
-        return store, read_labels(labels_path, store.slide_ids())
+        return json.loads(record.read_text()).get("inputs") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def labels_key(cfg: FitConfig) -> tuple[str, str, str, str]:
+    """What identifies a run's labels: the store, the labels file and the columns read from it."""
+    return cfg.store, cfg.labels, cfg.id_column, cfg.label_column
+
+
+def read_run_labels(cfg: FitConfig, store: FeatureStore) -> Labels:
+    return read_labels(cfg.labels, store.slide_ids(), id_column=cfg.id_column, label_column=cfg.label_column)
+
+
+def _open(cfg: FitConfig) -> tuple[FeatureStore, Labels] | MrantoolError:
+    """The store and the run's labels, or the error that opening them raised."""
+    try:
+        store = FeatureStore.open(cfg.store)
+        return store, read_run_labels(cfg, store)
     except MrantoolError as exc:
         return exc
 
 
-Task = tuple[RunSpec, str]  # the run, its folder
+Task = tuple[RunSpec, str, str]  # the run, its folder, its inputs key
 
 
 def _execute(tasks: list[Task], workers: int, threads: int) -> Iterator[RunResult]:
@@ -198,12 +251,12 @@ class Worker:
 
     def __init__(self) -> None:
         self.stores: dict[str, FeatureStore] = {}
-        self.labels: dict[tuple[str, str], Labels] = {}
-        self.data: dict[tuple[str, str, bool, float], StoreData] = {}
+        self.labels: dict[tuple[str, ...], Labels] = {}
+        self.data: dict[tuple[object, ...], StoreData] = {}
 
     def run(self, task: Task) -> RunResult:
         """One fit into a fresh run folder; exceptions become an error result and error.txt."""
-        run, folder = task
+        run, folder, inputs = task
         started = time.perf_counter()
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
         try:
@@ -211,16 +264,17 @@ class Worker:
             if cfg.store not in self.stores:
                 self.stores[cfg.store] = FeatureStore.open(cfg.store)
             store = self.stores[cfg.store]
-            key = (cfg.store, cfg.labels)
+            key = labels_key(cfg)
             if key not in self.labels:
-                self.labels[key] = read_labels(cfg.labels, store.slide_ids())
+                self.labels[key] = read_run_labels(cfg, store)
             labels = self.labels[key]
             cells = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options).needs_cells
-            data_key = (cfg.store, cfg.labels, cells, cfg.patch_min_tissue)
+            data_key = (*key, cells, cfg.patch_min_tissue)
             if data_key not in self.data:
                 self.data[data_key] = StoreData(store, labels.slide_ids, cells=cells,
                                                 patch_min_tissue=cfg.patch_min_tissue, cache_gb=cfg.cache_gb)
             fit_data(cfg, self.data[data_key], labels, identity=store.identity)
+            write_json(Path(folder) / INPUTS_FILE, {"inputs": inputs, "mrantool_version": __version__})
         except Exception as exc:
             return _record_error(task, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
                                  time.perf_counter() - started)
@@ -229,7 +283,7 @@ class Worker:
 
 def _record_error(task: Task, message: str, details: str, seconds: float) -> RunResult:
     """error.txt in the run folder (the message, then the traceback) and an error result."""
-    run, folder = task
+    run, folder, _ = task
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / "error.txt").write_text(f"{message}\n\n{details}")
     return RunResult(run.name, run.hash, "error", seconds, message)

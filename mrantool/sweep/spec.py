@@ -34,6 +34,9 @@ from mrantool.training.metrics import METRICS
 OPTIONS = "options"
 RESERVED = ("out",)  # set by the sweep for each run
 UNHASHED = ("out", "threads", "cache_gb")  # settings that do not change a run's results
+# Settings added after sweeps were first written: left out of the hash at their default, so older sweep folders
+# still resume.
+HASHED_UNLESS_DEFAULT = ("id_column", "label_column")
 DUMMY_DIM = 8
 
 
@@ -104,12 +107,15 @@ class SweepSpec(StageConfig):
         return {r.name: at_point[r.point] for r in runs}
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and validate a sweep TOML file (every run is checked; see `SweepSpec.runs`)."""
+def load_spec(path: str | Path, base: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep TOML file (every run is checked; see `SweepSpec.runs`); `base` overrides keys of
+    its [base] table."""
     if not Path(path).is_file():
         raise ConfigError(f"Sweep spec {path} does not exist; pass the path of a sweep TOML file "
                           "(see examples/sweep.toml).")
     spec = validate(SweepSpec, read_toml(path), str(path))
+    if base:
+        spec.base = {**spec.base, **base}
     spec._source = str(path)
     spec.runs()
     return spec
@@ -122,6 +128,9 @@ def run_hash(config: dict[str, Any]) -> str:
     values[OPTIONS] = resolved_options(values["model"], values[OPTIONS])
     for key in UNHASHED:
         values.pop(key)
+    for key in HASHED_UNLESS_DEFAULT:
+        if values[key] == FitConfig.model_fields[key].default:
+            values.pop(key)
     text = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

@@ -1,8 +1,10 @@
 """Place bags on a slide and measure the tissue in every patch.
 
 Edge behaviour: bags start at level-0 (0, 0) and step by the bag's level-0 size without overlap. A bag that crosses
-the right or bottom edge is kept when its in-slide part holds enough tissue; its pixels outside the slide read as
-white and its patches there have tissue fraction 0 (masked out by the models).
+the right or bottom edge is kept when enough of it is tissue; its pixels outside the slide read as white and its
+patches there have tissue fraction 0 (masked out by the models). On a slide narrower or shorter than one bag (a small
+image: a tile, ROI or TMA core) a bag's tissue fraction is taken over the part of the bag the slide can fill, so
+such an image is judged by its own tissue, not dropped for being small.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def plan_bags(
     """Grid the slide into bags, measure tissue per patch from a thumbnail mask, keep bags with enough tissue.
 
     `mask` is a boolean tissue mask of the thumbnail; `mask_downsample` is level-0 pixels per mask pixel.
-    A bag is kept when its tissue fraction (mean over its patches) is at least `min_tissue`.
+    A bag is kept when its tissue fraction (mean over its patches, over at most the slide's width and height) is
+    at least `min_tissue`.
     """
     w, h = dimensions
     size = bag_size_l0(geometry, slide_mpp)
@@ -71,7 +74,8 @@ def plan_bags(
     area = np.outer(np.diff(edges_y), np.diff(edges_x)).astype(np.float64)
     frac = np.where(area > 0, counts / np.maximum(area, 1), 0.0)  # (ny*g, nx*g)
     per_bag = frac.reshape(ny, g, nx, g).transpose(0, 2, 1, 3).reshape(ny * nx, g * g)
-    bag_tissue = per_bag.mean(axis=1)
+    fillable = min(size, w) * min(size, h) / (size * size)  # 1 unless the slide is smaller than a bag
+    bag_tissue = np.minimum(per_bag.mean(axis=1) / fillable, 1.0)
     keep = bag_tissue >= min_tissue
     iy, ix = np.divmod(np.arange(ny * nx), nx)
     coords = np.stack([np.round(ix * size), np.round(iy * size)], axis=1).astype(np.int64)

@@ -85,9 +85,11 @@ class Preset:
                        cells: int | None = None) -> Preset:
         """A copy with some geometry fields replaced (the CLI's --target-mpp, --bag-px, --grid, --cells)."""
         g = self.geometry
-        geometry = Geometry(
-            bag_px=bag_px or g.bag_px, mpp=mpp or g.mpp, grid=grid or g.grid, cells=cells or g.cells
-        )
+        def pick(value: Any, default: Any) -> Any:  # 0 is a (bad) value, not "keep the preset's"
+            return default if value is None else value
+
+        geometry = Geometry(bag_px=pick(bag_px, g.bag_px), mpp=pick(mpp, g.mpp), grid=pick(grid, g.grid),
+                            cells=pick(cells, g.cells))
         return replace(self, geometry=geometry)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from mrantool.errors import SlideError
 from mrantool.slides.reader import Slide
-from mrantool.slides.tissue import tissue_mask
+from mrantool.slides.tissue import TILE_SATURATION, tissue_mask
 from mrantool.tiling.geometry import BagPlan, plan_bags, thumbnail_size_for
 from mrantool.tiling.presets import Geometry
 
@@ -27,7 +27,9 @@ class SlidePlan:
 def plan_slide(slide: Slide, geometry: Geometry, min_tissue: float = 0.1, *, require_tissue: bool = True) -> SlidePlan:
     """Find tissue on the slide's thumbnail and place bags where there is enough of it."""
     thumb, ds = slide.thumbnail(thumbnail_size_for(slide.dimensions, geometry, slide.mpp))
-    mask = tissue_mask(thumb)
+    # A plain image (tile, ROI, TMA core) may be all tissue, leaving Otsu no background to separate: use the fixed
+    # tile threshold there, as for tiles.
+    mask = tissue_mask(thumb, sat_threshold=TILE_SATURATION if slide.backend == "image" else None)
     plan = plan_bags(slide.dimensions, slide.mpp, geometry, mask, ds, min_tissue=min_tissue)
     if require_tissue and plan.n_bags == 0:
         raise SlideError(

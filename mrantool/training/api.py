@@ -12,7 +12,6 @@ import inspect
 import io
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,10 +26,12 @@ from safetensors.torch import load_file, save_file
 from mrantool import __version__
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, StoreError
+from mrantool.files import atomic_path, atomic_write, output_file, output_folder
 from mrantool.models.base import MILHead, MILOutput
 from mrantool.models.registry import create_head, head_options
 from mrantool.models.standardize import Standardized
 from mrantool.store import FeatureStore
+from mrantool.store.health import read_provenance
 from mrantool.store.schema import identity_differences
 from mrantool.training.data import MILData, StoreData
 from mrantool.training.labels import Labels, read_labels
@@ -45,7 +46,7 @@ from mrantool.training.loop import (
     torch_settings,
     train_fold,
 )
-from mrantool.training.metrics import METRICS, mean_sd, slide_metrics
+from mrantool.training.metrics import METRICS, folds_used, mean_sd, slide_metrics
 from mrantool.training.plots import plot_curves, plot_roc
 from mrantool.training.splits import Split, derive_seed, make_splits
 
@@ -82,16 +83,22 @@ class FitReport:
     pooled: dict[str, float]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    n_used: dict[str, int] = field(default_factory=dict)  # folds with a defined value of each metric
 
     def table(self) -> list[dict[str, str]]:
-        """Rows of strings for a rich table: one per fold, then 'mean ± sd' and 'pooled'."""
+        """Rows of strings for a rich table: one per fold, then 'mean ± sd' (with 'n of k folds' where a fold's
+        value is undefined) and 'pooled'."""
         def fmt(value: float) -> str:
             return "nan" if math.isnan(value) else f"{value:.3f}"
+
+        def used(name: str) -> str:
+            n = self.n_used.get(name, len(self.folds))
+            return "" if n == len(self.folds) else f" ({n} of {len(self.folds)} folds)"
 
         rows = [{"fold": f.name, "best epoch": f"{f.best_epoch}/{f.epochs_run}", "test slides": str(f.n_test),
                  **{name: fmt(f.metrics[name]) for name in METRICS}} for f in self.folds]
         rows.append({"fold": "mean ± sd", "best epoch": "", "test slides": "",
-                     **{name: f"{fmt(self.mean[name])} ± {fmt(self.sd[name])}" for name in METRICS}})
+                     **{name: f"{fmt(self.mean[name])} ± {fmt(self.sd[name])}{used(name)}" for name in METRICS}})
         n_test = str(sum(f.n_test for f in self.folds))
         rows.append({"fold": "pooled", "best epoch": "", "test slides": n_test,
                      **{name: fmt(self.pooled[name]) for name in METRICS}})
@@ -115,14 +122,8 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
-
-
 def _write_json(path: Path, value: Any) -> None:
-    _write_atomic(path, json.dumps(_plain(value), indent=1, allow_nan=False) + "\n")
+    atomic_write(path, json.dumps(_plain(value), indent=1, allow_nan=False) + "\n")
 
 
 def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
@@ -130,7 +131,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write(path, buffer.getvalue())
 
 
 def _prob(value: float) -> str:
@@ -143,9 +144,8 @@ def save_checkpoint(folder: Path, head: MILHead, meta: dict[str, Any]) -> None:
     """`folder/model.safetensors` (weights) and `folder/head.json` (how to rebuild the head)."""
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
-    temp = folder / ".model.safetensors.tmp"
-    save_file(tensors, str(temp), metadata={"format": "pt"})
-    os.replace(temp, folder / "model.safetensors")
+    with atomic_path(folder / "model.safetensors") as temp:
+        save_file(tensors, str(temp), metadata={"format": "pt"})
     _write_json(folder / "head.json", meta)
 
 
@@ -203,13 +203,15 @@ def check_config(cfg: FitConfig) -> None:
         (cfg.repeats >= 1, f"repeats {cfg.repeats} (use 1 or more)"),
         (0 <= cfg.val_fraction < 1, f"val_fraction {cfg.val_fraction} (use 0 <= val_fraction < 1)"),
         (cfg.epochs >= 1, f"epochs {cfg.epochs} (use 1 or more)"),
-        (cfg.lr > 0, f"lr {cfg.lr} (use a positive learning rate)"),
-        (cfg.weight_decay >= 0, f"weight_decay {cfg.weight_decay} (use 0 or more)"),
+        (0 < cfg.lr < math.inf, f"lr {cfg.lr} (use a positive, finite learning rate)"),
+        (0 <= cfg.weight_decay < math.inf, f"weight_decay {cfg.weight_decay} (use a finite value >= 0)"),
+        (0 <= cfg.momentum < math.inf, f"momentum {cfg.momentum} (use a finite value >= 0)"),
+        (cfg.seed >= 0, f"seed {cfg.seed} (use 0 or more)"),
         (cfg.patience >= 1, f"patience {cfg.patience} (use 1 or more)"),
         (cfg.min_epochs >= 0, f"min_epochs {cfg.min_epochs} (use 0 or more)"),
         (cfg.max_bags >= 1, f"max_bags {cfg.max_bags} (use 1 or more)"),
         (0 <= cfg.patch_min_tissue <= 1, f"patch_min_tissue {cfg.patch_min_tissue} (use 0..1)"),
-        (cfg.cache_gb >= 0, f"cache_gb {cfg.cache_gb} (use 0 or more)"),
+        (0 <= cfg.cache_gb < math.inf, f"cache_gb {cfg.cache_gb} (use a finite value >= 0)"),
         (cfg.threads is None or cfg.threads >= 1, f"threads {cfg.threads} (use 1 or more)"),
     ]
     problems = [message for ok, message in rules if not ok]
@@ -228,7 +230,15 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
     """Cross-validate `cfg.model` on the labelled slides of `cfg.store`; write the run to `cfg.out`."""
     check_config(cfg)
     store = FeatureStore.open(cfg.store)
-    labels = read_labels(cfg.labels, store.slide_ids())
+    labels = read_labels(cfg.labels, store.slide_ids(), id_column=cfg.id_column, label_column=cfg.label_column)
+    store.require_whole(labels.slide_ids, "fit")
+    leaked = [sid for sid in labels.slide_ids
+              if read_provenance(store.layout.slide(sid)).get("labels_seen_by_encoder")]
+    if leaked:
+        labels.notes.append(f"Warning: {len(leaked)} labelled slide(s) ({', '.join(leaked[:3])}) trained the "
+                            f"fine-tuned encoder of this store ({store.identity.get('finetuned_from')}): their "
+                            "features carry their labels, so cross-validated metrics are optimistic (see "
+                            "docs/finetune.md).")
     probe = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options)
     data = StoreData(store, labels.slide_ids, cells=probe.needs_cells, patch_min_tissue=cfg.patch_min_tissue,
                      cache_gb=cfg.cache_gb)
@@ -255,9 +265,13 @@ def fit_data(cfg: FitConfig, data: MILData, labels: Labels, *, identity: dict[st
     if labels.folds is not None:
         notes.append(f"Using the fold column of {labels.source} ({len(splits)} folds); folds and repeats "
                      "are ignored.")
+    one_class = [s.name(repeats) for s in splits if len(set(labels.y[s.test].tolist())) < 2]
+    if one_class:
+        notes.append(f"The test slides of {', '.join(one_class)} all have one class, so AUC is undefined there; "
+                     f"mean AUC is over the other {len(splits) - len(one_class)} of {len(splits)} folds.")
     for note in notes:
         emit("note", {"message": note})
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out")
     names = [s.name(repeats) for s in splits]
     _write_json(out / "config.json", {
         "mrantool_version": __version__, "torch_version": torch.__version__,
@@ -368,9 +382,8 @@ def _attention_saver(folder: Path) -> Callable[[str, MILOutput], None]:
     def save(slide_id: str, out: MILOutput) -> None:
         arrays = {level: out.attention[level].detach().float().cpu().numpy() for level in LEVELS
                   if level in out.attention}
-        temp = folder / f".{slide_id}.tmp.npz"
-        np.savez(temp, **arrays)
-        os.replace(temp, folder / f"{slide_id}.npz")
+        with atomic_path(folder / f"{slide_id}.npz", f".{slide_id}.tmp.npz") as temp:
+            np.savez(temp, **arrays)
 
     return save
 
@@ -381,6 +394,7 @@ def _finish(cfg: FitConfig, out: Path, labels: Labels, reports: list[FoldReport]
             emit: Progress) -> FitReport:
     """metrics.json, predictions.csv and the plots; the FitReport."""
     mean, sd = mean_sd([r.metrics for r in reports])
+    n_used = folds_used([r.metrics for r in reports])
     y_all = np.concatenate([y for y, _ in rocs.values()])
     pooled = slide_metrics(y_all, np.concatenate([p for _, p in rocs.values()]))
     columns = ["slide_id", "fold", "repeat", "label", *[f"prob_{c}" for c in labels.classes], "predicted"]
@@ -394,9 +408,9 @@ def _finish(cfg: FitConfig, out: Path, labels: Labels, reports: list[FoldReport]
                    "n_test": r.n_test, **r.metrics,
                    "history": [{k: v for k, v in row.items() if k != "seconds"} for row in histories[r.name]]}
                   for r in reports],
-        "mean": mean, "sd": sd, "pooled": pooled})
+        "mean": mean, "sd": sd, "n_folds_used": n_used, "pooled": pooled})
     report = FitReport(out, cfg.model, labels.classes, reports, mean, sd, pooled, notes,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, n_used)
     emit("end", {"out": str(out), "mean": mean, "sd": sd, "seconds": report.seconds})
     return report
 
@@ -427,6 +441,8 @@ def predict(run_dir: str | Path, store_path: str | Path, out_csv: str | Path, *,
     if absent:
         raise StoreError(f"{len(absent)} slide(s) are not in store {store_path} ({', '.join(absent[:3])}); "
                          "check the ids with `mrantool info`.")
+    store.require_whole(ids, "predict")
+    out_csv = output_file(out_csv, "--out")
     settings = run["config"]
     dev = resolve_device(device)
     emit = progress or (lambda event, info: None)
@@ -445,8 +461,6 @@ def predict(run_dir: str | Path, store_path: str | Path, out_csv: str | Path, *,
     classes = run["classes"]
     rows = [{"slide_id": sid, **{f"prob_{c}": float(v) for c, v in zip(classes, p, strict=True)},
              "predicted": classes[int(p.argmax())]} for sid, p in zip(ids, probs, strict=True)]
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
     columns = ["slide_id", *[f"prob_{c}" for c in classes], "predicted"]
     text_rows = [{**r, **{f"prob_{c}": _prob(r[f"prob_{c}"]) for c in classes}} for r in rows]
     _write_csv(out_csv, text_rows, columns)

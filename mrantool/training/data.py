@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mrantool.errors import ConfigError
+from mrantool.errors import ConfigError, StoreError
 from mrantool.models.base import MILHead
 from mrantool.store import FeatureStore, SlideFeatures
+from mrantool.store.health import REDO
 
 CHUNK_BYTES = 256 * 2**20  # bags are read (and converted to float32) in pieces of about this many fp16 bytes
 Entry = tuple[np.ndarray, np.ndarray | None]
@@ -175,8 +176,15 @@ class StoreData(MILData):
         missing = [i for i, entry in enumerate(entries) if entry is None]
         if missing:
             wanted = index[missing]
-            patches = _take(slide.patch_emb, wanted)
-            cells = _take(slide.cell_emb, wanted) if self.cells else None
+            try:
+                patches = _take(slide.patch_emb, wanted)
+                cells = _take(slide.cell_emb, wanted) if self.cells else None
+            except Exception as exc:  # codec and checksum errors come in several types
+                raise StoreError(f"Slide '{slide.slide_id}' at {slide.path} has a damaged chunk "
+                                 f"({type(exc).__name__}); {REDO}.") from None
+            if not (np.isfinite(patches).all() and (cells is None or np.isfinite(cells).all())):
+                raise StoreError(f"Slide '{slide.slide_id}' at {slide.path} holds NaN/inf features (a missing or "
+                                 f"damaged chunk); {REDO}.")
             for j, i in enumerate(missing):
                 entry = (patches[j].copy(), None if cells is None else cells[j].copy())
                 entries[i] = entry

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -33,11 +32,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mrantool import __version__
+from mrantool.config import FitConfig
 from mrantool.encoders.rebuild import rebuild_encoder
 from mrantool.encoders.registry import PatchEncoder, file_sha256
 from mrantool.encoders.transforms import to_tensor_batch
 from mrantool.errors import ConfigError
 from mrantool.extract.dataset import cut_patches
+from mrantool.files import atomic_path
 from mrantool.models.base import MILHead, weighted_ce
 from mrantool.models.registry import create_head
 from mrantool.models.standardize import Standardized
@@ -295,13 +296,17 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
              layers: int = 1, bags_per_slide: int = 2, epochs: int = 3, lr: float = 1e-4, encoder_lr: float = 1e-5,
              folds: int | Sequence[str] | None = None, seed: int = 0, explore: float = 0.25, device: str = "auto",
              progress: Progress | None = None, val_fraction: float = 0.2, max_bags: int = 64,
-             weights: str | Path | None = None, eval_bags: int = 8, threads: int | None = None) -> FinetuneReport:
-    """Fine-tune the store's encoder (last `layers` stages/blocks) and an MRAN head per fold; write `out_dir`.
+             weights: str | Path | None = None, eval_bags: int = 8, threads: int | None = None,
+             model: str = "mran", options: dict[str, Any] | None = None, patch_min_tissue: float = 0.25,
+             cache_gb: float = 4.0, id_column: str = "slide_id", label_column: str = "label") -> FinetuneReport:
+    """Fine-tune the store's encoder (last `layers` stages/blocks) and a MIL head per fold; write `out_dir`.
 
     `init_run`: a frozen-cache `fit` run whose folds (splits, and fold_<k> heads with their standardisation)
-    are the starting point; without it, `folds` (an int, default 3) new splits and new MRAN heads. With it,
-    `folds` may name a subset (e.g. ["fold_0"]). `weights`: the local encoder file when the store was
-    extracted with one. Returns a `FinetuneReport`; see docs/finetune.md for the run folder.
+    are the starting point (its head, options and patch_min_tissue win over `model`, `options` and
+    `patch_min_tissue`); without it, `folds` (an int, default 3) new splits and new `model` heads (MRAN by
+    default) with `options`. With it, `folds` may name a subset (e.g. ["fold_0"]). `weights`: the local encoder
+    file when the store was extracted with one. `id_column` / `label_column` name the labels file's columns.
+    Returns a `FinetuneReport`; see docs/finetune.md for the run folder.
     """
     started = time.perf_counter()
     emit = progress or (lambda event, info: None)
@@ -314,14 +319,16 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
     if "preset" not in store.identity or "transforms" not in store.identity:
         raise ConfigError(f"Store {store_path} has no encoder to fine-tune (imported features); extract the "
                           "slides with `mrantool extract` first.")
-    labels = read_labels(labels_csv, store.slide_ids())
+    labels = read_labels(labels_csv, store.slide_ids(), id_column=id_column, label_column=label_column)
     run = read_run(init_run) if init_run is not None else None
     splits = _fold_splits(labels, run, init_run, folds, val_fraction, seed)
-    model, options = ("mran", {}) if run is None else (run["model"], run["head_options"])
-    settings = run["config"] if run else {}
+    model, options = (model, dict(options or {})) if run is None else (run["model"], run["head_options"])
+    create_head(model, store.dims.dim, labels.n_classes, **options)  # unknown head or option: one ConfigError now
+    settings = run["config"] if run else {"patch_min_tissue": patch_min_tissue}
     preset = transform_preset(store.identity)
     dev = resolve_device(device)
-    config = {"store": str(store_path), "labels": str(labels_csv), "init_run": None if init_run is None else
+    config = {"store": str(store_path), "labels": str(labels_csv), "id_column": id_column,
+              "label_column": label_column, "init_run": None if init_run is None else
               str(init_run), "layers": layers, "bags_per_slide": bags_per_slide, "epochs": epochs, "lr": lr,
               "encoder_lr": encoder_lr, "seed": seed, "explore": explore, "val_fraction": val_fraction,
               "max_bags": max_bags, "eval_bags": eval_bags, "device": str(dev), "model": model,
@@ -330,9 +337,11 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
               "mrantool_version": __version__, "torch_version": torch.__version__}
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config)
+    for note in labels.notes:
+        emit("note", {"message": note})
     emit("start", {"n_folds": len(splits), "epochs": epochs, "device": str(dev), "out": str(out)})
     data = StoreData(store, labels.slide_ids, cells=True, patch_min_tissue=settings.get("patch_min_tissue", 0.25),
-                     cache_gb=settings.get("cache_gb", 4.0))
+                     cache_gb=cache_gb)
     pixels = BagPixels(store, preset.geometry)
     reports, first_encoder = [], None
     y_of = dict(zip(labels.slide_ids, labels.y.tolist(), strict=True))
@@ -351,13 +360,14 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
                            eval_bags)
                 fold = _train(ctx, split, y_of, epochs, lr, encoder_lr, bags_per_slide, explore, max_bags,
                               derive_seed(seed, index, 4), emit)
-                _save_fold(out / split.name, ctx, names, store, out, split.name, model, options, labels, fold)
+                _save_fold(out / split.name, ctx, names, store, out, split, model, options, labels, fold)
                 first_encoder = encoder if first_encoder is None else first_encoder
                 if index == 0:
                     for suffix in ("safetensors", "json"):
                         _copy_atomic(out / split.name / f"encoder.{suffix}", out / f"encoder.{suffix}")
                 reports.append(fold)
-                emit("fold_end", {"name": split.name, "best_epoch": fold.best_epoch, **fold.metrics})
+                emit("fold_end", {"name": split.name, "best_epoch": fold.best_epoch, "epochs_run": fold.epochs_run,
+                                  **fold.metrics})
     finally:
         pixels.close()
     mean, sd = mean_sd([f.metrics for f in reports])
@@ -369,6 +379,36 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
                             list(labels.notes))
     emit("end", {"out": str(out), "mean": mean, "sd": sd, "seconds": report.seconds})
     return report
+
+
+# Fit settings that fine-tuning has no use for, and those an init run fixes (`fit --finetune` refuses them).
+UNUSED_FIT_SETTINGS = ("repeats", "weight_decay", "optimizer", "momentum", "patience", "min_epochs", "monitor",
+                       "class_weights", "standardize", "bag_mining", "save_attention")
+FROM_INIT_RUN = ("model", "options", "folds", "val_fraction", "patch_min_tissue")
+
+
+def finetune_from_fit(cfg: FitConfig, *, init_run: str | Path | None = None, layers: int = 1,
+                      bags_per_slide: int = 2, progress: Progress | None = None) -> FinetuneReport:
+    """`fit --finetune`: every fit setting the user gave is applied, or refused in one sentence (never dropped).
+
+    Settings given explicitly are `cfg.model_fields_set` (flags and config-file keys). Defaults that differ
+    from fit's: 3 epochs and lr 1e-4 unless given.
+    """
+    given = cfg.model_fields_set
+    unused = [key for key in UNUSED_FIT_SETTINGS if key in given]
+    fixed = [key for key in FROM_INIT_RUN if key in given] if init_run is not None else []
+    if unused or fixed:
+        parts = ([f"{', '.join(unused)} (fine-tuning trains with Adam at a fixed weight decay and keeps the epoch "
+                  "with the lowest validation loss)"] if unused else []) + (
+                 [f"{', '.join(fixed)} (they come from --init-run {init_run})"] if fixed else [])
+        raise ConfigError(f"fit --finetune cannot apply {' nor '.join(parts)}; remove them from the flags or the "
+                          "config file.")
+    return finetune(cfg.store, cfg.labels, cfg.out, init_run=init_run, layers=layers, bags_per_slide=bags_per_slide,
+                    epochs=cfg.epochs if "epochs" in given else 3, lr=cfg.lr if "lr" in given else 1e-4,
+                    folds=None if init_run is not None else cfg.folds, seed=cfg.seed, device=cfg.device,
+                    progress=progress, val_fraction=cfg.val_fraction, max_bags=cfg.max_bags, threads=cfg.threads,
+                    model=cfg.model, options=cfg.options, patch_min_tissue=cfg.patch_min_tissue,
+                    cache_gb=cfg.cache_gb, id_column=cfg.id_column, label_column=cfg.label_column)
 
 
 # --- helpers of finetune ---
@@ -474,14 +514,15 @@ def _train(ctx: _Ctx, split: FoldSplit, y_of: dict[str, int], epochs: int, lr: f
                         float(np.mean(step_seconds)), float(np.mean([h["seconds"] for h in history[1:]])))
 
 
-def _save_fold(folder: Path, ctx: _Ctx, names: list[str], store: FeatureStore, out: Path, fold: str, model: str,
-               options: dict[str, Any], labels: Labels, result: FinetuneFold) -> None:
-    """fold folder: encoder.safetensors + encoder.json, model.safetensors + head.json."""
+def _save_fold(folder: Path, ctx: _Ctx, names: list[str], store: FeatureStore, out: Path, split: FoldSplit,
+               model: str, options: dict[str, Any], labels: Labels, result: FinetuneFold) -> None:
+    """fold folder: encoder.safetensors + encoder.json (with the slides whose labels trained it), model.safetensors
+    + head.json."""
+    fold = split.name
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in ctx.encoder.model.state_dict().items()}
-    temp = folder / ".encoder.safetensors.tmp"
-    save_file(state, str(temp), metadata={"format": "pt"})
-    os.replace(temp, folder / "encoder.safetensors")
+    with atomic_path(folder / "encoder.safetensors") as temp:
+        save_file(state, str(temp), metadata={"format": "pt"})
     ident = store.identity
     preset = get_preset(ident["preset"])
     g = ident["geometry"]
@@ -490,6 +531,9 @@ def _save_fold(folder: Path, ctx: _Ctx, names: list[str], store: FeatureStore, o
         "trainable": {"layers": len(names) - sum(n in ("norm", "fc_norm") for n in names), "modules": names},
         "base_weights": ident["weights"], "sha256": file_sha256(folder / "encoder.safetensors"),
         "run": str(out.resolve()), "fold": fold, "best_epoch": result.best_epoch,
+        # training and validation slides: their labels shaped this encoder (extract --encoder-from checks them)
+        "label_slides": [{"slide_id": sid, "fingerprint": store.provenance(sid).get("fingerprint")}
+                         for sid in [*split.train, *split.val]],
         "extract": {"preset": ident["preset"], "encoder": None if ident["encoder"] == preset.arch else ident["encoder"],
                     "target_mpp": g["mpp"], "bag_px": g["bag_px"], "grid": g["grid"], "cells": g["cells"]}})
     head = ctx.head
@@ -507,6 +551,5 @@ def _nanmean(values: list[float]) -> float:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
-    temp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, temp)
-    os.replace(temp, dst)
+    with atomic_path(dst) as temp:
+        shutil.copyfile(src, temp)

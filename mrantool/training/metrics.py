@@ -44,6 +44,11 @@ def slide_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         }
 
 
+def folds_used(per_fold: Sequence[dict[str, float]]) -> dict[str, int]:
+    """How many folds have a defined (finite) value of each metric: what `mean_sd` averages over."""
+    return {name: int(np.isfinite(np.array([m[name] for m in per_fold], dtype=float)).sum()) for name in METRICS}
+
+
 def mean_sd(per_fold: Sequence[dict[str, float]]) -> tuple[dict[str, float], dict[str, float]]:
     """Mean and sample sd (ddof=1) of each metric over folds, ignoring NaN folds (NaN when all are NaN)."""
     mean, sd = {}, {}

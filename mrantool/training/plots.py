@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,13 +13,14 @@ from sklearn.metrics import auc as area
 from sklearn.metrics import roc_curve
 from sklearn.preprocessing import label_binarize
 
+from mrantool.files import atomic_path
+
 
 def _save(fig: Figure, path: Path) -> None:
     FigureCanvasAgg(fig)
-    temp = path.with_name(f".{path.name}.tmp")
     fig.subplots_adjust(left=0.12, right=0.97, bottom=0.11, top=0.92)
-    fig.savefig(temp, format="png", dpi=100)
-    os.replace(temp, path)
+    with atomic_path(path) as temp:
+        fig.savefig(temp, format="png", dpi=100)
 
 
 def plot_curves(histories: dict[str, list[dict[str, float]]], best: dict[str, int], path: Path) -> None:

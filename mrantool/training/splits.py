@@ -113,4 +113,11 @@ def _fixed_folds(labels: Labels, folds: np.ndarray) -> list[tuple[int, int, np.n
             raise LabelsError(f"Labels file {labels.source} puts patient {patient!r} in folds "
                               f"{fold_of[patient]} and {fold}; give all slides of a patient the same fold.")
     rows = np.arange(len(labels))
+    for k in values:
+        train_classes = set(labels.y[folds != k].tolist())
+        if len(train_classes) < labels.n_classes:
+            absent = [labels.classes[c] for c in range(labels.n_classes) if c not in train_classes]
+            raise LabelsError(f"Labels file {labels.source} puts every slide of class(es) "
+                              f"{', '.join(map(repr, absent))} in fold {k}, so fold {k} would train without them; "
+                              "spread each class over several fold values or drop the fold column.")
     return [(0, k, rows[folds != k], rows[folds == k]) for k in values]

@@ -27,6 +27,8 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from mrantool.errors import MrantoolError, SlideError, StoreError
+from mrantool.files import output_file
+from mrantool.slide_ids import validate_slide_id
 from mrantool.slides.reader import open_slide
 from mrantool.slides.tissue import tissue_mask
 from mrantool.store import FeatureStore
@@ -41,6 +43,7 @@ MAX_BAG_TILE_PX = 512  # bags in a gallery are read at most this large (at a coa
 DEFAULT_PATCH_MIN_TISSUE = 0.25
 PNG_COMPRESS_LEVEL = 3  # measured: ~2x faster than the default 6 on heatmaps, files ~10% larger
 OUTLINE_MASK_PX = 1024  # the tissue outline is detected on a thumbnail at most this large
+LOOKUP = "pass a slide id that `mrantool info` lists for the store"
 
 
 class TopItem(NamedTuple):
@@ -88,7 +91,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 def load_attention(run_dir: str | Path, slide_id: str) -> dict[str, np.ndarray]:
     """The arrays of attention/<slide_id>.npz; an error naming the slides that do have attention otherwise."""
     folder = Path(run_dir) / "attention"
-    path = folder / f"{slide_id}.npz"
+    path = folder / f"{validate_slide_id(slide_id, LOOKUP)}.npz"  # never a path outside the run ("../../x")
     if not path.is_file():
         have = sorted(p.stem for p in folder.glob("*.npz")) if folder.is_dir() else []
         if not have:
@@ -367,6 +370,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
     store = FeatureStore.open(store_path)
     check_identity(run, store, run_dir, Path(store_path))
     features = store.slide(slide_id)
+    store.require_whole([slide_id], "the heatmap")
     geometry = store.identity["geometry"]
     grid, cells = geometry["grid"], geometry["cells"]
     weights = composed[level]
@@ -395,7 +399,7 @@ def draw_heatmap(run_dir: str | Path, store_path: str | Path, slide_id: str, out
     title = (f"{slide_id}: {level} attention of head {head}" + (f"; {prediction}" if prediction else "")
              + f"\n{int(defined.sum())} {PLURAL[level]}, colour = share of the slide's attention (max {vmax:.3g}); "
              "green = tissue outline")
-    _figure(overlay, vmax, cmap, title, out_png)
+    _figure(overlay, vmax, cmap, title, output_file(out_png, "--out"))
 
     ranked = _top_items(weights, defined, level, coords, bag_l0, grid, cells, top) if top else []
     gallery = None

@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from mrantool.errors import ConfigError
+from mrantool.files import output_file
 from mrantool.slides.mpp_table import MppTable
 from mrantool.slides.reader import open_slide, slide_id_from_path
 from mrantool.tiling.presets import Preset
@@ -56,6 +58,9 @@ def draw_preview(
     The slide's row in `mpp_table` wins over `mpp`, which wins over the slide's metadata.
     """
     geometry = preset.geometry
+    if not 0 <= min_tissue <= 1:
+        raise ConfigError(f"--min-tissue {min_tissue} is not a tissue fraction; use a value from 0 to 1.")
+    out = output_file(out, "--out")
     slide_id = slide_id_from_path(slide_path)
     if mpp_table is not None:
         mpp = mpp_table.lookup(slide_id, slide_path) or mpp

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from mrantool.errors import MrantoolError
-from mrantool.retrieval.cohort import load_centre
+from mrantool.retrieval.cohort import check_same_store, load_centre
 from mrantool.retrieval.index import EmbeddingIndex, check_compatible
 from mrantool.retrieval.query import search_rows
 from mrantool.store import FeatureStore
@@ -24,6 +24,7 @@ class SimilarPatches:
     def __init__(self, index_dir: str | Path, store: FeatureStore) -> None:
         self.index = EmbeddingIndex.load(index_dir)
         check_compatible(self.index.provenance, store.identity)
+        check_same_store(index_dir, self.index.provenance, store)  # same slides, not just the same encoder
         if self.index.provenance.get("level", "patch") != "patch":
             raise MrantoolError(f"Index {index_dir} holds cell embeddings; the viewer needs a patch index: build one "
                                 "with `mrantool index build --level patch`.")

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tifffile
 from PIL import Image
 from scipy import ndimage as ndi
 
-from mrantool.errors import ConfigError, SlideError
+from mrantool.errors import ConfigError
+from mrantool.files import atomic_path, output_folder
+from mrantool.slides.writer import write_pyramid_tiff
 
 GLASS = np.array([242.0, 240.0, 244.0])
 #: Optical density (log10) of one unit of stain: haematoxylin (a normal nucleus) and eosin (typical stroma).
@@ -224,48 +225,6 @@ def render_slide(
     return out, lay.foci
 
 
-def _pyramid(rgb: np.ndarray) -> list[np.ndarray]:
-    """Level 0, then 2x box-downsampled levels until the long side is under 512 px."""
-    levels = [rgb]
-    while max(levels[-1].shape[:2]) >= 512:
-        levels.append(np.asarray(Image.fromarray(levels[-1]).reduce(2)))
-    return levels
-
-
-def write_pyramid_tiff(
-    path: str | Path, rgb: np.ndarray, mpp: float | None = 0.5, tile: int = 256, jpeg: bool = True, quality: int = 90
-) -> Path:
-    """Write `rgb` (h, w, 3) uint8 as a tiled pyramidal TIFF that OpenSlide opens with `openslide.mpp-x == mpp`.
-
-    `mpp=None` writes no resolution tags: a slide without mpp metadata, as some scanners export.
-    Level 0 first, then 2x reductions marked reduced-resolution (subfiletype 1) in the main IFD chain; resolution
-    in pixels per centimetre; JPEG tiles (zlib when `jpeg=False`). Written under a temporary name and renamed, so a
-    half-written file never appears at `path`.
-    """
-    path = Path(path)
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise SlideError(f"Cannot write {path}: pixels must be an (h, w, 3) uint8 array, got {rgb.shape} {rgb.dtype}.")
-    if tile <= 0 or tile % 16:
-        raise SlideError(f"Cannot write {path}: the tile size {tile} must be a positive multiple of 16.")
-    if mpp is not None and mpp <= 0:
-        raise SlideError(f"Cannot write {path}: mpp must be positive, got {mpp}.")
-    compression, args = ("jpeg", {"level": quality}) if jpeg else ("zlib", {"level": 6})
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with tifffile.TiffWriter(tmp) as tif:
-            for i, level in enumerate(_pyramid(rgb)):
-                tags = {}
-                if mpp is not None:
-                    res = 1e4 / mpp / 2**i  # pixels per centimetre at this level
-                    tags = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
-                tif.write(level, photometric="rgb", tile=(tile, tile), compression=compression,
-                          compressionargs=args, subfiletype=1 if i else 0, metadata=None, **tags)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _write_slide(path: Path, seed: np.random.SeedSequence, size: tuple[int, int], tumour: bool,
                  mpp: float, n_foci: int | None) -> list[tuple[int, int, int]]:
     rgb, foci = render_slide(seed, size, tumour=tumour, mpp=mpp, n_foci=n_foci)
@@ -274,12 +233,10 @@ def _write_slide(path: Path, seed: np.random.SeedSequence, size: tuple[int, int]
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: list[Sequence[object]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def cohort_design(n_slides: int, seed: int = 0) -> list[tuple[str, str, str]]:
@@ -320,12 +277,13 @@ def make_cohort(
     """
     if n_slides < 2:
         raise ConfigError(f"n_slides={n_slides}: a cohort needs at least 2 slides (one per class).")
+    if seed < 0:
+        raise ConfigError(f"seed={seed}: the seed must be 0 or more; pass e.g. --seed 0.")
     if len(size) != 2 or min(size) < 256:
         raise ConfigError(f"size={size}: give the level-0 (width, height), each at least 256 px.")
     if mpp <= 0:
         raise ConfigError(f"mpp={mpp}: microns per pixel must be positive.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out_dir, "The cohort folder")
     design = cohort_design(n_slides, seed)
     seeds = np.random.SeedSequence(seed).spawn(n_slides)
     jobs = [(out / f"{sid}.tiff", seeds[i], tuple(size), label == "tumor", mpp, n_foci) for i, (sid, label, _) in
