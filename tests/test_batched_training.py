@@ -1,0 +1,75 @@
+"""Batched training as users meet it: folds trained together give the fold metrics of training them one by
+one, several slides per step train through `mrantool fit`, and the data path's reads and warnings."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from mrantool.cli import app
+from mrantool.config import FitConfig
+from mrantool.store import FeatureStore
+from mrantool.training.api import fit
+from mrantool.training.data import StoreData
+from tests.test_training import FAST, label_rows, write_labels, write_store
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("batched")
+    write_store(root / "s.zarr")
+    labels = write_labels(root / "labels.csv", label_rows(), ["slide_id", "label", "patient_id"])
+    return root / "s.zarr", labels
+
+
+def _predictions(run: Path) -> dict[str, float]:
+    with (run / "predictions.csv").open() as fh:
+        return {row["slide_id"]: float(row["prob_tumour"]) for row in csv.DictReader(fh)}
+
+
+@pytest.mark.parametrize("model", ["abmil", "dsmil"])
+def test_folds_trained_together_equal_folds_trained_one_by_one(cohort, tmp_path, model):
+    store, labels = cohort
+    runs = {}
+    for parallel in (1, 0):
+        cfg = FitConfig(store=str(store), labels=str(labels), out=str(tmp_path / f"p{parallel}"), model=model,
+                        options={"hidden": 16}, folds=3, parallel_folds=parallel, save_attention=False, **FAST)
+        runs[parallel] = fit(cfg)
+    alone, together = runs[1], runs[0]
+    assert [f.best_epoch for f in together.folds] == [f.best_epoch for f in alone.folds]
+    for a, b in zip(alone.folds, together.folds, strict=True):
+        assert b.metrics == pytest.approx(a.metrics, abs=1e-6)
+    first, second = _predictions(tmp_path / "p1"), _predictions(tmp_path / "p0")
+    assert second.keys() == first.keys()
+    assert max(abs(first[k] - second[k]) for k in first) < 1e-4
+
+
+def test_fit_cli_trains_several_slides_per_step_and_warns_about_the_cache(cohort, tmp_path):
+    store, labels = cohort
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, [
+        "fit", "--store", str(store), "--labels", str(labels), "--model", "abmil", "--out", str(out),
+        "--folds", "3", "--epochs", "12", "--lr", "0.01", "--threads", "1", "--device", "cpu", "--batch-size", "4",
+        "--parallel-folds", "0", "--cache-gb", "0.00002", "-O", "hidden=16", "--quiet"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "The patch embeddings of these 24 slides take 0.07 MB in float16 but cache_gb holds 0.02 MB" in text
+    assert "set cache_gb to 0.1 or more" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "config.json").read_text())["config"]["batch_size"] == 4
+    assert metrics["pooled"]["auc"] >= 0.8  # held-out test folds
+
+
+def test_patch_only_reads_skip_cells_and_never_cache_partial_bags(cohort):
+    store, _ = cohort
+    data = StoreData(FeatureStore.open(store), ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1)
+    patches, cells = data.read("s01", np.arange(2), cells=False)
+    assert cells is None and patches.dtype == np.float16 and len(data.cache) == 0
+    patches_again, cells = data.read("s01", np.arange(2))
+    assert cells is not None and cells.shape[:2] == (2, patches.shape[1]) and len(data.cache) == 2
+    np.testing.assert_array_equal(patches, patches_again)
