@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 from mrantool.cli import app
 from mrantool.config import FitConfig
 from mrantool.store import FeatureStore
+from mrantool.sweep.runner import group_tasks, run_sweep
+from mrantool.sweep.spec import load_spec
 from mrantool.training.api import fit
 from mrantool.training.data import StoreData
 from tests.test_training import FAST, label_rows, write_labels, write_store
@@ -73,3 +75,39 @@ def test_patch_only_reads_skip_cells_and_never_cache_partial_bags(cohort):
     patches_again, cells = data.read("s01", np.arange(2))
     assert cells is not None and cells.shape[:2] == (2, patches.shape[1]) and len(data.cache) == 2
     np.testing.assert_array_equal(patches, patches_again)
+
+
+def test_sweep_trains_variants_of_one_head_together_with_the_results_of_separate_fits(cohort, tmp_path):
+    store, labels = cohort
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(f"""
+[base]
+store = "{store}"
+labels = "{labels}"
+folds = 2
+epochs = 3
+min_epochs = 1
+max_bags = 2
+device = "cpu"
+threads = 1
+save_attention = false
+[grid]
+lr = [0.005, 0.01]
+[[variant]]
+name = "abmil"
+model = "abmil"
+options = {{hidden = 16}}
+[[variant]]
+name = "mean"
+model = "mean"
+""")
+    runs = load_spec(spec).runs()
+    groups = group_tasks([(run, "") for run in runs], workers=1)
+    assert sorted(len(g) for g in groups) == [2, 2]  # each head's two learning rates train together
+    assert len(group_tasks([(run, "") for run in runs], workers=3)) == 3
+    result = run_sweep(spec, tmp_path / "SWEEP", workers=1)
+    assert result.count("ran") == 4
+    run = runs[1]
+    alone = fit(run.fit_config(tmp_path / "alone"))
+    swept = json.loads((tmp_path / "SWEEP" / "runs" / run.hash / "metrics.json").read_text())
+    assert [f["auc"] for f in swept["folds"]] == pytest.approx([f.metrics["auc"] for f in alone.folds], abs=1e-6)

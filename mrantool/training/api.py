@@ -345,14 +345,19 @@ def _fold_groups(folds: list[tuple[_Run, int]], data: MILData) -> list[list[tupl
     groups: dict[str, list[list[tuple[_Run, int]]]] = {}
     for run, index in folds:
         cfg = run.cfg
-        key = json.dumps([cfg.model, run.options, cfg.standardize, group_settings(cfg), str(run.device),
-                          cfg.threads], sort_keys=True, default=str)
+        key = train_together_key(cfg)
         limit = 1 if data.fold_dependent else cfg.parallel_folds or len(folds)
         chunks = groups.setdefault(key, [[]])
         if len(chunks[-1]) >= limit:
             chunks.append([])
         chunks[-1].append((run, index))
     return [chunk for chunks in groups.values() for chunk in chunks]
+
+
+def train_together_key(cfg: FitConfig) -> str:
+    """Runs on the same data whose folds can train as members of one group have the same key."""
+    return json.dumps([cfg.model, resolved_options(cfg.model, cfg.options), cfg.standardize, group_settings(cfg),
+                       cfg.device, cfg.threads], sort_keys=True, default=str)
 
 
 def _member(run: _Run, index: int, data: MILData, labels: Labels,
