@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError
@@ -272,7 +272,7 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
     stack = MemberStack([m.head for m in members])
     cfg0 = members[0].cfg
     size = cfg0.batch_size if stack.batched else 1
-    optimizer = make_optimizer(cfg0, [_param_group(m.cfg, stack.parameters(g)) for g, m in enumerate(members)])
+    optimizer = make_optimizer(cfg0, _param_groups([m.cfg for m in members], stack))
     states = [_MemberState(m, data, device) for m in members]
     cells = data.cells and members[0].head.needs_cells
     for epoch in range(cfg0.epochs):
@@ -308,11 +308,17 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
     return [state.result() for state in states]
 
 
-def _param_group(cfg: FitConfig, params: list[nn.Parameter]) -> dict[str, Any]:
-    group: dict[str, Any] = {"params": params, "lr": cfg.lr, "weight_decay": cfg.weight_decay}
-    if cfg.optimizer == "sgd":
-        group["momentum"] = cfg.momentum
-    return group
+def _param_groups(cfgs: Sequence[FitConfig], stack: MemberStack) -> list[dict[str, Any]]:
+    """One optimiser parameter group per distinct (lr, weight_decay, momentum): members of one fit share one,
+    so a step is one fused update; a member outside a step has no gradients and is left alone."""
+    groups: dict[tuple[float, float, float], dict[str, Any]] = {}
+    for member, cfg in enumerate(cfgs):
+        key = (cfg.lr, cfg.weight_decay, cfg.momentum)
+        group = groups.setdefault(key, {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        if cfg.optimizer == "sgd":
+            group["momentum"] = cfg.momentum
+        group["params"] += stack.parameters(member)
+    return list(groups.values())
 
 
 def _bag_weights(states: Sequence[_MemberState], chosen: Sequence[int], batch: Any,

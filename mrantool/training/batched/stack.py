@@ -73,6 +73,13 @@ class MemberStack:
             if [n for n, _ in objective.named_parameters()] != self.names:
                 raise ValueError("members stacked together must share one architecture")
         self.template = copy.deepcopy(first).to("meta") if len(heads) > 1 else first
+        self._tensors: list[tuple[list[Tensor], list[Tensor]]] = []
+
+    def _member_tensors(self, member: int) -> tuple[list[Tensor], list[Tensor]]:
+        """A member's parameters and buffers in template order (looked up once: they are updated in place)."""
+        if not self._tensors:
+            self._tensors = [(list(o.parameters()), list(o.buffers())) for o in self.objectives]
+        return self._tensors[member]
 
     def __len__(self) -> int:
         return len(self.objectives)
@@ -95,11 +102,11 @@ class MemberStack:
                 patches[0], None if cells is None else cells[0], mask[0], labels[0], class_weights[0],
                 None if bag_weights is None else bag_weights[0], epoch, n_epochs)
             return tuple(r.unsqueeze(0) for r in results)  # type: ignore[return-value]
-        chosen = [self.objectives[m] for m in members]
-        params = {name: torch.stack(tensors) for name, tensors in
-                  zip(self.names, zip(*(list(o.parameters()) for o in chosen), strict=True), strict=True)}
-        buffers = {name: torch.stack(tensors) for name, tensors in
-                   zip(self.buffer_names, zip(*(list(o.buffers()) for o in chosen), strict=True), strict=True)}
+        tensors = [self._member_tensors(m) for m in members]
+        params = {name: torch.stack(group) for name, group in
+                  zip(self.names, zip(*(p for p, _ in tensors), strict=True), strict=True)}
+        buffers = {name: torch.stack(group) for name, group in
+                   zip(self.buffer_names, zip(*(b for _, b in tensors), strict=True), strict=True)}
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], *args: Tensor | None) -> tuple[Tensor, ...]:
             return functional_call(self.template, (p, b), (*args, epoch, n_epochs))
