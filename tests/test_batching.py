@@ -83,7 +83,7 @@ def test_members_stacked_under_vmap_equal_each_member(name):
     batches = [(patches, cells, mask, labels), (patches.flip(0), cells.flip(0), mask.flip(0), labels.flip(0))]
     stacked = [torch.stack(parts) for parts in zip(*batches, strict=True)]
     weights = torch.ones(2, K)
-    loss, _, logits, bag = stack([2, 0], stacked[0], stacked[1], stacked[2], stacked[3], weights, None, 0, 2)
+    loss, logits, bag = stack([2, 0], stacked[0], stacked[1], stacked[2], stacked[3], weights, None, 0, 2)
     loss.sum().backward()
     for g, member in enumerate([2, 0]):
         x, c, m, y = batches[g]

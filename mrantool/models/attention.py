@@ -35,9 +35,8 @@ def norm_threshold(scores: Tensor, valid: Tensor, t: float) -> Tensor:
 
 def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
     """Softmax over the valid items of the last dimension; all zeros (never NaN) where nothing is valid."""
-    filled = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
-    w = torch.softmax(filled, dim=-1) * valid
-    return w / w.sum(-1, keepdim=True).clamp_min(_TINY)
+    filled = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)  # exp underflows to exactly 0 there
+    return torch.softmax(filled, dim=-1) * valid.any(-1, keepdim=True)
 
 
 def masked_max(values: Tensor, valid: Tensor, dim: int) -> Tensor:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mrantool.config import FitConfig
@@ -275,6 +276,7 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
     optimizer = make_optimizer(cfg0, _param_groups([m.cfg for m in members], stack))
     states = [_MemberState(m, data, device) for m in members]
     cells = data.cells and members[0].head.needs_cells
+    class_w = torch.stack([state.class_weights for state in states])
     for epoch in range(cfg0.epochs):
         active = [g for g, state in enumerate(states) if not state.done]
         if not active:
@@ -283,29 +285,55 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
         stack.train(True)
         plans = {g: states[g].plan_epoch(data, size) for g in active}
         steps = [[(g, plans[g][t]) for g in active if t < len(plans[g])] for t in range(max(map(len, plans.values())))]
-        totals = torch.zeros(len(members), 3, device=device)  # loss sum, ce sum, slides per member
         make = lambda step: collate(data, [fill(picks, size) for _, picks in step], device, cells)  # noqa: E731
         threaded = device.type == "cuda" or not data.in_ram()
+        record = _EpochRecord()
         for step, batch in zip(steps, Prefetcher(make, steps, threaded=threaded), strict=True):
             chosen = [g for g, _ in step]
-            labels = torch.as_tensor(np.array([[states[g].member.train_y[p.position] for p in row]
-                                               for g, row in zip(chosen, batch.picks, strict=True)]), device=device)
+            labels = np.array([[states[g].member.train_y[p.position] for p in row]
+                               for g, row in zip(chosen, batch.picks, strict=True)])
+            labels_t = torch.as_tensor(labels, device=device)
             bag_weights = _bag_weights(states, chosen, batch, device)
-            loss, ce, _, bag = stack(chosen, batch.patches, batch.cells, batch.mask, labels,
-                                     torch.stack([states[g].class_weights for g in chosen]), bag_weights, epoch,
-                                     cfg0.epochs)
+            weights = class_w if len(chosen) == len(states) else class_w[chosen]
+            loss, logits, bag = stack(chosen, batch.patches, batch.cells, batch.mask, labels_t, weights, bag_weights,
+                                      epoch, cfg0.epochs)
             w = batch.weights
+            per_member = loss.mean(1) if batch.full else (loss * w).sum(1) / w.sum(1)
             optimizer.zero_grad(set_to_none=True)
-            ((loss * w).sum(1) / w.sum(1)).sum().backward()
+            per_member.sum().backward()
             optimizer.step()
-            index = torch.as_tensor(chosen, device=device)
-            totals.index_add_(0, index, torch.stack([(loss.detach() * w).sum(1), (ce * w).sum(1), w.sum(1)], 1))
+            record.add(chosen, loss.detach(), logits, labels_t, None if batch.full else w)
             if bag_weights is not None:
                 _keep_bag_attention(states, chosen, batch, bag)
-        sums = totals.cpu().numpy()
+        sums = record.sums(len(members), class_w)
         for g in active:
             states[g].end_epoch(epoch, sums[g], data, device, time.perf_counter() - tic, start, progress)
     return [state.result() for state in states]
+
+
+class _EpochRecord:
+    """Each trained slide's loss, logits and label of an epoch, summed per member once at the epoch's end."""
+
+    def __init__(self) -> None:
+        self.members: list[np.ndarray] = []
+        self.parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+
+    def add(self, chosen: Sequence[int], loss: Tensor, logits: Tensor, labels: Tensor, weights: Tensor | None) -> None:
+        self.members.append(np.repeat(np.asarray(chosen), loss.shape[1]))
+        self.parts.append((loss, logits, labels, weights))
+
+    def sums(self, n_members: int, class_w: Tensor) -> np.ndarray:
+        """(members, 3): sums of the training loss and class-weighted cross-entropy, and slide counts."""
+        member = torch.as_tensor(np.concatenate(self.members), device=class_w.device)
+        loss = torch.cat([p[0].reshape(-1) for p in self.parts])
+        logits = torch.cat([p[1].reshape(-1, p[1].shape[-1]) for p in self.parts]).float()
+        labels = torch.cat([p[2].reshape(-1) for p in self.parts])
+        w = torch.cat([torch.ones(p[0].numel(), device=loss.device) if p[3] is None else p[3].reshape(-1)
+                       for p in self.parts])
+        ce = F.cross_entropy(logits, labels, reduction="none") * class_w[member, labels]
+        totals = torch.zeros(n_members, 3, device=loss.device)
+        totals.index_add_(0, member, torch.stack([loss * w, ce * w, w], 1))
+        return totals.cpu().numpy()
 
 
 def _param_groups(cfgs: Sequence[FitConfig], stack: MemberStack) -> list[dict[str, Any]]:

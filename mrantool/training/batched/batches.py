@@ -42,6 +42,7 @@ class Batch:
     cells: Tensor | None  # (G, S, n_bags, P, C, D) float32
     mask: Tensor  # (G, S, n_bags, P) bool; padding False
     weights: Tensor  # (G, S) 1 for real slides, 0 for fillers
+    full: bool  # no fillers: every weight is 1
     picks: list[list[Pick]]
     n_bags: np.ndarray  # (G, S) bags of each slide in the batch
     n_patches: np.ndarray  # (G, S) patches per bag of each slide (differs only between in-memory bags)
@@ -74,9 +75,10 @@ def collate(data: MILData, picks: Sequence[Sequence[Pick]], device: torch.device
             mask.numpy()[i, j, :n, :p] = m
             if cell_array is not None:
                 cell_array.numpy()[i, j, :n, :p] = c
-    weights = torch.tensor([[float(pick.real) for pick in row] for row in picks])
+    real = [[pick.real for pick in row] for row in picks]
     return Batch(patches=_to(patches, device), cells=None if cell_array is None else _to(cell_array, device),
-                 mask=mask.to(device, non_blocking=pin), weights=weights.to(device),
+                 mask=mask.to(device, non_blocking=pin), weights=torch.tensor(real, dtype=torch.float32).to(device),
+                 full=all(map(all, real)),
                  picks=[list(row) for row in picks], n_bags=n_bags, n_patches=n_patches)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from mrantool.models.base import MILHead, weighted_ce
+from mrantool.models.base import MILHead
 
 
 def is_batched(head: nn.Module) -> bool:
@@ -27,9 +27,9 @@ def is_batched(head: nn.Module) -> bool:
 class Objective(nn.Module):
     """A head's forward and loss for one member's batch of slides, as one module call that can be stacked.
 
-    Returns each slide's loss (S,), each slide's class-weighted cross-entropy (S,), the logits (S, K) and the bag
-    attention (S, n_bags) (zeros for heads without a bag level), the last three detached. A head without the
-    batched contract gets its one slide (S = 1) in the one-slide shapes.
+    Returns each slide's loss (S,), the logits (S, K) and the bag attention (S, n_bags) (zeros for heads without
+    a bag level), the last two detached. A head without the batched contract gets its one slide (S = 1) in the
+    one-slide shapes.
     """
 
     def __init__(self, head: MILHead) -> None:
@@ -38,7 +38,7 @@ class Objective(nn.Module):
         self.batched = is_batched(head)
 
     def forward(self, patches: Tensor, cells: Tensor | None, mask: Tensor, labels: Tensor, class_weights: Tensor,
-                bag_weights: Tensor | None, epoch: int, n_epochs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                bag_weights: Tensor | None, epoch: int, n_epochs: int) -> tuple[Tensor, Tensor, Tensor]:
         head = self.head
         cells = cells if head.needs_cells else None
         extra = {} if bag_weights is None else {"bag_weights": bag_weights if self.batched else bag_weights[0]}
@@ -54,10 +54,8 @@ class Objective(nn.Module):
             loss, logits = loss.reshape(1), out.logits.unsqueeze(0)
             bag = out.attention.get("bag")
             bag = None if bag is None else bag.unsqueeze(0)
-        logits = logits.detach().float()
-        ce = weighted_ce(logits, labels, class_weights, reduction="none")
         bag = torch.zeros(mask.shape[:-1], device=mask.device) if bag is None else bag.detach().float()
-        return loss, ce, logits, bag
+        return loss, logits.detach(), bag
 
 
 class MemberStack:
@@ -94,9 +92,9 @@ class MemberStack:
 
     def __call__(self, members: Sequence[int], patches: Tensor, cells: Tensor | None, mask: Tensor, labels: Tensor,
                  class_weights: Tensor, bag_weights: Tensor | None, epoch: int,
-                 n_epochs: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Run `members` on their batches (leading member dimension on every tensor): loss (G, S), ce (G, S),
-        logits (G, S, K), bag attention (G, S, n_bags)."""
+                 n_epochs: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Run `members` on their batches (leading member dimension on every tensor): loss (G, S), logits
+        (G, S, K), bag attention (G, S, n_bags)."""
         if len(members) == 1:
             results = self.objectives[members[0]](
                 patches[0], None if cells is None else cells[0], mask[0], labels[0], class_weights[0],
