@@ -523,7 +523,8 @@ def index_build(
     store: Annotated[Path, typer.Option(help="Feature store to index.")],
     out: Annotated[Path, typer.Option(help="Index folder to write.")],
     level: Annotated[str, typer.Option(help="patch or cell embeddings.")] = "patch",
-    kind: Annotated[str, typer.Option(help="flat (exact), hnsw, or ivfpq (with exact re-ranking).")] = "hnsw",
+    kind: Annotated[str, typer.Option(help="flat (exact), hnsw, hnsw-sq8 or ivfpq (the last two re-rank exactly)."
+                                      )] = "hnsw",
     min_tissue: Annotated[float, typer.Option(help="Index patches with at least this tissue fraction.")] = 0.25,
 ) -> None:
     """Index every tissue patch of a store for cosine-similarity search.
