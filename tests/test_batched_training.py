@@ -9,15 +9,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mrantool.cli import app
 from mrantool.config import FitConfig
+from mrantool.models.attention import masked_softmax, pool
+from mrantool.models.base import InstanceHead, MILOutput, weighted_ce
 from mrantool.store import FeatureStore
 from mrantool.sweep.runner import group_tasks, run_sweep
 from mrantool.sweep.spec import load_spec
 from mrantool.training.api import fit
 from mrantool.training.data import StoreData
+from mrantool.training.loop import Member, torch_settings, train_members, uses_bag_weights
 from tests.test_training import FAST, label_rows, write_labels, write_store
 
 
@@ -111,3 +115,51 @@ model = "mean"
     alone = fit(run.fit_config(tmp_path / "alone"))
     swept = json.loads((tmp_path / "SWEEP" / "runs" / run.hash / "metrics.json").read_text())
     assert [f["auc"] for f in swept["folds"]] == pytest.approx([f.metrics["auc"] for f in alone.folds], abs=1e-6)
+
+
+class BagMined(InstanceHead):
+    """A batched head with a bag level and per-bag loss weights, as MRAN's bag mining uses them."""
+
+    def __init__(self, in_dim: int, n_classes: int) -> None:
+        super().__init__(in_dim, n_classes)
+        self.score = torch.nn.Linear(in_dim, 1)
+        self.classifier = torch.nn.Linear(in_dim, n_classes)
+
+    def forward(self, patches, cells=None, mask=None, bag_weights=None) -> MILOutput:
+        return super().forward(patches, cells, mask)
+
+    def pool(self, x, valid):
+        a = masked_softmax(self.score(x).squeeze(-1), valid)
+        return self.classifier(pool(a, x)), a, {}
+
+    def compute_loss(self, out, label, *, epoch, n_epochs, class_weights=None, bag_weights=None):
+        loss = weighted_ce(out.logits, label, class_weights, reduction="none")
+        if bag_weights is not None:  # weigh each slide's loss by its bags' mean weight where attention sits
+            loss = loss * (1 + (out.attention["bag"] * bag_weights).sum(-1)) / 2
+        return loss, {"loss": loss.detach()}
+
+
+def test_bag_mining_through_batched_members_equals_one_by_one(cohort):
+    store, _ = cohort
+    data = StoreData(FeatureStore.open(store), [f"s{i:02d}" for i in range(24)], cells=False,
+                     patch_min_tissue=0.25, cache_gb=1)
+    y = np.arange(24) % 2
+    ids = data.slide_ids
+    results = {}
+    for together in (False, True):
+        members = []
+        for fold in range(3):
+            torch.manual_seed(fold)
+            cfg = FitConfig(store="-", labels="-", out="-", batch_size=2, **FAST)
+            train = [i for i in range(24) if i % 3 != fold]
+            val = [i for i in range(24) if i % 3 == fold]
+            members.append(Member(BagMined(data.in_dim, 2), [ids[i] for i in train], y[train],
+                                  [ids[i] for i in val], y[val], cfg, seed=fold))
+        with torch_settings(1, torch.device("cpu")):
+            results[together] = (train_members(members, data) if together
+                                  else [r for m in members for r in train_members([m], data)])
+    assert uses_bag_weights(members[0].head)
+    for alone, stacked in zip(results[False], results[True], strict=True):
+        assert stacked.best_epoch == alone.best_epoch
+        assert [h["val_loss"] for h in stacked.history] == pytest.approx([h["val_loss"] for h in alone.history],
+                                                                         rel=1e-4)
