@@ -331,9 +331,8 @@ class _EpochRecord:
         w = torch.cat([torch.ones(p[0].numel(), device=loss.device) if p[3] is None else p[3].reshape(-1)
                        for p in self.parts])
         ce = F.cross_entropy(logits, labels, reduction="none") * class_w[member, labels]
-        totals = torch.zeros(n_members, 3, device=loss.device)
-        totals.index_add_(0, member, torch.stack([loss * w, ce * w, w], 1))
-        return totals.cpu().numpy()
+        owner = F.one_hot(member, n_members).to(loss.dtype)  # a matmul: deterministic on CUDA, unlike index_add
+        return (owner.T @ torch.stack([loss * w, ce * w, w], 1)).cpu().numpy()
 
 
 def _param_groups(cfgs: Sequence[FitConfig], stack: MemberStack) -> list[dict[str, Any]]:
