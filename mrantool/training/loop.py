@@ -30,7 +30,7 @@ from torch import Tensor
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError
 from mrantool.models.base import MILHead, MILOutput, weighted_ce
-from mrantool.training.batched.batches import Pick, Prefetcher, collate, fill
+from mrantool.training.batched.batches import Batch, Pick, Prefetcher, collate, fill
 from mrantool.training.batched.stack import MemberStack, is_batched
 from mrantool.training.data import MILData, sample_bags
 from mrantool.training.metrics import auc
@@ -188,7 +188,11 @@ def evaluate(head: MILHead, data: MILData, slide_ids: Sequence[str], y: np.ndarr
     weights = None if class_weights is None else class_weights.to(device)
     cells = head.needs_cells and data.cells
     chunks = _eval_chunks(data, slide_ids, batch_bytes if is_batched(head) else 0)
-    make = lambda chunk: collate(data, [[Pick(slide_ids[i], None, i) for i in chunk]], device, cells)  # noqa: E731
+    labels = np.zeros(len(slide_ids), np.int64) if y is None else np.asarray(y, np.int64)
+
+    def make(chunk: list[int]) -> Batch:
+        return collate(data, [[Pick(slide_ids[i], None, i, int(labels[i])) for i in chunk]], device, cells)
+
     try:
         for batch in Prefetcher(make, chunks, threaded=device.type == "cuda" or not data.in_ram()):
             index = [pick.position for pick in batch.picks[0]]
@@ -203,8 +207,7 @@ def evaluate(head: MILHead, data: MILData, slide_ids: Sequence[str], y: np.ndarr
             logits = out.logits.float()
             probs[index] = logits.softmax(-1).cpu().numpy()
             if y is not None:
-                labels = torch.as_tensor(np.asarray(y)[index], device=device)
-                losses[index] = weighted_ce(logits, labels, weights, reduction="none").cpu().numpy()
+                losses[index] = weighted_ce(logits, batch.labels[0], weights, reduction="none").cpu().numpy()
             if on_output is not None:
                 for j, i in enumerate(index):
                     on_output(slide_ids[i], _crop(out.slide(j), int(batch.n_bags[0, j]),
@@ -288,23 +291,22 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
         make = lambda step: collate(data, [fill(picks, size) for _, picks in step], device, cells)  # noqa: E731
         threaded = device.type == "cuda" or not data.in_ram()
         record = _EpochRecord()
+        mined: list[tuple[list[int], list[list[Pick]], Tensor]] = []
         for step, batch in zip(steps, Prefetcher(make, steps, threaded=threaded), strict=True):
             chosen = [g for g, _ in step]
-            labels = np.array([[states[g].member.train_y[p.position] for p in row]
-                               for g, row in zip(chosen, batch.picks, strict=True)])
-            labels_t = torch.as_tensor(labels, device=device)
             bag_weights = _bag_weights(states, chosen, batch, device)
             weights = class_w if len(chosen) == len(states) else class_w[chosen]
-            loss, logits, bag = stack(chosen, batch.patches, batch.cells, batch.mask, labels_t, weights, bag_weights,
-                                      epoch, cfg0.epochs)
+            loss, logits, bag = stack(chosen, batch.patches, batch.cells, batch.mask, batch.labels, weights,
+                                      bag_weights, epoch, cfg0.epochs)
             w = batch.weights
             per_member = loss.mean(1) if batch.full else (loss * w).sum(1) / w.sum(1)
             optimizer.zero_grad(set_to_none=True)
             per_member.sum().backward()
             optimizer.step()
-            record.add(chosen, loss.detach(), logits, labels_t, None if batch.full else w)
+            record.add(chosen, loss.detach(), logits, batch.labels, None if batch.full else w)
             if bag_weights is not None:
-                _keep_bag_attention(states, chosen, batch, bag)
+                mined.append((chosen, batch.picks, bag))
+        _keep_bag_attention(states, mined)  # each slide comes once per epoch: its weights serve the next one
         sums = record.sums(len(members), class_w)
         for g in active:
             states[g].end_epoch(epoch, sums[g], data, device, time.perf_counter() - tic, start, progress)
@@ -348,7 +350,7 @@ def _param_groups(cfgs: Sequence[FitConfig], stack: MemberStack) -> list[dict[st
     return list(groups.values())
 
 
-def _bag_weights(states: Sequence[_MemberState], chosen: Sequence[int], batch: Any,
+def _bag_weights(states: Sequence[_MemberState], chosen: Sequence[int], batch: Batch,
                  device: torch.device) -> Tensor | None:
     """(G, S, n_bags) bag-mining weights of the step's slides (1 on padding), or None without mining."""
     if not any(states[g].mining for g in chosen):
@@ -359,18 +361,21 @@ def _bag_weights(states: Sequence[_MemberState], chosen: Sequence[int], batch: A
             for j, pick in enumerate(row):
                 slide = states[g].bag_weights.setdefault(pick.slide_id, np.ones(states[g].n_bags(pick), np.float32))
                 weights[i, j, :len(pick.index)] = slide[pick.index]
-    return torch.from_numpy(weights).to(device)
+    host = torch.from_numpy(weights)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
 
 
-def _keep_bag_attention(states: Sequence[_MemberState], chosen: Sequence[int], batch: Any, bag: Tensor) -> None:
-    """The step's bag attention x bags sampled becomes each real slide's bag weights for its next step."""
-    attention = bag.float().cpu().numpy()
-    for i, (g, row) in enumerate(zip(chosen, batch.picks, strict=True)):
-        if states[g].mining:
-            for j, pick in enumerate(row):
-                if pick.real:
-                    n = len(pick.index)
-                    states[g].bag_weights[pick.slide_id][pick.index] = attention[i, j, :n] * n
+def _keep_bag_attention(states: Sequence[_MemberState], mined: list[tuple[list[int], list[list[Pick]], Tensor]],
+                        ) -> None:
+    """Each step's bag attention x bags sampled becomes each real slide's bag weights for its next step."""
+    for chosen, picks, bag in mined:
+        attention = bag.float().cpu().numpy()
+        for i, (g, row) in enumerate(zip(chosen, picks, strict=True)):
+            if states[g].mining:
+                for j, pick in enumerate(row):
+                    if pick.real:
+                        n = len(pick.index)
+                        states[g].bag_weights[pick.slide_id][pick.index] = attention[i, j, :n] * n
 
 
 class _MemberState:
@@ -402,7 +407,7 @@ class _MemberState:
         for i in self.rng.permutation(len(ids)):
             n = data.n_bags(ids[i])
             index = sample_bags(n, max_bags, self.rng)
-            picks.append(Pick(ids[i], np.arange(n) if index is None else index, int(i)))
+            picks.append(Pick(ids[i], np.arange(n) if index is None else index, int(i), int(self.member.train_y[i])))
         return [picks[k:k + size] for k in range(0, len(picks), size)]
 
     def end_epoch(self, epoch: int, sums: np.ndarray, data: MILData, device: torch.device, seconds: float,

@@ -2,7 +2,8 @@
 
 A step gives each member the same number of slides (a short batch is filled with copies that weigh 0). Bags
 come from `MILData.read` in the source's dtype (float16 from a store) and stay float16 until the device: on
-CUDA they are gathered into pinned host memory and copied without blocking, then converted to float32 there.
+CUDA everything a step needs (features, masks, labels, weights) is gathered into pinned host memory and copied
+without blocking, so the training loop never waits for a host-to-device copy.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Pick:
-    """One slide of a batch: its bags `index` (None: all), its position in the member's list, and whether it
-    counts (False for the copies that fill a short batch)."""
+    """One slide of a batch: its bags `index` (None: all), its position in the member's list, its label (0 when
+    unknown) and whether it counts (False for the copies that fill a short batch)."""
 
     slide_id: str
     index: np.ndarray | None
     position: int
+    label: int = 0
     real: bool = True
 
 
@@ -41,6 +43,7 @@ class Batch:
     patches: Tensor  # (G, S, n_bags, P, D) float32
     cells: Tensor | None  # (G, S, n_bags, P, C, D) float32
     mask: Tensor  # (G, S, n_bags, P) bool; padding False
+    labels: Tensor  # (G, S) int64
     weights: Tensor  # (G, S) 1 for real slides, 0 for fillers
     full: bool  # no fillers: every weight is 1
     picks: list[list[Pick]]
@@ -51,7 +54,7 @@ class Batch:
 def fill(picks: Sequence[Pick], size: int) -> list[Pick]:
     """`picks` completed to `size` with copies of the first one that do not count."""
     first = picks[0]
-    return list(picks) + [Pick(first.slide_id, first.index, first.position, False)] * (size - len(picks))
+    return list(picks) + [Pick(first.slide_id, first.index, first.position, first.label, False)] * (size - len(picks))
 
 
 def collate(data: MILData, picks: Sequence[Sequence[Pick]], device: torch.device, cells: bool) -> Batch:
@@ -75,10 +78,12 @@ def collate(data: MILData, picks: Sequence[Sequence[Pick]], device: torch.device
             mask.numpy()[i, j, :n, :p] = m
             if cell_array is not None:
                 cell_array.numpy()[i, j, :n, :p] = c
-    real = [[pick.real for pick in row] for row in picks]
+    labels, weights = _zeros((g, s), np.int64, pin), _zeros((g, s), np.float32, pin)
+    labels.numpy()[:] = [[pick.label for pick in row] for row in picks]
+    weights.numpy()[:] = [[pick.real for pick in row] for row in picks]
     return Batch(patches=_to(patches, device), cells=None if cell_array is None else _to(cell_array, device),
-                 mask=mask.to(device, non_blocking=pin), weights=torch.tensor(real, dtype=torch.float32).to(device),
-                 full=all(map(all, real)),
+                 mask=mask.to(device, non_blocking=pin), labels=labels.to(device, non_blocking=pin),
+                 weights=weights.to(device, non_blocking=pin), full=all(p.real for row in picks for p in row),
                  picks=[list(row) for row in picks], n_bags=n_bags, n_patches=n_patches)
 
 
