@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from mrantool.cli import app
 from mrantool.config import FitConfig
+from mrantool.models.abmil import ABMIL
 from mrantool.models.attention import masked_softmax, pool
 from mrantool.models.base import InstanceHead, MILOutput, weighted_ce
 from mrantool.store import FeatureStore
@@ -163,3 +164,15 @@ def test_bag_mining_through_batched_members_equals_one_by_one(cohort):
         assert stacked.best_epoch == alone.best_epoch
         assert [h["val_loss"] for h in stacked.history] == pytest.approx([h["val_loss"] for h in alone.history],
                                                                          rel=1e-4)
+
+
+def test_a_head_without_the_batched_contract_trains_one_slide_per_step_and_says_so(cohort, tmp_path, monkeypatch):
+    store, labels = cohort
+    monkeypatch.setattr(ABMIL, "batched", False)  # as a head that takes one slide per call
+    notes = []
+    cfg = FitConfig(store=str(store), labels=str(labels), out=str(tmp_path / "run"), model="abmil",
+                    options={"hidden": 8}, folds=2, batch_size=4, save_attention=False,
+                    **{**FAST, "epochs": 2})
+    report = fit(cfg, progress=lambda event, info: notes.append(info["message"]) if event == "note" else None)
+    assert any("does not take padded batches of slides yet" in n and "batch_size 4 is ignored" in n for n in notes)
+    assert len(report.folds) == 2 and all(f.epochs_run == 2 for f in report.folds)

@@ -307,7 +307,8 @@ def _start_run(cfg: FitConfig, data: MILData, labels: Labels, identity: dict[str
                           "folder.")
     options = resolved_options(cfg.model, cfg.options)
     k = labels.n_classes
-    data.check_head(create_head(cfg.model, data.in_dim, k, **cfg.options))
+    probe = create_head(cfg.model, data.in_dim, k, **cfg.options)
+    data.check_head(probe)
     device = resolve_device(cfg.device)
     splits = make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
     repeats = max(s.repeat for s in splits) + 1
@@ -319,6 +320,9 @@ def _start_run(cfg: FitConfig, data: MILData, labels: Labels, identity: dict[str
     if one_class:
         notes.append(f"The test slides of {', '.join(one_class)} all have one class, so AUC is undefined there; "
                      f"mean AUC is over the other {len(splits) - len(one_class)} of {len(splits)} folds.")
+    if not probe.batched and cfg.batch_size > 1:
+        notes.append(f"Head {cfg.model} does not take padded batches of slides yet, so it trains one slide per "
+                     f"step and one fold at a time; batch_size {cfg.batch_size} is ignored.")
     for note in notes:
         emit("note", {"message": note})
     output_folder(out, "--out")
