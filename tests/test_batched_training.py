@@ -39,13 +39,15 @@ def _predictions(run: Path) -> dict[str, float]:
         return {row["slide_id"]: float(row["prob_tumour"]) for row in csv.DictReader(fh)}
 
 
-@pytest.mark.parametrize("model", ["abmil", "dsmil"])
-def test_folds_trained_together_equal_folds_trained_one_by_one(cohort, tmp_path, model):
+@pytest.mark.parametrize(("model", "settings"), [("abmil", {}),
+                                                 ("dsmil", {"lr_schedule": "cosine", "smoothing": 0.5})])
+def test_folds_trained_together_equal_folds_trained_one_by_one(cohort, tmp_path, model, settings):
     store, labels = cohort
     runs = {}
     for parallel in (1, 0):
         cfg = FitConfig(store=str(store), labels=str(labels), out=str(tmp_path / f"p{parallel}"), model=model,
-                        options={"hidden": 16}, folds=3, parallel_folds=parallel, save_attention=False, **FAST)
+                        options={"hidden": 16}, folds=3, parallel_folds=parallel, save_attention=False, **FAST,
+                        **settings)
         runs[parallel] = fit(cfg)
     alone, together = runs[1], runs[0]
     assert [f.best_epoch for f in together.folds] == [f.best_epoch for f in alone.folds]

@@ -108,13 +108,14 @@ def make_optimizer(cfg: FitConfig, params: Any) -> torch.optim.Optimizer:
     raise ConfigError(f"optimizer {cfg.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")
 
 
-def make_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """None for a constant lr; "cosine" anneals per step from cfg.lr to 0 over cfg.epochs epochs."""
+def scheduled_lr(cfg: FitConfig, step: int, total_steps: int) -> float:
+    """The lr of a member's `step`-th optimiser step (0-based): `cfg.lr`, or with `lr_schedule = "cosine"`
+    lr (1 + cos(pi step / total_steps)) / 2, from lr down to 0 over `total_steps` (torch's CosineAnnealingLR
+    stepped after every optimiser step, in closed form, so each member of a group keeps its own count)."""
     if cfg.lr_schedule == "constant":
-        return None
+        return cfg.lr
     if cfg.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
+        return cfg.lr * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))) / 2
     raise ConfigError(f"lr_schedule {cfg.lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}.")
 
 
@@ -257,8 +258,10 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
     Each epoch visits a member's training slides in a fresh random order from its own seed, `batch_size`
     slides per step (padded with masks), with at most `max_bags` random bags of a larger slide. The best
     epoch has the lowest validation loss (or highest validation AUC with monitor="auc"; loss when the
-    validation slides have one class); a member stops after `patience` epochs without improvement once
-    `min_epochs` have run, and sits out the rest. Without validation slides the last epoch is kept. With bag
+    validation slides have one class), after an exponential moving average with weight `smoothing` on the
+    past epochs; a member stops after `patience` epochs without improvement once `min_epochs` have run, and
+    sits out the rest. Without validation slides the last epoch is kept. `lr_schedule = "cosine"` anneals a
+    member's lr per step to 0 over `epochs` (`scheduled_lr`). With bag
     mining, the slide head's bag attention x n_bags of a slide's last step becomes that slide's bag weights
     for its next step (next epoch). Heads without the batched contract train one member at a time, one
     slide per step.
@@ -276,7 +279,9 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
     stack = MemberStack([m.head for m in members])
     cfg0 = members[0].cfg
     size = cfg0.batch_size if stack.batched else 1
-    optimizer = make_optimizer(cfg0, _param_groups([m.cfg for m in members], stack))
+    scheduled = any(m.cfg.lr_schedule != "constant" for m in members)
+    groups = _param_groups([m.cfg for m in members], stack, per_member=scheduled)
+    optimizer = make_optimizer(cfg0, groups)
     states = [_MemberState(m, data, device) for m in members]
     cells = data.cells and members[0].head.needs_cells
     class_w = torch.stack([state.class_weights for state in states])
@@ -302,6 +307,9 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
             per_member = loss.mean(1) if batch.full else (loss * w).sum(1) / w.sum(1)
             optimizer.zero_grad(set_to_none=True)
             per_member.sum().backward()
+            if scheduled:
+                for g in chosen:
+                    groups[g]["lr"] = states[g].next_lr(size)
             optimizer.step()
             record.add(chosen, loss.detach(), logits, batch.labels, None if batch.full else w)
             if bag_weights is not None:
@@ -337,12 +345,13 @@ class _EpochRecord:
         return (owner.T @ torch.stack([loss * w, ce * w, w], 1)).cpu().numpy()
 
 
-def _param_groups(cfgs: Sequence[FitConfig], stack: MemberStack) -> list[dict[str, Any]]:
-    """One optimiser parameter group per distinct (lr, weight_decay, momentum): members of one fit share one,
-    so a step is one fused update; a member outside a step has no gradients and is left alone."""
-    groups: dict[tuple[float, float, float], dict[str, Any]] = {}
+def _param_groups(cfgs: Sequence[FitConfig], stack: MemberStack, per_member: bool) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: one per member when lrs are scheduled per member, else one per distinct
+    (lr, weight_decay, momentum), so that the members of one fit share a group and a step is one fused update;
+    a member outside a step has no gradients and is left alone."""
+    groups: dict[Any, dict[str, Any]] = {}
     for member, cfg in enumerate(cfgs):
-        key = (cfg.lr, cfg.weight_decay, cfg.momentum)
+        key = member if per_member else (cfg.lr, cfg.weight_decay, cfg.momentum)
         group = groups.setdefault(key, {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
         if cfg.optimizer == "sgd":
             group["momentum"] = cfg.momentum
@@ -391,7 +400,8 @@ class _MemberState:
         self.bag_weights: dict[str, np.ndarray] = {}
         self.monitor = cfg.monitor if cfg.monitor == "loss" or len(set(np.asarray(member.val_y).tolist())) > 1 \
             else "loss"
-        self.best_score, self.best_epoch = math.inf, -1
+        self.best_score, self.best_epoch, self.smoothed = math.inf, -1, math.nan
+        self.steps = 0
         self.best_state = copy.deepcopy(head.state_dict())
         self.history: list[dict[str, float]] = []
         self.epochs_run, self.seconds, self.done = 0, 0.0, False
@@ -399,6 +409,13 @@ class _MemberState:
 
     def n_bags(self, pick: Pick) -> int:
         return self._n_bags(pick.slide_id)
+
+    def next_lr(self, size: int) -> float:
+        """The lr of this member's next optimiser step (its schedule counts its own steps)."""
+        total = self.cfg.epochs * math.ceil(len(self.member.train_ids) / size)
+        lr = scheduled_lr(self.cfg, self.steps, total)
+        self.steps += 1
+        return lr
 
     def plan_epoch(self, data: MILData, size: int) -> list[list[Pick]]:
         """This epoch's steps: slides in a fresh random order, `size` per step, bags sampled per slide."""
@@ -420,6 +437,9 @@ class _MemberState:
                            class_weights=self.class_weights if cfg.class_weights else None)
         val_auc = auc(member.val_y, val.probs) if val is not None else math.nan
         score = -math.inf if val is None else (-val_auc if self.monitor == "auc" else val.loss)
+        if math.isfinite(self.smoothed) and math.isfinite(score):  # exponential moving average over epochs
+            score = cfg.smoothing * self.smoothed + (1 - cfg.smoothing) * score
+        self.smoothed = score
         if score < self.best_score or val is None:
             self.best_score, self.best_epoch = score, epoch
             self.best_state = copy.deepcopy(member.head.state_dict())
