@@ -8,9 +8,9 @@ On generated JPEG-tiled pyramidal TIFFs (`--slides` of `--size` px at 0.5 mpp), 
           and size the pipeline reads (the regions are planned once, untimed): the most the machine can decode;
   (noop)  the real pipeline (`Extractor`: planning, tissue, DataLoader workers = cores, region -> patches,
           store writes and commits) with an encoder that returns zeros: what the pipeline leaves of it.
-Target: noop / bare >= 0.85 (medians over `--rounds`, arms alternating). Also the pixels decoded per patch
-from the tile geometry (no tile cache assumed): one region read per bag, as the pipeline does, against one
-read per patch (a CLAM-style loop). Writes decode.json and decode.md.
+Target: noop / bare >= 0.85 (medians over `--rounds`, arms alternating). Also the RGB bytes decoded per
+patch from the tile geometry (whole tiles, no tile cache assumed): one region read per bag, as the pipeline
+does, against one read per patch (a CLAM-style loop). Writes decode.json and decode.md.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def run_noop(slides_dir: Path, preset: Preset, workers: int, batch_size: int, st
     return seconds, report.n_patches
 
 
-def decoded_pixels(regions: list[Region], preset: Preset) -> dict[str, float]:
-    """Tile pixels decoded per patch (no tile cache): reading each bag once vs each patch on its own."""
+def decoded_bytes(regions: list[Region], preset: Preset) -> dict[str, float]:
+    """RGB bytes of the tiles decoded per patch (no tile cache): reading each bag once vs each patch alone."""
     g = preset.geometry
     layout: dict[tuple[str, int], tuple[int, float]] = {}  # (path, level) -> tile side, downsample
     bag_px = patch_px = 0
@@ -133,8 +133,8 @@ def decoded_pixels(regions: list[Region], preset: Preset) -> dict[str, float]:
             for col in range(g.grid):
                 patch_px += _tiles(lx + col * step, ly + row * step, step, step, t) * t * t
     patches = len(regions) * g.n_patches
-    return {"per_bag_read": bag_px / patches, "per_patch_read": patch_px / patches,
-            "patch_pixels": (g.bag_px / g.grid) ** 2}
+    return {"per_bag_read": 3 * bag_px / patches, "per_patch_read": 3 * patch_px / patches,
+            "patch_bytes": 3 * (g.bag_px / g.grid) ** 2}
 
 
 def _tiles(x: float, y: float, w: float, h: float, tile: int) -> int:
@@ -181,11 +181,11 @@ def main() -> None:
             print(f"round {r + 1} {arm}: {patches / seconds:.0f} patches/s (load {load_average()})", flush=True)
     rates = {arm: median([x["patches_per_s"] for x in rs]) for arm, rs in runs.items()}
     ratio = rates["noop"] / rates["bare"]
-    pixels = decoded_pixels(regions, preset)
+    pixels = decoded_bytes(regions, preset)
     report = {"preset": args.preset, "slides": args.slides, "size": args.size, "processes": args.processes,
               "batch_size": args.batch_size, "bags": len(regions), "runs": runs, "patches_per_s": rates,
               "noop_vs_bare": round(ratio, 3), "target": TARGET, "met": ratio >= TARGET,
-              "decoded_pixels_per_patch": pixels, "hardware": hardware(), "load_before": load_before,
+              "decoded_bytes_per_patch": pixels, "hardware": hardware(), "load_before": load_before,
               "load_after": load_average()}
     hw = report["hardware"]
     text = "\n".join([
@@ -197,8 +197,8 @@ def main() -> None:
             [arm, f"{rates[arm]:.0f}", " ".join(f"{x['patches_per_s']:.0f}" for x in runs[arm])] for arm in runs],
             [False, True, False]), "",
         f"noop / bare = {ratio:.3f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}).", "",
-        f"Tile pixels decoded per patch of {pixels['patch_pixels']:.0f} px (no tile cache): "
-        f"{pixels['per_bag_read']:.0f} reading each bag once (the pipeline) vs {pixels['per_patch_read']:.0f} "
+        f"RGB bytes decoded per patch of {pixels['patch_bytes']:,.0f} bytes (whole tiles, no tile cache): "
+        f"{pixels['per_bag_read']:,.0f} reading each bag once (the pipeline) vs {pixels['per_patch_read']:,.0f} "
         "reading each patch on its own.", "",
         f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}; load average {load_before} before, "
         f"{report['load_after']} after; {hw['date']}.", ""])
