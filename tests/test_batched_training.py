@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from mrantool.cli import app
 from mrantool.config import FitConfig
+from mrantool.errors import ConfigError
 from mrantool.models.abmil import ABMIL
 from mrantool.models.attention import masked_softmax, pool
 from mrantool.models.base import InstanceHead, MILOutput, weighted_ce
@@ -21,7 +22,7 @@ from mrantool.store import FeatureStore
 from mrantool.sweep.runner import group_tasks, run_sweep
 from mrantool.sweep.spec import load_spec
 from mrantool.training.api import fit
-from mrantool.training.data import StoreData
+from mrantool.training.data import ArrayData, StoreData
 from mrantool.training.loop import Member, torch_settings, train_members, uses_bag_weights
 from tests.test_training import FAST, label_rows, write_labels, write_store
 
@@ -178,3 +179,10 @@ def test_a_head_without_the_batched_contract_trains_one_slide_per_step_and_says_
     report = fit(cfg, progress=lambda event, info: notes.append(info["message"]) if event == "note" else None)
     assert any("does not take padded batches of slides yet" in n and "batch_size 4 is ignored" in n for n in notes)
     assert len(report.folds) == 2 and all(f.epochs_run == 2 for f in report.folds)
+
+
+def test_in_memory_slides_without_a_tissue_patch_are_refused_up_front():
+    patches = {"a": np.zeros((1, 3, 4), np.float32), "b": np.zeros((2, 3, 4), np.float32)}
+    masks = {"b": np.zeros((2, 3), bool)}
+    with pytest.raises(ConfigError, match="slide 'b' has no True in its mask"):
+        ArrayData(patches, masks=masks)

@@ -274,6 +274,9 @@ class ArrayData(MILData):
             if self._masks[k].shape != v.shape[:2] or bad_cells:
                 raise ConfigError(f"ArrayData slide {k!r}: mask or cells do not match patches {v.shape}; "
                                   "pass masks (n_bags, P) and cells (n_bags, P, C, D).")
+            if not self._masks[k].any():  # a batch would train on it silently; one slide alone raises
+                raise ConfigError(f"ArrayData slide {k!r} has no True in its mask (no tissue patch); drop the "
+                                  "slide or fix its mask.")
         self.in_dim = dims.pop()
         self.has_cells = self.cells = self._cells is not None
 
