@@ -16,6 +16,7 @@ one H100-class GPU with 16 CPU cores. Nothing is downloaded (random-init weights
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import sys
 import tempfile
@@ -64,11 +65,10 @@ def preset_for(name: str) -> Preset:
     return get_preset(preset).with_overrides(bag_px=bag_px, grid=4)
 
 
-def run_extract(preset: Preset, slides_dir: Path, store: Path, batch: int, workers: int, device: str,
-                max_patches: int) -> dict[str, Any]:
+def run_extract(preset: Preset, encoder: torch.nn.Module, slides_dir: Path, store: Path, batch: int, workers: int,
+                device: str, max_patches: int) -> dict[str, Any]:
     """One end-to-end extraction of the first slides holding about `max_patches` patches."""
     shutil.rmtree(store, ignore_errors=True)
-    encoder = create_encoder(preset)
     slides = collect_slides([str(slides_dir)])
     n_slides = max(1, round(max_patches / 640))  # a generated 8192 px slide holds ~40 bags of 16 patches here
     with GpuSampler() as gpu:
@@ -84,9 +84,10 @@ def run_extract(preset: Preset, slides_dir: Path, store: Path, batch: int, worke
 
 
 @torch.inference_mode()
-def run_bare(preset: Preset, batch: int, dtype: torch.dtype, device: str, seconds: float) -> dict[str, Any]:
+def run_bare(preset: Preset, encoder: torch.nn.Module, batch: int, dtype: torch.dtype, device: str,
+             seconds: float) -> dict[str, Any]:
     """The encoder alone on random normalised inputs already on the device, channels_last, for ~`seconds`."""
-    encoder = create_encoder(preset).to(device).to(memory_format=torch.channels_last)
+    encoder = copy.deepcopy(encoder).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, preset.input_px, preset.input_px, device=device).contiguous(
         memory_format=torch.channels_last)
     if device == "cuda" and dtype == torch.float16:
@@ -114,22 +115,23 @@ def part_extract(args: argparse.Namespace, root: Path, budget: Budget) -> dict[s
     out: dict[str, Any] = {}
     for name in args.encoders:
         preset = preset_for(name)
+        encoder = create_encoder(preset)  # once: a ViT-L takes seconds to initialise
         runs: list[dict[str, Any]] = []
         for batch in args.batch_sizes:
             if budget.allows(f"extract {name} batch {batch}", 30):
-                runs.append(run_extract(preset, slides_dir, root / "store.zarr", batch, args.workers[0],
+                runs.append(run_extract(preset, encoder, slides_dir, root / "store.zarr", batch, args.workers[0],
                                         args.device, args.max_patches))
                 print(f"extract {name}: {runs[-1]}", flush=True)
         best = max(runs, key=lambda r: r["patches_per_s"])["batch"] if runs else args.batch_sizes[0]
         for workers in args.workers[1:]:
             if budget.allows(f"extract {name} workers {workers}", 30):
-                runs.append(run_extract(preset, slides_dir, root / "store.zarr", best, workers, args.device,
-                                        args.max_patches))
+                runs.append(run_extract(preset, encoder, slides_dir, root / "store.zarr", best, workers,
+                                        args.device, args.max_patches))
                 print(f"extract {name}: {runs[-1]}", flush=True)
         bare = []
         for dtype in (torch.float16, torch.bfloat16):
             if budget.allows(f"bare {name} {dtype}", 20):
-                bare.append(run_bare(preset, best, dtype, args.device, args.bare_seconds))
+                bare.append(run_bare(preset, encoder, best, dtype, args.device, args.bare_seconds))
                 print(f"bare {name}: {bare[-1]}", flush=True)
         out[name] = {"runs": runs, "bare": bare}
     return out
@@ -162,7 +164,8 @@ def part_fit(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             with tempfile.TemporaryDirectory() as tmp, GpuSampler() as gpu:
                 cfg = FitConfig(store="-", labels="-", out=f"{tmp}/run", model="abmil", folds=10,
                                 epochs=args.fit_epochs, patience=args.fit_epochs, min_epochs=args.fit_epochs,
-                                device=args.device, save_attention=False, **settings)
+                                device=args.device, threads=1 if args.device == "cpu" else None,
+                                save_attention=False, **settings)
                 tic = time.perf_counter()
                 report = fit_data(cfg, data, labels)
                 seconds = time.perf_counter() - tic
