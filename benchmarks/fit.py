@@ -289,7 +289,8 @@ def run_child(spec: dict[str, Any], pythonpath: Path | None = None) -> dict[str,
 
 
 def part_a(args: argparse.Namespace, root: Path, baseline: Path) -> dict[str, Any]:
-    store, labels = build_demo_store(root, baseline, args.demo_slides, args.demo_size)
+    store, labels = (build_demo_store(root, baseline, args.demo_slides, args.demo_size) if "demo" in args.datasets
+                     else (Path("-"), Path("-")))
     cases = []
     for dataset in args.datasets:
         for model in args.heads:
