@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:  # last: a child's PYTHONPATH decides which mrantool it runs (the baseline's or ours)
+    sys.path.append(str(ROOT))
 
 from benchmarks.common import hardware, load_average, markdown_table, median, write_results  # noqa: E402
 
@@ -160,7 +161,10 @@ def job_fit(spec: dict[str, Any]) -> dict[str, Any]:
         tic = time.perf_counter()
         report = fit_data(cfg, data, labels)
         seconds = time.perf_counter() - tic
-    return {"seconds": seconds, "auc": report.mean["auc"], "fold_auc": [f.metrics["auc"] for f in report.folds]}
+    import mrantool
+
+    return {"seconds": seconds, "auc": report.mean["auc"], "fold_auc": [f.metrics["auc"] for f in report.folds],
+            "mrantool": str(Path(mrantool.__file__).parent)}
 
 
 def job_cells(spec: dict[str, Any]) -> dict[str, Any]:
@@ -275,9 +279,8 @@ JOBS = {"fit": job_fit, "cells": job_cells, "flops": job_flops}
 
 def run_child(spec: dict[str, Any], pythonpath: Path | None = None) -> dict[str, Any]:
     """Run one job in a fresh process (threads pinned); its last stdout line is the JSON result."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    if pythonpath is not None:
-        env["PYTHONPATH"] = f"{pythonpath}{os.pathsep}{ROOT}"  # the baseline's mrantool, our benchmarks
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
+           "PYTHONPATH": f"{pythonpath}{os.pathsep}{ROOT}" if pythonpath else str(ROOT)}  # whose mrantool runs
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
                           text=True)
     if done.returncode != 0:

@@ -186,3 +186,15 @@ def test_in_memory_slides_without_a_tissue_patch_are_refused_up_front():
     masks = {"b": np.zeros((2, 3), bool)}
     with pytest.raises(ConfigError, match="slide 'b' has no True in its mask"):
         ArrayData(patches, masks=masks)
+
+
+def test_the_per_epoch_auc_equals_sklearns_with_ties():
+    from sklearn.metrics import roc_auc_score
+
+    from mrantool.training.metrics import binary_auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        y = np.r_[0, 1, rng.integers(0, 2, 20)]
+        scores = np.round(rng.random(len(y)), 1)  # many ties
+        assert binary_auc(y == 1, scores) == pytest.approx(roc_auc_score(y == 1, scores), abs=1e-12)
