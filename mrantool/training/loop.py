@@ -278,7 +278,8 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
         m.head.to(device)
     stack = MemberStack([m.head for m in members])
     cfg0 = members[0].cfg
-    size = cfg0.batch_size if stack.batched else 1
+    # slides per step; never more than the largest training set, which would only add fillers
+    size = min(cfg0.batch_size, max(len(m.train_ids) for m in members)) if stack.batched else 1
     scheduled = any(m.cfg.lr_schedule != "constant" for m in members)
     groups = _param_groups([m.cfg for m in members], stack, per_member=scheduled)
     optimizer = make_optimizer(cfg0, groups)
