@@ -32,15 +32,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import hardware, load_average, markdown_table, median, usable_cores, write_results
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.extract.inputs import collect_slides
 from mrantool.extract.pipeline import Extractor, store_identity
 from mrantool.slides.reader import open_slide
-from mrantool.slides.synthetic import make_cohort
 from mrantool.store.reader import FeatureStore
 from mrantool.tiling.presets import Preset, get_preset
 from mrantool.tiling.slide_plan import plan_slide
 
 TARGET = 0.85
+TABLES = {"rates": ["arm", "patches/s", "runs (patches/s)"]}  # columns of decode.md
 Region = tuple[str, int, int, int, int]  # path, x0, y0, level, side at that level
 
 
@@ -193,7 +194,7 @@ def main() -> None:
         f"{args.slides} generated slides of {args.size}^2 px (JPEG tiles), preset `{args.preset}` ({len(regions)} "
         f"bags of {preset.geometry.n_patches} patches); {args.processes} reader processes / loader workers; "
         f"medians of {args.rounds} rounds, arms alternating.", "",
-        markdown_table(["arm", "patches/s", "runs (patches/s)"], [
+        markdown_table(TABLES["rates"], [
             [arm, f"{rates[arm]:.0f}", " ".join(f"{x['patches_per_s']:.0f}" for x in runs[arm])] for arm in runs],
             [False, True, False]), "",
         f"noop / bare = {ratio:.3f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'NOT met'}).", "",

@@ -41,6 +41,9 @@ from benchmarks.common import hardware, load_average, markdown_table, median, wr
 FOX = {"bags": 200, "dim": 230, "min": 2, "max": 13, "mean": 6.5}
 SIGNAL_DIMS, SIGNAL_SHIFT = 20, 0.6
 ARMS_A = ("landed", "one-by-one", "together", "together+B")
+TABLES = {"a": ["set/head", "arm", "seconds", "fold-fits/min", "x landed", "test AUC"],
+          "b": ["arm", "cache_gb", "epoch s", "x ram"],
+          "c": ["step", "GFLOP/step", "ms/step", "GFLOP/s", "of peak", "slide-steps/s"]}  # columns of fit.md
 
 
 # ---------------------------------------------------------------- data
@@ -381,8 +384,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"step. Medians of {report['settings']['repeats']} repeats, arms interleaved; AUC: mean over "
                   "held-out test folds. `landed` is the loop at git "
                   f"{report['baseline']}.", "",
-                  markdown_table(["set/head", "arm", "seconds", "fold-fits/min", "x landed", "test AUC"], rows,
-                                 [False, False, True, True, True, True]), ""]
+                  markdown_table(TABLES["a"], rows, [False, False, True, True, True, True]), ""]
     if "b" in report:
         b = report["b"]
         rows = [[arm, b["cache_gb"][arm] if arm != "h5" else "-", s, round(s / b["warm_epoch_s"]["ram"], 3)]
@@ -391,7 +393,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{report['settings']['cell_slides']} slides x {report['settings']['cell_bags']} bags x 64 "
                   f"patches x 16 cells x {report['settings']['cell_dim']}-d ({b['cohort_gb']} GB in float16); one "
                   "fold, every bag every step, median epoch over epochs 2..n of each run, median over runs.", "",
-                  markdown_table(["arm", "cache_gb", "epoch s", "x ram"], rows, [False, True, True, True]), "",
+                  markdown_table(TABLES["b"], rows, [False, True, True, True]), "",
                   f"half-cache / ram = {b['half_cache_vs_ram']} (target <= 1.25); h5 / ram = {b['h5_vs_ram']}.", ""]
     if "c" in report:
         c = report["c"]
@@ -402,8 +404,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"Matmul peak: {c['peak_gflops']:.1f} GFLOP/s (2048^2 fp32 mm, {report['threads']} thread(s)). "
                   "FLOPs of forward + backward from torch's FlopCounterMode (matmuls and convolutions only), one "
                   "optimiser step included in the time.", "",
-                  markdown_table(["step", "GFLOP/step", "ms/step", "GFLOP/s", "of peak", "slide-steps/s"], rows,
-                                 [False, True, True, True, True, True]), ""]
+                  markdown_table(TABLES["c"], rows, [False, True, True, True, True, True]), ""]
     lines += [f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, niceness {hw['niceness']}; load average "
               f"{report['load_before']} before, {report['load_after']} after; {hw['date']}.", ""]
     return "\n".join(lines)

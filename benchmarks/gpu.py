@@ -30,16 +30,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import GpuSampler, hardware, markdown_table, usable_cores, write_results
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.encoders.registry import create_encoder
 from mrantool.extract.inputs import collect_slides
 from mrantool.extract.pipeline import Extractor, store_identity
-from mrantool.slides.synthetic import make_cohort
 from mrantool.store.reader import FeatureStore
 from mrantool.tiling.presets import Preset, get_preset
 
 NO_GPU = ("benchmarks/gpu.sh needs a CUDA GPU and torch.cuda.is_available() is False here; run it on a machine "
           "with an NVIDIA GPU and a CUDA build of torch.")
 TARGET = 3000.0
+TABLES = {"extract": ["batch", "workers", "patches", "patches/s", "GPU util mean %", "GPU util max %", "GPU MiB"],
+          "fit": ["set", "arm", "seconds", "fold-fits/min", "test AUC", "GPU util mean %"]}  # columns of gpu.md
 ENCODERS = {"resnet50@224": ("resnet50-trunc", 896), "vit-l16@224": ("uni", 896)}  # preset, bag px (4x4 of 224)
 
 
@@ -189,9 +191,8 @@ def markdown(report: dict[str, Any]) -> str:
                  r.get("gpu_util_max", "-"), r.get("gpu_mem_max_mib", "-")] for r in entry["runs"]]
         rows += [[f"bare {b['dtype']}", b["batch"], "-", b["patches_per_s"], b.get("gpu_util_mean", "-"),
                   b.get("gpu_util_max", "-"), b.get("gpu_mem_max_mib", "-")] for b in entry["bare"]]
-        lines += [f"### {name}", "", markdown_table(
-            ["batch", "workers", "patches", "patches/s", "GPU util mean %", "GPU util max %", "GPU MiB"], rows,
-            [False, True, True, True, True, True, True]), ""]
+        table = markdown_table(TABLES["extract"], rows, [False, True, True, True, True, True, True])
+        lines += [f"### {name}", "", table, ""]
     if "resnet50@224" in report.get("extract", {}) and report["extract"]["resnet50@224"]["runs"]:
         best = max(r["patches_per_s"] for r in report["extract"]["resnet50@224"]["runs"])
         lines += [f"ResNet-50 at 224 px, best end-to-end rate: {best:.0f} patches/s (target >= {TARGET:.0f}: "
@@ -200,8 +201,7 @@ def markdown(report: dict[str, Any]) -> str:
             for name, arms in report.get("fit", {}).items() for arm, r in arms.items()]
     lines += ["## Batched fold-fits (abmil, 10 folds, "
               f"{report['settings']['fit_epochs']} epochs, no early stop)", "",
-              markdown_table(["set", "arm", "seconds", "fold-fits/min", "test AUC", "GPU util mean %"], rows,
-                             [False, False, True, True, True, True]), ""]
+              markdown_table(TABLES["fit"], rows, [False, False, True, True, True, True]), ""]
     if report["skipped"]:
         lines += [f"Skipped to stay within the time budget: {', '.join(report['skipped'])}.", ""]
     return "\n".join(lines)
