@@ -83,11 +83,10 @@ class MaxInstanceMIL(InstanceHead):
         super().__init__(in_dim, n_classes)
         self.score = nn.Linear(in_dim, 1)
 
-    def pool(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        best = self.score(x).squeeze(-1).max(0)
-        weights = torch.zeros(x.shape[0])
-        weights[best.indices] = 1.0
-        return torch.stack([torch.zeros(()), best.values]), weights, {}
+    def pool(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        best = self.score(x).squeeze(-1).masked_fill(~valid, -torch.inf).max(-1, keepdim=True)
+        weights = (torch.arange(x.shape[-2]) == best.indices).float()
+        return torch.cat([torch.zeros_like(best.values), best.values], -1), weights, {}
 
 
 @dataclass(frozen=True)
