@@ -62,7 +62,8 @@ SPECS: dict[str, dict[tuple[str, int], dict[str, tuple[int, int]]]] = {
 # Heads under test: every registered head on flat bags, and MRAN on bags of cells. MRAN on flat bags has no
 # cells; a narrower TransMIL keeps the file fast.
 VARIANTS = {**{name: (name, {}) for name in list_heads()}, "mran": ("mran", {"cells": False}),
-            "mran-cells": ("mran", {"cells": True}), "transmil": ("transmil", {"hidden": 64, "heads": 4})}
+            "mran-cells": ("mran", {"cells": True}), "mran-reference": ("mran-reference", {"cells": False}),
+            "transmil": ("transmil", {"hidden": 64, "heads": 4})}
 CELLS = 4  # cells per patch in the bags of cells
 SHORTCUT_EFFECT = 0.25  # a failing head's mean change in P(positive) when the shortcut is removed
 

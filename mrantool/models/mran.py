@@ -26,8 +26,8 @@ Gradients: as in the reference, the pooled embeddings h and z carry gradients th
 the loss by moving onto easy instances; the slide head sees z detached (`detach_slide=True`), as the reference's
 separately trained downstream MIL does. Learnable gated scores (`attention="gated"`) are an option at every level.
 
-The forward is mask-based and batch-shape agnostic (no boolean indexing, no data-dependent Python branches), so it can
-be vmapped over slides or folds.
+The head is batched (docs/architecture.md): it takes one slide or a padded batch of slides, mask-based with no
+boolean indexing or data-dependent Python branches, so the trainer can vmap it over folds and sweep variants.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class MRAN(MILHead):
     `score_bias` whether the classifiers' biases count in the patch and bag scores; `hidden` slide-head width d;
     `dropout` on the adapter output and on v; `detach_attention`; `detach_slide` (see the module docstring).
     """
+
+    batched = True
 
     def __init__(
         self,
@@ -129,37 +131,46 @@ class MRAN(MILHead):
         bag_weights: Tensor | None = None,
     ) -> MILOutput:
         mask = self.check_inputs(patches, cells, mask)
-        attention: dict[str, Tensor] = {}
+        single = patches.dim() == 3
+        if single:  # one slide: add the slide dimension, drop it on the way out
+            patches, mask = patches.unsqueeze(0), mask.unsqueeze(0)
+            cells = None if cells is None else cells.unsqueeze(0)
+            bag_weights = None if bag_weights is None else bag_weights.unsqueeze(0)
+        out = self._forward(patches, cells, mask, bag_weights)
+        return out.slide(0) if single else out
+
+    def _forward(self, patches: Tensor, cells: Tensor | None, mask: Tensor, bag_weights: Tensor | None) -> MILOutput:
+        """Slides (S, n_bags, P, D), cells (S, n_bags, P, C, D), mask (S, n_bags, P) -> batched MILOutput."""
         aux: dict[str, Tensor] = {}
         if self.cells:
             u = self.dropout(self.adapter(cells.float()))
-            beta = self._weights("cell", u, u.norm(dim=-1), mask.unsqueeze(-1).expand(u.shape[:3]))
-            h = torch.einsum("bpc,bpcd->bpd", beta, u)
+            beta = self._weights("cell", u, u.norm(dim=-1), mask.unsqueeze(-1).expand(u.shape[:-1]))
+            h = torch.einsum("sbpc,sbpcd->sbpd", beta, u)
             aux["cell_logits"], aux["beta"] = self.classifier(u), beta
         else:
             h = self.dropout(self.adapter(patches.float()))
         patch_logits = self.classifier(h)
         scores = patch_logits if self.score_bias else patch_logits - self.classifier.bias
         alpha = self._weights("patch", h, scores.norm(dim=-1), mask) if self.patches else uniform_weights(mask)
-        z = torch.einsum("bp,bpd->bd", alpha, h)
+        z = torch.einsum("sbp,sbpd->sbd", alpha, h)
         v = self.dropout(self.slide_proj(z.detach() if self.detach_slide else z))
         bag_valid = mask.any(-1)
         slide_bag_logits = self.slide_cls(v)
         bag_scores = slide_bag_logits if self.score_bias else slide_bag_logits - self.slide_cls.bias
         alpha_b = self._weights("bag", v, bag_scores.norm(dim=-1), bag_valid)
-        logits = self.slide_cls((alpha_b.unsqueeze(-1) * v).sum(0))
-        attention["bag"] = alpha_b
-        attention["patch"] = alpha_b.unsqueeze(-1) * alpha
+        logits = self.slide_cls((alpha_b.unsqueeze(-1) * v).sum(-2))
+        attention = {"bag": alpha_b, "patch": alpha_b.unsqueeze(-1) * alpha}
         if self.cells:
             attention["cell"] = attention["patch"].unsqueeze(-1) * aux["beta"]
         aux.update(bag_logits=self.classifier(z), patch_logits=patch_logits, alpha=alpha, bag_valid=bag_valid,
-                   slide_bag_logits=slide_bag_logits, alpha_b=alpha_b)
+                   patch_valid=mask, slide_bag_logits=slide_bag_logits, alpha_b=alpha_b)
         if bag_weights is not None:
             aux["bag_weights"] = bag_weights
         return MILOutput(logits, attention, aux)
 
-    def term_weights(self, n_patches: int, n_cells: int) -> dict[str, float]:
-        """Weights of the patch, cell and slide-bag terms before the ramp (the reference's scaling when None)."""
+    def term_weights(self, n_patches: Tensor, n_cells: int) -> dict[str, Tensor | float]:
+        """Weights of the patch, cell and slide-bag terms before the ramp (the reference's scaling when None);
+        `n_patches` is each slide's mean number of valid patches per valid bag (P when every patch is tissue)."""
         return {
             "patch": self.lam / n_patches if self.patch_weight is None else self.patch_weight,
             "cell": self.lam**2 / (n_patches * max(n_cells, 1)) if self.cell_weight is None else self.cell_weight,
@@ -175,46 +186,45 @@ class MRAN(MILHead):
         n_epochs: int,
         class_weights: Tensor | None = None,
         bag_weights: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        """The module docstring's loss; `bag_weights` here override forward's."""
-        parts = self.loss_terms(out, label, epoch=epoch, n_epochs=n_epochs, class_weights=class_weights,
-                                bag_weights=bag_weights)
-        loss = parts.pop("loss")
-        return loss, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in parts.items()}}
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The module docstring's loss, per slide on a batch ((S,) labels -> (S,) losses), 0-d on one slide;
+        `bag_weights` ((n_bags,) or (S, n_bags)) here override forward's. Parts are detached tensors."""
+        single = label.dim() == 0
+        if single:
+            out = MILOutput(out.logits.unsqueeze(0), {}, {k: v.unsqueeze(0) for k, v in out.aux.items()})
+            label = label.unsqueeze(0)
+            bag_weights = None if bag_weights is None else bag_weights.unsqueeze(0)
+        terms = self._loss_terms(out, label, epoch, n_epochs, class_weights, bag_weights)
+        if single:
+            terms = {k: v[0] for k, v in terms.items()}
+        loss = terms.pop("loss")
+        return loss, {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
 
-    def loss_terms(
-        self,
-        out: MILOutput,
-        label: Tensor,
-        *,
-        epoch: int,
-        n_epochs: int,
-        class_weights: Tensor | None = None,
-        bag_weights: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        """The loss ("loss") and its unweighted terms as tensors (no Python floats, so it can be vmapped)."""
+    def _loss_terms(self, out: MILOutput, label: Tensor, epoch: int, n_epochs: int, class_weights: Tensor | None,
+                    bag_weights: Tensor | None) -> dict[str, Tensor]:
+        """Each slide's loss and unweighted terms, (S,) each (vmap-safe: no Python numbers from tensors)."""
         aux = out.aux
-        valid = aux["bag_valid"].float()
-        n_valid = valid.sum().clamp_min(1.0)
+        valid = aux["bag_valid"].float()  # (S, n_bags)
+        n_valid = valid.sum(-1).clamp_min(1.0)
         if bag_weights is None:
             bag_weights = aux.get("bag_weights", torch.ones_like(valid))
         w_bag = bag_weights.to(valid) * valid
-        n_patches = aux["patch_logits"].shape[-2]
+        n_patches = (aux["patch_valid"].float().sum((-2, -1)) / n_valid).clamp_min(1.0)  # valid patches per bag
         n_cells = aux["cell_logits"].shape[-2] if self.cells else 0
         w = self.term_weights(n_patches, n_cells)
         r = ramp(epoch, n_epochs)
 
         def per_bag(logits: Tensor, weights: Tensor) -> Tensor:
-            """Sum over a bag's items of weight x CE, then the bag-weighted mean over valid bags."""
-            ce = weighted_ce(logits, label, class_weights, reduction="none")
-            items = (weights * ce).flatten(1).sum(-1) if ce.dim() > 1 else weights * ce
-            return (w_bag * items).sum() / n_valid
+            """Sum over each bag's items of weight x CE, then the bag-weighted mean over a slide's valid bags."""
+            ce = weighted_ce(logits, label, class_weights, reduction="none")  # (S, n_bags, ...)
+            items = (weights * ce).flatten(2).sum(-1) if ce.dim() > 2 else weights * ce
+            return (w_bag * items).sum(-1) / n_valid
 
         alpha_b = aux["alpha_b"].detach()
         slide_ce = weighted_ce(aux["slide_bag_logits"], label, class_weights, reduction="none")
         terms = {
-            "slide": weighted_ce(out.logits, label, class_weights),
-            "slide_bags": (alpha_b * slide_ce).sum() / n_valid,
+            "slide": weighted_ce(out.logits, label, class_weights, reduction="none"),
+            "slide_bags": (alpha_b * slide_ce).sum(-1) / n_valid,
             "bag": per_bag(aux["bag_logits"], torch.ones_like(valid)),
             "patch": per_bag(aux["patch_logits"], aux["alpha"].detach()),
         }
