@@ -237,7 +237,7 @@ def test_mran_loss_matches_the_reference_item_means():
 
 def test_mran_learned_head_scores_without_the_bias():
     cells = torch.tensor([[[[3.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]])
-    head = create_head("mran", 2, 2, adapter=0, hidden=2)
+    head = create_head("mran", 2, 2, adapter=0, hidden=2, attention="norm")
     with torch.no_grad():
         head.classifier.weight.copy_(torch.eye(2))
         head.classifier.bias.copy_(torch.tensor([0.0, 50.0]))  # would swamp both patch norms if it counted

@@ -44,6 +44,10 @@ from mrantool.models.base import MILHead, MILOutput, weighted_ce
 
 LEVELS = ("cell", "patch", "bag")
 ATTENTION_KINDS = ("norm", "gated")
+#: `mran`'s attention: norm scores of the adapted cells (MRAN's own), a learnable gated score for patches (chosen on
+#: validation folds: the logit norm ||W h|| is large for confident patches of either class), norm scores for bags.
+#: Never mutated (`_attention_kinds` copies it).
+DEFAULT_ATTENTION = {"cell": "norm", "patch": "gated", "bag": "norm"}
 
 
 def ramp(epoch: int, n_epochs: int) -> float:
@@ -57,8 +61,9 @@ class MRAN(MILHead):
     """MRAN head: thresholded norm (or gated) attention over cells, patches and bags; deep supervision.
 
     Options: `attention` "norm" | "gated" for every level, or a mapping such as {patch = "gated"} (missing levels
-    stay "norm"); `cells`/`patches` False turns that level off (cells off: h = phi(patch embedding), the encoder's
-    uniformly pooled token map, and no cell input is needed; patches off: alpha is uniform over valid patches);
+    are "norm"; default DEFAULT_ATTENTION); `cells`/`patches` False turns that level off (cells off: h =
+    phi(patch embedding), the encoder's uniformly pooled token map, and no cell input is needed; patches off: alpha
+    is uniform over valid patches);
     `adapter` width of the trainable cell adapter (0 = none); `t` threshold; `lam` deep-supervision weight;
     `patch_weight`/`cell_weight`/`slide_bag_weight` per-term weights (None = the reference's scaling from `lam`);
     `score_bias` whether the classifiers' biases count in the patch and bag scores; `hidden` slide-head width d;
@@ -71,7 +76,7 @@ class MRAN(MILHead):
         self,
         in_dim: int,
         n_classes: int,
-        attention: str | Mapping[str, str] = "norm",
+        attention: str | Mapping[str, str] = DEFAULT_ATTENTION,
         cells: bool = True,
         patches: bool = True,
         adapter: int = 128,
