@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import hardware, load_average, markdown_table, write_results  # noqa: E402
+from benchmarks.common import hardware, load_average, markdown_table, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRC_ROOT = SHARED / "real" / "crchistophenotypes"
@@ -279,7 +279,7 @@ def attention_figure(data: Dataset, work: Path, seed: int, path: Path) -> str | 
     rgb = np.asarray(Image.open(crc.images(CRC_ROOT)[image]).convert("RGB"))
     side = g["grid"] * g["cells"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 5.2))
-    for ax, (model, folder) in zip(axes, runs.items(), strict=True):
+    for ax, folder in zip(axes, runs.values(), strict=True):
         att = np.load(folder / f"{image}.npz")
         if "cell" in att:
             grid = att["cell"][0].reshape(g["grid"], g["grid"], g["cells"], g["cells"]).transpose(0, 2, 1, 3)
