@@ -1,483 +1,464 @@
-"""Epoch time of MIL training (abmil) from four data paths, each arm in its own subprocess.
+"""Training speed: (a) fold-fits per minute, batched vs the landed loop; (b) MRAN with cells on a cohort twice
+the cache budget; (c) the model step against its FLOP count and the machine's matmul peak.
 
-(a) mrantool's StoreData (LRU cache holding the whole cohort) through `train_fold`: epoch 1 is cold
-(reads the zarr store), epochs 2..n come from the cache; (b) the same `train_fold` on float32 tensors
-already in RAM, the ceiling; (c) a CLAM-style loop that opens one float32 .h5 file per slide per step
-with h5py (DataLoader, batch 1, no workers as CLAM on CPU); (d) torchmil's ABMIL trained its documented way
-(ProcessedMILDataset over the same .h5 files, its collate_fn and Trainer), skipped when torchmil is absent.
+(a) A K-fold `fit_data` of abmil and mran on a Fox-sized set (200 bags of 2-13 instances, 230-d, generated
+with Fox's shape; MRAN with cells off) and on the demo store (16 generated slides extracted with the `mran`
+preset; MRAN with cells). Arms, each in its own process, interleaved and repeated: `landed`, the training
+loop as landed at --baseline-ref (that commit's `mrantool`, extracted with `git archive`); `one-by-one`,
+this code with one fold at a time and one slide per step; `together`, all folds stacked as members (the
+same results, see tests/test_batched_training.py); `together+B`, also B slides per step (different
+optimisation: its held-out AUC is in the table). Fixed epochs (no early stop), one-time imports excluded.
+(b) One MRAN fold (cells on, every bag every step) on a generated store with cells: epoch time with the cache
+holding the cohort (`ram`, after a warm-up epoch), with `cache_gb` at half the cohort (`half-cache`: float16
+reads and decoding in the prefetch thread), and reading each slide's float32 h5 file per step as CLAM does
+(`h5`). (c) Matmul peak (median GFLOP/s of a 2048^2 fp32 mm) against each step's FLOPs (torch's
+FlopCounterMode: matmuls/convolutions of forward + backward) per second, one slide per step and batched.
 
-The cohort (random float16 features with a weak signal in positive slides) is generated once under
---root and reused; --rebuild regenerates it. Arms run interleaved, one epoch of each arm in turn, so load
-changes on a shared machine hit every arm alike; each arm's peak RSS is its own process's. Run it as
-`nice -n 10 python benchmarks/fit.py` (add --profile to see where arm (a) spends its time).
+Run `nice -n 10 python benchmarks/fit.py` on a quiet machine; `--smoke` runs every part with tiny settings.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
-import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # last: a child's PYTHONPATH decides which mrantool it runs (the baseline's or ours)
+    sys.path.append(str(ROOT))
 
-from benchmarks.common import hardware, load_average, markdown_table, median, write_results
+from benchmarks.common import hardware, load_average, markdown_table, median, write_results  # noqa: E402
 
-ARMS = {"a": "mrantool StoreData + train_fold", "b": "tensors in RAM + train_fold (ceiling)",
-        "c": "CLAM-style: h5py read per slide per step", "d": "torchmil ProcessedMILDataset + Trainer"}
-GRID = 8  # 64 patches per bag
-TABLES = {"arms": ["arm", "epoch 1 (cold) s", "median epochs 2..n s", "data s epoch 1", "data s median 2..n",
-                   "RSS after setup MiB", "peak RSS MiB", "setup s", "all epochs s"],
-          "ratios": ["ratio (warm medians)", "value", "target", "met"]}  # columns of fit.md
-HIDDEN, ATTN = 500, 128  # abmil size in every arm (mrantool's defaults)
-SIGNAL_DIMS, SIGNAL_SHIFT, SIGNAL_SHARE = 16, 0.5, 0.05
-
-
-# ---------------------------------------------------------------- cohort
+FOX = {"bags": 200, "dim": 230, "min": 2, "max": 13, "mean": 6.5}
+SIGNAL_DIMS, SIGNAL_SHIFT = 20, 0.6
+ARMS_A = ("landed", "one-by-one", "together", "together+B")
+TABLES = {"a": ["set/head", "arm", "seconds", "fold-fits/min", "x landed", "test AUC"],
+          "b": ["arm", "cache_gb", "epoch s", "x ram"],
+          "c": ["step", "GFLOP/step", "ms/step", "GFLOP/s", "of peak", "slide-steps/s"]}  # columns of fit.md
 
 
-def cohort_meta(args: argparse.Namespace) -> dict[str, Any]:
-    return {"slides": args.slides, "patches": args.patches, "dim": args.dim, "grid": GRID, "version": 1}
+# ---------------------------------------------------------------- data
 
 
-def slide_features(i: int, n_bags: int, dim: int) -> tuple[np.ndarray, int]:
-    """float16 (n_bags, P, dim) features and the label of slide i; positives shift a few patches."""
-    rng = np.random.default_rng(i)
-    x = rng.standard_normal((n_bags, GRID * GRID, dim), dtype=np.float32)
-    label = i % 2
-    if label:
-        flat = x.reshape(-1, dim)
-        rows = rng.choice(len(flat), max(1, int(SIGNAL_SHARE * len(flat))), replace=False)
-        flat[rows, :SIGNAL_DIMS] += SIGNAL_SHIFT
-    return x.astype(np.float16), label
+def fox_arrays(seed: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Fox-shaped bags: (1, n_i, 230) float32 each, n_i in 2..13 (mean ~6.5); positives shift 1-3 instances."""
+    rng = np.random.default_rng(seed)
+    bags, labels = {}, []
+    for i in range(FOX["bags"]):
+        n = int(np.clip(rng.poisson(FOX["mean"] - FOX["min"]) + FOX["min"], FOX["min"], FOX["max"]))
+        x = rng.standard_normal((n, FOX["dim"])).astype(np.float32)
+        label = i % 2
+        if label:
+            x[rng.choice(n, min(n, int(rng.integers(1, 4))), replace=False), :SIGNAL_DIMS] += SIGNAL_SHIFT
+        bags[f"fox{i:03d}"] = x[None]
+        labels.append(label)
+    return bags, np.array(labels, np.int64)
 
 
-def build_cohort(root: Path, args: argparse.Namespace) -> float:
-    """Write the store (root/store.zarr) and CLAM-style .h5 files (root/h5); return seconds (0 when reused)."""
-    meta_path = root / "meta.json"
-    meta = cohort_meta(args)
-    if not args.rebuild and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
-        return 0.0
+def baseline_tree(root: Path, ref: str) -> Path:
+    """That commit's `mrantool` package under root/baseline-<ref> (git archive), made once."""
+    commit = subprocess.run(["git", "rev-parse", ref], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    folder = root / f"baseline-{commit.strip()[:12]}"
+    if not (folder / "mrantool" / "__init__.py").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "archive", commit.strip(), "mrantool"], cwd=ROOT, capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def build_demo_store(root: Path, baseline: Path, slides: int, size: int) -> tuple[Path, Path]:
+    """The demo cohort extracted with the `mran` preset, by the baseline code (a store every arm can read)."""
+    folder = root / f"demo-{slides}-{size}"
+    store, labels = folder / "store.zarr", folder / "slides" / "labels.csv"
+    if not (folder / "done").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        code = ("import sys; from mrantool.slides.synthetic import make_cohort; from mrantool.config import "
+                "ExtractConfig; from mrantool.extract.api import extract; "
+                f"make_cohort({str(folder / 'slides')!r}, n_slides={slides}, seed=0, size=({size}, {size})); "
+                f"extract(ExtractConfig(slides=[{str(folder / 'slides')!r}], store={str(store)!r}, preset='mran', "
+                "workers=1, quiet=True))")
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(baseline)}, check=True)
+        (folder / "done").write_text("ok")
+    return store, labels
+
+
+def build_cell_store(root: Path, slides: int, bags: int, dim: int) -> tuple[Path, Path, Path]:
+    """A store with cells (8x8 patches of 4x4 cells per bag) and the same features as float32 h5 per slide."""
     import h5py
 
     from mrantool.store import FeatureStore, make_identity
 
-    start = time.perf_counter()
-    shutil.rmtree(root, ignore_errors=True)
-    (root / "h5").mkdir(parents=True)
-    identity = make_identity(encoder="synthetic", weights="random", transforms={}, embed_dim=args.dim,
-                             geometry={"bag_px": 512, "mpp": 0.5, "grid": GRID, "cells": 1}, preset=None,
-                             has_cells=False)
-    store = FeatureStore.create(root / "store.zarr", identity)
-    n_bags = args.patches // (GRID * GRID)
-    provenance = {"source": "generated", "fingerprint": None, "mpp": 0.5, "level0_size": [512 * n_bags, 512],
+    folder = root / f"cells-{slides}-{bags}-{dim}"
+    store_path, h5_dir, labels_path = folder / "store.zarr", folder / "h5", folder / "labels.csv"
+    if (folder / "done").is_file():
+        return store_path, h5_dir, labels_path
+    shutil.rmtree(folder, ignore_errors=True)
+    h5_dir.mkdir(parents=True)
+    identity = make_identity(encoder="synthetic", weights="random", transforms={}, embed_dim=dim,
+                             geometry={"bag_px": 512, "mpp": 1.0, "grid": 8, "cells": 4}, preset=None,
+                             has_cells=True)
+    store = FeatureStore.create(store_path, identity)
+    provenance = {"source": "generated", "fingerprint": None, "mpp": 1.0, "level0_size": [512 * bags, 512],
                   "bag_size_l0": 512}
-    coords = np.stack([np.arange(n_bags) * 512, np.zeros(n_bags)], axis=1)
-    labels = {}
-    for i in range(args.slides):
-        sid = f"s{i:04d}"
-        x, labels[sid] = slide_features(i, n_bags, args.dim)
-        writer = store.begin_slide(sid, n_bags, provenance)
-        writer.write(0, coords, np.ones((n_bags, GRID * GRID), np.float32), x, None)
+    rows = ["slide_id,label"]
+    for i in range(slides):
+        rng = np.random.default_rng(i)
+        cells = np.abs(rng.standard_normal((bags, 64, 16, dim), dtype=np.float32))
+        if i % 2:
+            cells[rng.integers(bags), rng.choice(64, 4, replace=False), :, :SIGNAL_DIMS] += 1.0
+        cells = cells.astype(np.float16)
+        patches = cells.astype(np.float32).mean(2).astype(np.float16)
+        writer = store.begin_slide(f"c{i:03d}", bags, provenance)
+        writer.write(0, np.zeros((bags, 2)), np.ones((bags, 64), np.float32), patches, cells)
         writer.commit()
-        with h5py.File(root / "h5" / f"{sid}.h5", "w") as fh:  # CLAM layout: features (N, D) float32, coords
-            fh["features"] = x.reshape(-1, args.dim).astype(np.float32)
-            fh["coords"] = np.zeros((x.shape[0] * x.shape[1], 2), np.int64)
-            fh["labels"] = np.float32(labels[sid])  # torchmil reads the bag label from a file too
-    (root / "labels.json").write_text(json.dumps(labels))
-    meta_path.write_text(json.dumps(meta))
-    return time.perf_counter() - start
+        with h5py.File(h5_dir / f"c{i:03d}.h5", "w") as fh:  # CLAM keeps float32 features, one file per slide
+            fh["features"], fh["cells"] = patches.astype(np.float32), cells.astype(np.float32)
+        rows.append(f"c{i:03d},{i % 2}")
+    labels_path.write_text("\n".join(rows) + "\n")
+    (folder / "done").write_text("ok")
+    return store_path, h5_dir, labels_path
 
 
-# ---------------------------------------------------------------- arms (run in a child process)
+# ---------------------------------------------------------------- child jobs (one process each)
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def job_fit(spec: dict[str, Any]) -> dict[str, Any]:
+    """One K-fold fit_data of an arm of part (a); seconds exclude imports and the first optimiser's set-up."""
+    import torch
 
-
-def send(event: str, **info: Any) -> None:
-    print(json.dumps({"event": event, **info}), flush=True)
-
-
-class DataClock:
-    """Wraps a data-producing callable and sums the seconds spent in it (reset after each epoch report)."""
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn, self.seconds = fn, 0.0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        tic = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.seconds += time.perf_counter() - tic
-
-    def take(self) -> float:
-        seconds, self.seconds = self.seconds, 0.0
-        return seconds
-
-
-def wait_go() -> None:
-    if sys.stdin.readline().strip() != "go":
-        sys.exit(0)
-
-
-def fit_config(epochs: int, max_bags: int, threads: int) -> Any:
     from mrantool.config import FitConfig
+    from mrantool.training.api import fit_data
+    from mrantool.training.data import ArrayData, StoreData
+    from mrantool.training.labels import Labels, read_labels
 
-    return FitConfig(store="-", labels="-", out="-", model="abmil", epochs=epochs, patience=epochs,
-                     min_epochs=epochs, max_bags=max_bags, threads=threads, device="cpu", bag_mining=False,
-                     lr=2e-4, patch_min_tissue=0.0)
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])  # its one-time imports happen here, untimed
+    if spec["dataset"] == "fox":
+        bags, y = fox_arrays()
+        data: Any = ArrayData(bags)
+        labels = Labels(list(bags), y, ["0", "1"], list(bags))
+    else:
+        from mrantool.store import FeatureStore
+
+        store = FeatureStore.open(spec["store"])
+        labels = read_labels(spec["labels"], store.slide_ids())
+        data = StoreData(store, labels.slide_ids, cells=spec["cells"], patch_min_tissue=0.25, cache_gb=8.0)
+    settings = {"folds": spec["folds"], "epochs": spec["epochs"], "patience": spec["epochs"],
+                "min_epochs": spec["epochs"], "threads": spec["threads"], "device": spec["device"],
+                "save_attention": False, "seed": 0, "lr": spec["lr"]}
+    if spec["arm"] != "landed":
+        settings.update(parallel_folds=1 if spec["arm"] == "one-by-one" else 0,
+                        batch_size=spec["batch_size"] if spec["arm"] == "together+B" else 1)
+    with tempfile.TemporaryDirectory() as out:
+        cfg = FitConfig(store="-", labels="-", out=str(Path(out) / "run"), model=spec["model"],
+                        options=spec["options"], **settings)
+        tic = time.perf_counter()
+        report = fit_data(cfg, data, labels)
+        seconds = time.perf_counter() - tic
+    import mrantool
+
+    return {"seconds": seconds, "auc": report.mean["auc"], "fold_auc": [f.metrics["auc"] for f in report.folds],
+            "mrantool": str(Path(mrantool.__file__).parent)}
 
 
-def run_train_fold(data: Any, ids: list[str], y: np.ndarray, epochs: int, threads: int) -> None:
-    """mrantool's train_fold, one epoch per 'go'; epoch seconds are train_fold's own."""
+def job_cells(spec: dict[str, Any]) -> dict[str, Any]:
+    """Part (b): one MRAN fold, every bag every step; the seconds of each epoch."""
+    import h5py
+    import torch
+
+    from mrantool.config import FitConfig
     from mrantool.models.registry import create_head
+    from mrantool.store import FeatureStore
+    from mrantool.training.data import MILData, StoreData
+    from mrantool.training.labels import read_labels
     from mrantool.training.loop import train_fold
 
-    head = create_head("abmil", data.in_dim, 2, hidden=HIDDEN, attn_dim=ATTN)
-    clock = data.bags = DataClock(data.bags)  # time spent producing each step's tensors
-    cfg = fit_config(epochs, max(data.n_bags(s) for s in ids), threads)
+    class H5Data(MILData):
+        """CLAM-style: every read opens the slide's float32 .h5 file and reads its arrays whole."""
 
-    def progress(event: str, info: dict[str, Any]) -> None:
-        send("epoch", seconds=info["seconds"], data_s=clock.take(), loss=info["train_loss"])
-        if info["epoch"] < epochs:
-            wait_go()
-
-    wait_go()
-    train_fold(head, data, ids, y, [], np.array([], np.int64), cfg, seed=0, progress=progress)
-
-
-def arm_a(root: Path, ids: list[str], y: np.ndarray, epochs: int, threads: int) -> None:
-    from mrantool.store import FeatureStore
-    from mrantool.training.data import StoreData
-
-    data = StoreData(FeatureStore.open(root / "store.zarr"), ids, cells=False, patch_min_tissue=0.0,
-                     cache_gb=64.0)
-    send("ready", rss_mb=peak_rss_mb())
-    run_train_fold(data, ids, y, epochs, threads)
-    send("done", peak_rss_mb=peak_rss_mb(), cache_mb=data.cache.nbytes / 2**20,
-         cache_hits=data.cache.hits, cache_misses=data.cache.misses)
-
-
-def arm_b(root: Path, ids: list[str], y: np.ndarray, epochs: int, threads: int) -> None:
-    import torch
-
-    from mrantool.store import FeatureStore
-    from mrantool.training.data import Bags, MILData, StoreData
-
-    class TensorData(MILData):
-        """Every slide's float32 Bags built once; `bags` hands them out (all bags, any device = cpu)."""
-
-        def __init__(self, source: StoreData) -> None:
-            self.slide_ids, self.in_dim = source.slide_ids, source.in_dim
-            self.has_cells = self.cells = False
-            self._bags = {s: source.bags(s) for s in self.slide_ids}
+        def __init__(self, folder: Path, ids: list[str], bags: int) -> None:
+            self.folder, self.slide_ids, self.bags_per_slide = folder, ids, bags
+            self.in_dim, self.has_cells, self.cells = spec["dim"], True, True
 
         def n_bags(self, slide_id: str) -> int:
-            return len(self._bags[slide_id].index)
+            return self.bags_per_slide
 
         def mask(self, slide_id: str) -> np.ndarray:
-            return self._bags[slide_id].mask.numpy()
+            return np.ones((self.bags_per_slide, 64), bool)
 
-        def read(self, slide_id: str, index: np.ndarray) -> tuple[np.ndarray, None]:
-            return self._bags[slide_id].patches[torch.from_numpy(index)].numpy(), None
+        def read(self, slide_id: str, index: np.ndarray, cells: bool = True) -> tuple[np.ndarray, Any]:
+            with h5py.File(self.folder / f"{slide_id}.h5", "r") as fh:
+                features, cell_values = fh["features"][:], fh["cells"][:] if cells else None
+            return features[index], None if cell_values is None else cell_values[index]
 
-        def bags(self, slide_id: str, index: np.ndarray | None = None, device: Any = "cpu") -> Bags:
-            return self._bags[slide_id]
+    torch.set_num_threads(spec["threads"])
+    store = FeatureStore.open(spec["store"])
+    labels = read_labels(spec["labels"], store.slide_ids())
+    ids, y = labels.slide_ids, labels.y
+    if spec["arm"] == "h5":
+        data: MILData = H5Data(Path(spec["h5"]), ids, spec["bags"])
+    else:
+        data = StoreData(store, ids, cells=True, patch_min_tissue=0.0, cache_gb=spec["cache_gb"])
+    cfg = FitConfig(store="-", labels="-", out="-", model="mran", epochs=spec["epochs"], patience=spec["epochs"],
+                    min_epochs=spec["epochs"], max_bags=spec["bags"], threads=spec["threads"],
+                    device=spec["device"], bag_mining=True)
+    torch.manual_seed(0)
+    head = create_head("mran", spec["dim"], 2)
+    epochs: list[float] = []
+    train_fold(head, data, ids, y, [], np.array([], np.int64), cfg, seed=0,
+               progress=lambda event, info: epochs.append(info["seconds"]) if event == "epoch" else None)
+    result: dict[str, Any] = {"epochs_s": epochs}
+    if isinstance(data, StoreData):
+        result.update(cache_hits=data.cache.hits, cache_misses=data.cache.misses,
+                      cache_mb=data.cache.nbytes / 2**20, cohort_mb=data.cohort_bytes() / 2**20)
+    return result
 
-    data = TensorData(StoreData(FeatureStore.open(root / "store.zarr"), ids, cells=False,
-                                patch_min_tissue=0.0, cache_gb=0.0))
-    send("ready", rss_mb=peak_rss_mb())
-    run_train_fold(data, ids, y, epochs, threads)
-    send("done", peak_rss_mb=peak_rss_mb())
 
-
-def arm_c(root: Path, ids: list[str], y: np.ndarray, epochs: int, threads: int) -> None:
-    import h5py
+def job_flops(spec: dict[str, Any]) -> dict[str, Any]:
+    """Part (c): the matmul peak, then FLOPs and seconds of training steps for each configuration."""
     import torch
-    from torch.utils.data import DataLoader, Dataset
 
+    torch.set_num_threads(spec["threads"])
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    peaks = []
+    for _ in range(5):
+        tic = time.perf_counter()
+        torch.mm(a, b)
+        peaks.append(2 * 2048**3 / (time.perf_counter() - tic) / 1e9)
+    return {"peak_gflops": median(peaks), "cases": [_flop_case(case, spec["steps"]) for case in spec["cases"]]}
+
+
+def _flop_case(case: dict[str, Any], steps: int) -> dict[str, Any]:
+    """FLOPs (forward + backward) and median seconds of a training step of G members x S slides."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mrantool.config import FitConfig
     from mrantool.models.registry import create_head
-    from mrantool.training.loop import class_weights, make_optimizer
+    from mrantool.training.batched.stack import MemberStack
+    from mrantool.training.loop import make_optimizer
 
-    class H5Bags(Dataset):
-        """CLAM's Generic_MIL_Dataset with use_h5: open the slide's .h5, read all features, close."""
-
-        def __len__(self) -> int:
-            return len(ids)
-
-        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-            with h5py.File(root / "h5" / f"{ids[i]}.h5", "r") as fh:
-                features = torch.from_numpy(fh["features"][:])
-            return features, int(y[i])
-
-    def collate_mil(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.cat([b[0] for b in batch], dim=0), torch.LongTensor([b[1] for b in batch])
-
+    g, s, n_bags, p, c, d = (case[k] for k in ("members", "slides", "bags", "patches", "cells", "dim"))
     torch.manual_seed(0)
-    head = create_head("abmil", _dim(root, ids[0]), 2, hidden=HIDDEN, attn_dim=ATTN)
-    optimizer = make_optimizer(fit_config(epochs, 1, threads), head.parameters())
-    weights = class_weights(y, 2)
-    loader = DataLoader(H5Bags(), batch_size=1, shuffle=True, collate_fn=collate_mil, num_workers=0)
-    clock = DataClock(next)
-    send("ready", rss_mb=peak_rss_mb())
-    for _ in range(epochs):
-        wait_go()
+    stack = MemberStack([create_head(case["model"], d, 2, **case["options"]) for _ in range(g)])
+    optimizer = make_optimizer(FitConfig(store="-", labels="-", out="-"),
+                               [q for m in range(g) for q in stack.parameters(m)])
+    patches = torch.randn(g, s, n_bags, p, d)
+    cells = torch.randn(g, s, n_bags, p, c, d).abs() if c else None
+    mask = torch.ones(g, s, n_bags, p, dtype=torch.bool)
+    labels, weights = torch.randint(0, 2, (g, s)), torch.ones(g, 2)
+
+    def step() -> None:
+        loss = stack(list(range(g)), patches, cells, mask, labels, weights, None, 0, 10)[0]
+        optimizer.zero_grad(set_to_none=True)
+        loss.sum().backward()
+        optimizer.step()
+
+    step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    times = []
+    for _ in range(steps):
         tic = time.perf_counter()
-        head.train()
-        losses = []
-        batches = iter(loader)
-        for _ in range(len(loader)):
-            features, label = clock(batches)
-            x = features[None]  # one bag of N instances
-            out = head(x, None, torch.ones(x.shape[:2], dtype=torch.bool))
-            loss, parts = head.compute_loss(out, label[0], epoch=0, n_epochs=epochs, class_weights=weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(parts["loss"])
-        send("epoch", seconds=time.perf_counter() - tic, data_s=clock.take(), loss=float(np.mean(losses)))
-    send("done", peak_rss_mb=peak_rss_mb())
+        step()
+        times.append(time.perf_counter() - tic)
+    seconds, flops = median(times), counter.get_total_flops()
+    return {**case, "gflop_per_step": flops / 1e9, "step_ms": seconds * 1e3, "gflops": flops / seconds / 1e9,
+            "slide_steps_per_s": g * s / seconds}
 
 
-def _dim(root: Path, slide_id: str) -> int:
-    import h5py
-
-    with h5py.File(root / "h5" / f"{slide_id}.h5", "r") as fh:
-        return int(fh["features"].shape[1])
+JOBS = {"fit": job_fit, "cells": job_cells, "flops": job_flops}
 
 
-def arm_d(root: Path, ids: list[str], y: np.ndarray, epochs: int, threads: int) -> None:
-    import h5py
-    import torch
-    from torch.utils.data import DataLoader
-    from torchmil.data import collate_fn
-    from torchmil.datasets import ProcessedMILDataset
-    from torchmil.models import ABMIL
-    from torchmil.utils import Trainer
-
-    def read_h5(path: str, key: str) -> np.ndarray:
-        """torchmil's default h5 reader slices with [:], which a scalar label dataset refuses; [()] reads both."""
-        with h5py.File(path, "r") as fh:
-            return np.asarray(fh[key][()])
-
-    class TimedDataset(ProcessedMILDataset):
-        """ProcessedMILDataset with the seconds of each __getitem__ (read, cache, TensorDict) summed."""
-
-        clock = DataClock(ProcessedMILDataset.__getitem__)
-
-        def __getitem__(self, index: int) -> Any:
-            return self.clock(self, index)
-
-    torch.manual_seed(0)
-    folder = str(root / "h5")
-    dataset = TimedDataset(features_path=folder, labels_path=folder, bag_names=ids, bag_keys=["X", "Y"],
-                                  file_ext=".h5", read_file_fn=read_h5, verbose=False)
-    dim = _dim(root, ids[0])
-    feat_ext = torch.nn.Sequential(torch.nn.Linear(dim, HIDDEN), torch.nn.ReLU())
-    model = ABMIL(in_shape=(dim,), att_dim=ATTN, feat_ext=feat_ext)
-    optimizer = torch.optim.Adam(model.parameters(), lr=2e-4, weight_decay=1e-4)
-    train = DataLoader(dataset, batch_size=1, shuffle=True, collate_fn=collate_fn)
-    val = DataLoader(torch.utils.data.Subset(dataset, [0]), batch_size=1, collate_fn=collate_fn)
-    trainer = Trainer(model, optimizer, device="cpu", disable_pbar=True, verbose=False)
-    send("ready", rss_mb=peak_rss_mb())
-    for _ in range(epochs):
-        wait_go()
-        tic = time.perf_counter()
-        trainer.train(1, train, val)  # one training epoch + its validation pass over one slide
-        send("epoch", seconds=time.perf_counter() - tic, data_s=TimedDataset.clock.take())
-    send("done", peak_rss_mb=peak_rss_mb())
+def run_child(spec: dict[str, Any], pythonpath: Path | None = None) -> dict[str, Any]:
+    """Run one job in a fresh process (threads pinned); its last stdout line is the JSON result."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
+           "PYTHONPATH": f"{pythonpath}{os.pathsep}{ROOT}" if pythonpath else str(ROOT)}  # whose mrantool runs
+    done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"job {spec} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-ARM_FNS: dict[str, Callable[[Path, list[str], np.ndarray, int, int], None]] = {
-    "a": arm_a, "b": arm_b, "c": arm_c, "d": arm_d}
+# ---------------------------------------------------------------- parts
 
 
-def child(args: argparse.Namespace) -> None:
-    """Run one arm, talking JSON lines on stdout and waiting for 'go' on stdin before each epoch."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    root = Path(args.root)
-    labels = json.loads((root / "labels.json").read_text())
-    ids = sorted(labels)
-    y = np.array([labels[s] for s in ids], np.int64)
-    fn = ARM_FNS[args.arm]
-    if not args.profile:
-        fn(root, ids, y, args.epochs, args.threads)
-        return
-    profiler = cProfile.Profile()
-    profiler.enable()
-    fn(root, ids, y, args.epochs, args.threads)
-    profiler.disable()
-    text = io.StringIO()
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
-    (root / f"profile_{args.arm}.txt").write_text(text.getvalue())
-
-
-# ---------------------------------------------------------------- parent
-
-
-def torchmil_available() -> bool:
-    try:
-        import torchmil  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def start_arm(arm: str, args: argparse.Namespace) -> subprocess.Popen[str]:
-    cmd = [sys.executable, __file__, "--child", "--arm", arm, "--root", args.root, "--epochs", str(args.epochs),
-           "--threads", str(args.threads)] + (["--profile"] if args.profile and arm == "a" else [])
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
+def part_a(args: argparse.Namespace, root: Path, baseline: Path) -> dict[str, Any]:
+    store, labels = (build_demo_store(root, baseline, args.demo_slides, args.demo_size) if "demo" in args.datasets
+                     else (Path("-"), Path("-")))
+    cases = []
+    for dataset in args.datasets:
+        for model in args.heads:
+            options = {"cells": False} if model == "mran" and dataset == "fox" else {}
+            cases.append({"dataset": dataset, "model": model, "options": options, "cells": model == "mran"
+                          and dataset == "demo", "folds": args.fox_folds if dataset == "fox" else args.demo_folds,
+                          "epochs": args.epochs, "lr": args.lr, "threads": args.threads, "device": "cpu",
+                          "batch_size": args.batch_size, "store": str(store), "labels": str(labels)})
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for repeat in range(args.repeats):
+        for case in cases:
+            key = f"{case['dataset']}/{case['model']}"
+            arms = ARMS_A[repeat % len(ARMS_A):] + ARMS_A[:repeat % len(ARMS_A)]  # rotate the order
+            for arm in arms:
+                out = run_child({**case, "job": "fit", "arm": arm}, baseline if arm == "landed" else None)
+                out["load"] = load_average()
+                results.setdefault(key, {}).setdefault(arm, []).append(out)
+                print(f"(a) {key} {arm}: {out['seconds']:.1f} s, auc {out['auc']:.3f} (load {out['load']})",
+                      flush=True)
+    summary = {}
+    for key, arms in results.items():
+        case = next(c for c in cases if f"{c['dataset']}/{c['model']}" == key)
+        seconds = {arm: median([r["seconds"] for r in runs]) for arm, runs in arms.items()}
+        summary[key] = {arm: {"seconds": round(seconds[arm], 2),
+                              "fold_fits_per_min": round(case["folds"] * 60 / seconds[arm], 2),
+                              "vs_landed": round(seconds["landed"] / seconds[arm], 2),
+                              "auc": round(median([r["auc"] for r in arms[arm]]), 4)} for arm in arms}
+    return {"cases": cases, "runs": results, "summary": summary}
 
 
-def receive(proc: subprocess.Popen[str], arm: str) -> dict[str, Any]:
-    line = proc.stdout.readline() if proc.stdout is not None else ""
-    if not line:
-        raise RuntimeError(f"arm {arm} ended early with code {proc.wait()}; run it alone with --child --arm {arm}.")
-    return json.loads(line)
+def part_b(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    store, h5, labels = build_cell_store(root, args.cell_slides, args.cell_bags, args.cell_dim)
+    cohort_gb = args.cell_slides * args.cell_bags * 64 * 17 * args.cell_dim * 2 / 2**30
+    base = {"store": str(store), "labels": str(labels), "h5": str(h5), "bags": args.cell_bags,
+            "dim": args.cell_dim, "epochs": args.cell_epochs, "threads": args.threads, "device": "cpu"}
+    arms = {"ram": 2 * cohort_gb + 0.01, "half-cache": cohort_gb / 2, "h5": 0.0}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for repeat in range(args.repeats):
+        for arm, cache_gb in list(arms.items())[repeat % 3:] + list(arms.items())[:repeat % 3]:
+            out = run_child({**base, "job": "cells", "arm": arm, "cache_gb": cache_gb})
+            out["load"] = load_average()
+            runs.setdefault(arm, []).append(out)
+            print(f"(b) {arm}: epochs {[round(s, 2) for s in out['epochs_s']]} (load {out['load']})", flush=True)
+    warm = {arm: median([median(r["epochs_s"][1:]) for r in rs]) for arm, rs in runs.items()}
+    return {"cohort_gb": round(cohort_gb, 3), "cache_gb": {k: round(v, 3) for k, v in arms.items()}, "runs": runs,
+            "warm_epoch_s": {k: round(v, 3) for k, v in warm.items()},
+            "half_cache_vs_ram": round(warm["half-cache"] / warm["ram"], 3),
+            "h5_vs_ram": round(warm["h5"] / warm["ram"], 3)}
 
 
-def go(proc: subprocess.Popen[str], arm: str) -> dict[str, Any]:
-    """Let an arm run one epoch and return its report."""
-    if proc.stdin is None:
-        raise RuntimeError(f"arm {arm} has no stdin pipe.")
-    proc.stdin.write("go\n")
-    proc.stdin.flush()
-    return receive(proc, arm)
+def part_c(args: argparse.Namespace) -> dict[str, Any]:
+    demo = {"bags": 4, "patches": 64, "dim": 512}
+    cases = [
+        {"name": "abmil, Fox-sized bag", "model": "abmil", "options": {}, "members": 1, "slides": 1, "bags": 1,
+         "patches": 7, "cells": 0, "dim": 230},
+        {"name": "abmil, Fox-sized, 10 folds x 8 slides", "model": "abmil", "options": {}, "members": 10,
+         "slides": 8, "bags": 1, "patches": 7, "cells": 0, "dim": 230},
+        {"name": "abmil, demo slide", "model": "abmil", "options": {}, "members": 1, "slides": 1, "cells": 0,
+         **demo},
+        {"name": "abmil, demo, 4 folds x 4 slides", "model": "abmil", "options": {}, "members": 4, "slides": 4,
+         "cells": 0, **demo},
+        {"name": "mran with cells, demo slide", "model": "mran", "options": {}, "members": 1, "slides": 1,
+         "cells": 16, **demo},
+    ]
+    return run_child({"job": "flops", "cases": cases, "steps": args.flop_steps, "threads": args.threads})
 
 
-def run_arms(arms: Sequence[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Start every arm, then run epoch e of each arm in turn (interleaved); collect times and RSS."""
-    results: dict[str, dict[str, Any]] = {}
-    procs = {}
-    for arm in arms:  # set up one at a time so setups do not compete
-        tic = time.perf_counter()
-        procs[arm] = start_arm(arm, args)
-        ready = receive(procs[arm], arm)
-        results[arm] = {"setup_s": round(time.perf_counter() - tic, 2), "rss_after_setup_mb": ready["rss_mb"],
-                        "epochs_s": [], "data_s": [], "load": []}
-    for epoch in range(args.epochs):
-        for arm in arms:
-            msg = go(procs[arm], arm)
-            results[arm]["epochs_s"].append(round(msg["seconds"], 3))
-            results[arm]["data_s"].append(round(msg["data_s"], 4))
-            results[arm]["load"].append(load_average())
-            print(f"epoch {epoch + 1} arm {arm}: {msg['seconds']:.2f} s (load {load_average()})", flush=True)
-    for arm in arms:
-        done = receive(procs[arm], arm)
-        procs[arm].wait()
-        results[arm].update({k: v for k, v in done.items() if k != "event"})
-    return results
-
-
-def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    for r in results.values():
-        r["first_epoch_s"] = r["epochs_s"][0]
-        r["warm_epoch_median_s"] = round(median(r["epochs_s"][1:]), 3)
-        r["first_data_s"] = r["data_s"][0]
-        r["warm_data_median_s"] = round(median(r["data_s"][1:]), 4)
-    warm = {arm: r["warm_epoch_median_s"] for arm, r in results.items()}
-    ratios: dict[str, Any] = {}
-    if "a" in warm and "b" in warm:
-        ratios["a/b"] = {"value": round(warm["a"] / warm["b"], 3), "target": "<= 1.25"}
-        ratios["a/b"]["met"] = ratios["a/b"]["value"] <= 1.25
-    for arm, target in (("c", 3.0), ("d", 2.0)):
-        if arm in warm and "a" in warm:
-            value = round(warm[arm] / warm["a"], 3)
-            ratios[f"{arm}/a"] = {"value": value, "target": f">= {target:g}", "met": value >= target}
-    data = {arm: r["warm_data_median_s"] for arm, r in results.items()}
-    for arm in ("b", "c", "d"):
-        if arm in data and "a" in data and data["a"] > 0:
-            ratios[f"data {arm}/a"] = {"value": round(data[arm] / data["a"], 2), "target": "(loader only)",
-                                       "met": None}
-    return ratios
+# ---------------------------------------------------------------- report
 
 
 def markdown(report: dict[str, Any]) -> str:
-    rows = []
-    for arm, r in report["arms"].items():
-        rows.append([f"({arm}) {ARMS[arm]}", r["first_epoch_s"], r["warm_epoch_median_s"], r["first_data_s"],
-                     r["warm_data_median_s"], f"{r['rss_after_setup_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
-                     r["setup_s"], " ".join(f"{t:.2f}" for t in r["epochs_s"])])
-    table = markdown_table(TABLES["arms"], rows, [False] + [True] * 7 + [False])
-    met = {True: "yes", False: "no", None: ""}
-    ratio_rows = [[k, v["value"], v["target"], met[v["met"]]] for k, v in report["ratios"].items()]
-    c = report["cohort"]
     hw = report["hardware"]
-    lines = [
-        "# fit: epoch time by data path (abmil)", "",
-        f"{c['slides']} slides x {c['patches']} patches ({c['patches'] // GRID ** 2} bags of {GRID ** 2}) x "
-        f"{c['dim']}-d, random float16 with a weak signal; abmil hidden {HIDDEN}, attention {ATTN}; one slide "
-        f"per step, every patch every step; Adam; {report['threads']} torch thread(s) per arm; "
-        f"{report['epochs']} epochs per arm, interleaved; medians over epochs 2..{report['epochs']}. "
-        "'data s' is the part of an epoch spent producing the step tensors (StoreData/tensor `bags`, the "
-        "CLAM DataLoader, torchmil's dataset `__getitem__`); the rest is the model step.", "",
-        table, "", markdown_table(TABLES["ratios"], ratio_rows,
-                                  [False, True, False, False]), "",
-        f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, niceness {hw['niceness']}; load average "
-        f"{report['load_before']} before, {report['load_after']} after (shared machine). Features were in the "
-        "OS page cache (store and .h5 files written just before or reused), so cold reads measure decoding, "
-        "not disk. (d) caches every bag as float32 after its first read (ProcessedMILDataset default) and runs "
-        "its Trainer's validation pass over one slide each epoch.", ""]
-    if report.get("skipped"):
-        lines += [f"Skipped: {report['skipped']}", ""]
+    lines = ["# fit: batched training, cells at scale, FLOP/s", ""]
+    if "a" in report:
+        a = report["a"]
+        rows = []
+        for key, arms in a["summary"].items():
+            for arm, r in arms.items():
+                rows.append([key, arm, r["seconds"], r["fold_fits_per_min"], r["vs_landed"], r["auc"]])
+        case = a["cases"][0]
+        lines += ["## (a) fold-fits per minute, batched vs the landed loop", "",
+                  f"K-fold fit_data, {case['epochs']} epochs per fold (no early stop), lr {case['lr']}, "
+                  f"{report['threads']} torch thread(s); Fox-sized: {a['cases'][0]['folds']} folds; demo: "
+                  f"{report['settings']['demo_folds']} folds; `together+B`: {case['batch_size']} slides per "
+                  f"step. Medians of {report['settings']['repeats']} repeats, arms interleaved; AUC: mean over "
+                  "held-out test folds. `landed` is the loop at git "
+                  f"{report['baseline']}.", "",
+                  markdown_table(TABLES["a"], rows, [False, False, True, True, True, True]), ""]
+    if "b" in report:
+        b = report["b"]
+        rows = [[arm, b["cache_gb"][arm] if arm != "h5" else "-", s, round(s / b["warm_epoch_s"]["ram"], 3)]
+                for arm, s in b["warm_epoch_s"].items()]
+        lines += ["## (b) MRAN with cells on a cohort twice the cache budget", "",
+                  f"{report['settings']['cell_slides']} slides x {report['settings']['cell_bags']} bags x 64 "
+                  f"patches x 16 cells x {report['settings']['cell_dim']}-d ({b['cohort_gb']} GB in float16); one "
+                  "fold, every bag every step, median epoch over epochs 2..n of each run, median over runs.", "",
+                  markdown_table(TABLES["b"], rows, [False, True, True, True]), "",
+                  f"half-cache / ram = {b['half_cache_vs_ram']} (target <= 1.25); h5 / ram = {b['h5_vs_ram']}.", ""]
+    if "c" in report:
+        c = report["c"]
+        rows = [[r["name"], round(r["gflop_per_step"], 4), round(r["step_ms"], 2), round(r["gflops"], 2),
+                 f"{100 * r['gflops'] / c['peak_gflops']:.1f}%", round(r["slide_steps_per_s"], 1)]
+                for r in c["cases"]]
+        lines += ["## (c) the model step against its FLOP count", "",
+                  f"Matmul peak: {c['peak_gflops']:.1f} GFLOP/s (2048^2 fp32 mm, {report['threads']} thread(s)). "
+                  "FLOPs of forward + backward from torch's FlopCounterMode (matmuls and convolutions only), one "
+                  "optimiser step included in the time.", "",
+                  markdown_table(TABLES["c"], rows, [False, True, True, True, True, True]), ""]
+    lines += [f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, niceness {hw['niceness']}; load average "
+              f"{report['load_before']} before, {report['load_after']} after; {hw['date']}.", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--slides", type=int, default=200)
-    parser.add_argument("--patches", type=int, default=2048, help="patches per slide (a multiple of 64)")
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--epochs", type=int, default=4, help="epochs per arm; the first is the cold one")
+    parser.add_argument("--parts", nargs="+", default=["a", "b", "c"], choices=["a", "b", "c"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--arms", default="abcd")
-    parser.add_argument("--root", default="/tmp/mrantool_fit_bench")
-    parser.add_argument("--rebuild", action="store_true", help="regenerate the cohort even when it matches")
-    parser.add_argument("--profile", action="store_true", help="cProfile arm (a) into ROOT/profile_a.txt")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--arm", default="a", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--root", default=str(Path(tempfile.gettempdir()) / "mrantool_fit_bench"))
+    parser.add_argument("--baseline-ref", default="84928da", help="commit whose training loop is 'landed'")
+    parser.add_argument("--datasets", nargs="+", default=["fox", "demo"], choices=["fox", "demo"])
+    parser.add_argument("--heads", nargs="+", default=["abmil", "mran"])
+    parser.add_argument("--fox-folds", type=int, default=10)
+    parser.add_argument("--demo-folds", type=int, default=4)
+    parser.add_argument("--demo-slides", type=int, default=16)
+    parser.add_argument("--demo-size", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=8, help="slides per step of the together+B arm")
+    parser.add_argument("--cell-slides", type=int, default=32)
+    parser.add_argument("--cell-bags", type=int, default=8)
+    parser.add_argument("--cell-dim", type=int, default=256)
+    parser.add_argument("--cell-epochs", type=int, default=4)
+    parser.add_argument("--flop-steps", type=int, default=30)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny settings for every part, results under --root (a check, not a result)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        spec = json.loads(args.child)
+        print(json.dumps(JOBS[spec["job"]](spec)))
         return
-    if args.patches % (GRID * GRID) or args.epochs < 2:
-        parser.error("--patches must be a multiple of 64 and --epochs at least 2")
-    arms = [a for a in args.arms if a in ARMS]
-    skipped = None
-    if "d" in arms and not torchmil_available():
-        arms.remove("d")
-        skipped = "(d) torchmil is not installed (pip install torchmil)."
-        print(skipped, flush=True)
-    load_before = load_average()
-    build_s = build_cohort(Path(args.root), args)
-    print(f"cohort: {f'built in {build_s:.1f} s' if build_s else 'reused'} at {args.root}", flush=True)
-    results = run_arms(arms, args)
-    report = {"cohort": cohort_meta(args), "cohort_build_s": round(build_s, 1), "epochs": args.epochs,
-              "threads": args.threads, "hardware": hardware(), "load_before": load_before,
-              "load_after": load_average(), "arms": results, "ratios": summarise(results), "skipped": skipped}
+    if args.smoke:
+        args.repeats, args.epochs, args.fox_folds, args.demo_folds, args.demo_slides = 1, 2, 3, 2, 4
+        args.demo_size, args.cell_slides, args.cell_bags, args.cell_dim, args.cell_epochs = 2048, 6, 2, 32, 2
+        args.flop_steps = 3
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    baseline = baseline_tree(root, args.baseline_ref)
+    report: dict[str, Any] = {"hardware": hardware(), "threads": args.threads, "load_before": load_average(),
+                              "baseline": args.baseline_ref, "settings": vars(args)}
+    if "a" in args.parts:
+        report["a"] = part_a(args, root, baseline)
+    if "b" in args.parts:
+        report["b"] = part_b(args, root)
+    if "c" in args.parts:
+        report["c"] = part_c(args)
+    report["load_after"] = load_average()
     text = markdown(report)
-    if args.profile and (Path(args.root) / "profile_a.txt").is_file():
-        report["profile_a"] = (Path(args.root) / "profile_a.txt").read_text()
-    write_results(Path(args.out), "fit", report, text)
+    out = Path(args.out) if args.out else root / "results" if args.smoke else Path(__file__).parent / "results"
+    write_results(out, "fit", report, text)
     print(text)
 
 

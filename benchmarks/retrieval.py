@@ -1,4 +1,4 @@
-"""Similar-patch retrieval benchmark: HNSW and IVF-PQ+refine against exact search on clustered vectors.
+"""Similar-patch retrieval benchmark: HNSW, HNSW over 8-bit codes + re-ranking, IVF-PQ+refine vs exact search.
 
     python benchmarks/retrieval.py                 # 1M x 512, as reported in benchmarks/results/retrieval.md
     python benchmarks/retrieval.py --n 20000       # a quick run
@@ -7,7 +7,9 @@ Data: `--clusters` anisotropic Gaussian clusters (a random centre plus a random 
 noise), float32, generated deterministically from `--seed`; `--queries` held-out points from the same clusters.
 For each index: build time, bytes per vector (faiss.serialize_index / N), latency per query (one query at a time,
 and in a batch of 100; medians over `--runs`), recall@10 against exact search, and the exact/approximate latency
-ratio. Writes `retrieval.json` and `retrieval.md` into `--out`.
+ratio; for the HNSW kinds also the distance computations per single query (faiss hnsw_stats) and CPU ns per
+distance, which show what bounds a query (graph walk over vectors that do not fit in cache). Writes
+`retrieval.json` and `retrieval.md` into `--out`.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ TARGET_MS = 1.0
 TARGET_RECALL = 0.95
 TARGET_SPEEDUP = 20.0
 HNSW_EF_SEARCH = (16, 32, 64, 128, 256)
+SQ8_SETTINGS = ((16, 4), (32, 2), (32, 4), (64, 2), (64, 4), (128, 4))  # (ef_search, k_factor)
 IVFPQ_SETTINGS = ((8, 4), (16, 4), (16, 8), (32, 8), (64, 8), (64, 16))  # (nprobe, k_factor)
 
 
 TABLES = {"indexes": ["index", "search params", "build s", "bytes/vector", "single ms", "single CPU ms", "batch ms",
-                      "recall@10", "speedup single", "speedup batch"]}  # columns of retrieval.md
+                      "recall@10", "speedup single", "speedup batch", "distances/query",
+                      "CPU ns/distance"]}  # columns of retrieval.md
 
 
 def clustered_vectors(n: int, dim: int, n_clusters: int, rank: int, seed: int, chunk: int = 100_000) -> np.ndarray:
@@ -84,13 +88,17 @@ def latencies_ms(index: EmbeddingIndex, queries: np.ndarray, n_single: int, runs
         for i in range(len(singles)):
             index.search(singles[i : i + 1], K)
 
+    faiss.cvar.hnsw_stats.reset()
     single, single_cpu = median_times(one_by_one, runs)
+    distances = faiss.cvar.hnsw_stats.ndis / (runs * len(singles))
     batch, batch_cpu = median_times(lambda: index.search(queries[:BATCH], K), runs)
     return {
         "single_ms": single * 1e3 / len(singles),
         "single_cpu_ms": single_cpu * 1e3 / len(singles),
         "batch_ms": batch * 1e3 / BATCH,
         "batch_cpu_ms": batch_cpu * 1e3 / BATCH,
+        "distances_per_query": distances,
+        "cpu_ns_per_distance": single_cpu * 1e9 / len(singles) / distances if distances else None,
     }
 
 
@@ -192,6 +200,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sweep": sweep(hnsw, [{"ef_search": e} for e in HNSW_EF_SEARCH], queries, truth, exact, args),
     }
     del hnsw
+    sq8, sq8_build = build_timed(vectors, "hnsw-sq8", ef_construction=args.ef_construction)
+    print(f"hnsw-sq8: {sq8_build}")
+    results["hnsw-sq8"] = {
+        "build": sq8_build,
+        "params": sq8.params,
+        "sweep": sweep(sq8, [{"ef_search": e, "k_factor": f} for e, f in SQ8_SETTINGS], queries, truth, exact, args),
+    }
+    del sq8
     ivfpq, ivfpq_build = build_timed(vectors, "ivfpq")
     print(f"ivfpq: {ivfpq_build}")
     settings = [{"nprobe": p, "k_factor": f} for p, f in IVFPQ_SETTINGS]
@@ -218,6 +234,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+KIND_LABELS = (("hnsw", "HNSW (M=32)"), ("hnsw-sq8", "HNSW-SQ8 (M=32) + refine"), ("ivfpq", "IVF-PQ + refine"))
+
+
+def _number(value: float | None) -> str:
+    return "-" if not value else f"{value:,.0f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     hw, ds, res = report["hardware"], report["dataset"], report["results"]
     exact = res["exact"]
@@ -229,7 +252,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"Hardware: {hw['cpu']}, {hw['cores']} cores, {hw['faiss_threads']} FAISS threads; faiss {hw['faiss']}, "
         f"numpy {hw['numpy']}, Python {hw['python']}; {hw['date']}; 1-minute load average "
         f"{hw['load_average_1min'][0]:.1f} at the start and {hw['load_average_1min'][1]:.1f} at the end "
-        "(other work shared the cores, so timings are pessimistic).",
+        "(timings on a shared machine are pessimistic).",
         f"Latency: milliseconds per query, one query per call ('single') or in a batch of {report['batch']} "
         f"('batch'), median of {report['runs']} runs; 'single CPU ms' is process CPU time per single query (all "
         "threads; an hnsw/ivfpq single query uses one thread, so this is about its latency on idle cores). "
@@ -237,11 +260,12 @@ def markdown(report: dict[str, Any]) -> str:
         "Bytes/vector: faiss.serialize_index size / N (the id map adds "
         f"{exact['id_bytes_per_vector']:.0f} B).",
         "",
-        table_header(TABLES["indexes"], [False, False] + [True] * 8),
+        table_header(TABLES["indexes"], [False, False] + [True] * 10),
         f"| exact (IndexFlatIP) | - | {exact['build_s']:.1f} | {exact['bytes_per_vector']:.0f} | "
-        f"{exact['single_ms']:.2f} | {exact['single_cpu_ms']:.2f} | {exact['batch_ms']:.3f} | 1.000 | 1x | 1x |",
+        f"{exact['single_ms']:.2f} | {exact['single_cpu_ms']:.2f} | {exact['batch_ms']:.3f} | 1.000 | 1x | 1x | "
+        f"{ds['n']:,} | - |",
     ]
-    for kind, label in (("hnsw", "HNSW (M=32)"), ("ivfpq", "IVF-PQ + refine")):
+    for kind, label in KIND_LABELS:
         entry = res[kind]
         build = entry["build"]
         chosen = best(entry["sweep"])
@@ -252,16 +276,17 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {label} | {params}{mark} | {build['build_s']:.1f} | {build['bytes_per_vector']:.0f} | "
                 f"{row['single_ms']:.3f} | {row['single_cpu_ms']:.3f} | {row['batch_ms']:.3f} | "
                 f"{row['recall_at_10']:.3f} | "
-                f"{row['speedup_single']:.0f}x | {row['speedup_batch']:.0f}x |"
+                f"{row['speedup_single']:.0f}x | {row['speedup_batch']:.0f}x | "
+                f"{_number(row.get('distances_per_query'))} | {_number(row.get('cpu_ns_per_distance'))} |"
             )
     lines += ["", "Build parameters:", ""]
-    lines += [f"- {kind}: `{json.dumps(res[kind]['params'])}`" for kind in ("hnsw", "ivfpq")]
+    lines += [f"- {kind}: `{json.dumps(res[kind]['params'])}`" for kind, _ in KIND_LABELS]
     lines += [
         "",
         f"Targets: <= {TARGET_MS} ms/query at recall@10 >= {TARGET_RECALL}, >= {TARGET_SPEEDUP:.0f}x exact.",
         "",
     ]
-    for kind in ("hnsw", "ivfpq"):
+    for kind, _ in KIND_LABELS:
         chosen = best(res[kind]["sweep"])
         if chosen is None:
             lines.append(f"- {kind}: no setting reached recall@10 {TARGET_RECALL}.")

@@ -400,6 +400,8 @@ def fit(
     cache_gb: Annotated[float | None, typer.Option(help="RAM budget for cached features.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda ...")] = None,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Slides per optimiser step, padded with masks.")] = None,
+    parallel_folds: Annotated[int | None, typer.Option(help="Folds trained together (0: all, 1: one by one).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Log lines instead of progress bars.")] = False,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
     finetune: Annotated[bool, typer.Option(help="Train encoder and MRAN head together on mined bags.")] = False,
@@ -419,7 +421,7 @@ def fit(
         cfg = FitConfig.load(config, "fit", store=store, labels=labels, id_column=id_column,
                              label_column=label_column, model=model, out=out, folds=folds,
                              repeats=repeats, epochs=epochs, lr=lr, seed=seed, cache_gb=cache_gb, device=device,
-                             threads=threads)
+                             threads=threads, batch_size=batch_size, parallel_folds=parallel_folds)
         if option:
             cfg.options = {**cfg.options, **parse_options(option)}
         return cfg
@@ -567,7 +569,8 @@ def index_build(
     store: Annotated[str, typer.Option(help="Feature store to index (path or URL).")],
     out: Annotated[Path, typer.Option(help="Index folder to write.")],
     level: Annotated[str, typer.Option(help="patch or cell embeddings.")] = "patch",
-    kind: Annotated[str, typer.Option(help="flat (exact), hnsw, or ivfpq (with exact re-ranking).")] = "hnsw",
+    kind: Annotated[str, typer.Option(help="flat (exact), hnsw, hnsw-sq8 or ivfpq (the last two re-rank exactly)."
+                                      )] = "hnsw",
     min_tissue: Annotated[float, typer.Option(help="Index patches with at least this tissue fraction.")] = 0.25,
 ) -> None:
     """Index every tissue patch of a store for cosine-similarity search.

@@ -92,7 +92,8 @@ def fit_progress(console: Console, quiet: bool):
             elif event == "epoch":
                 loss, auc = info.get("val_loss"), info.get("val_auc")
                 val = f"val loss {loss:.3f} auc {auc:.3f}" if loss is not None and math.isfinite(loss) else ""
-                bar.update(epochs, completed=info["epoch"], total=info["n_epochs"], status=val)
+                bar.update(epochs, completed=info["epoch"], total=info["n_epochs"], status=val,
+                           description=f"epochs of {info['name']}")  # folds trained together take turns
             elif event == "fold_end":
                 bar.update(folds, advance=1, status=f"last auc {info['auc']:.3f}")
 

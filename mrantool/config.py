@@ -148,6 +148,8 @@ class FitConfig(StageConfig):
     standardize: bool = True  # z-score features with the training fold's per-dimension mean and sd
     bag_mining: bool = True  # MRAN: slide attention re-weights bags in the next epoch
     max_bags: int = 64  # bags per slide per step when a slide has more (sampled; all bags at evaluation)
+    batch_size: int = 1  # slides per optimiser step, padded with masks (1: the classic one-slide MIL step)
+    parallel_folds: int = 0  # folds (and sweep variants of one architecture) trained together; 0 all, 1 one by one
     patch_min_tissue: float = 0.25  # patches with less tissue are masked out
     cache_gb: float = 4.0
     device: str = "auto"

@@ -19,18 +19,21 @@ SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem no
 # script). The lead re-runs these on a quiet machine (README "Results, measured" gives each command); the marks
 # then fail as XPASS and must be removed.
 RERUN = {
+    "decode": "nice python benchmarks/decode.py",
     "extract": "nice python benchmarks/extract.py --rounds 3",
     "finetune": "nice -n 10 python benchmarks/finetune.py",
     "fit": "nice -n 10 python benchmarks/fit.py",
     "fit_defaults": "the commands listed in benchmarks/results/fit_defaults.md",
+    "gpu": "benchmarks/gpu.sh on a machine with a CUDA GPU",
+    "mran": "nice python benchmarks/mran.py",
     "musk": "nice -n 5 python benchmarks/musk.py",
     "retrieval": "nice python benchmarks/retrieval.py",
     "scale": "nice python benchmarks/scale.py",
     "sweep": "nice python benchmarks/sweep.py --repeats 3",
     "viewer": "python benchmarks/viewer.py",
 }
-OLD_COLUMNS = {"retrieval", "musk"}  # written by older versions of their scripts (other columns)
-NO_RESULTS = {"viewer", "scale"}  # never run on a quiet machine: no results committed yet
+OLD_COLUMNS = {"retrieval", "musk", "fit"}  # written by older versions of their scripts (other columns)
+NO_RESULTS = {"viewer", "scale", "decode", "gpu", "mran"}  # never run on a quiet machine (or a GPU): no results yet
 
 
 def stale(name: str, why: str):

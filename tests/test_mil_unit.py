@@ -62,7 +62,8 @@ SPECS: dict[str, dict[tuple[str, int], dict[str, tuple[int, int]]]] = {
 # Heads under test: every registered head on flat bags, and MRAN on bags of cells. MRAN on flat bags has no
 # cells; a narrower TransMIL keeps the file fast.
 VARIANTS = {**{name: (name, {}) for name in list_heads()}, "mran": ("mran", {"cells": False}),
-            "mran-cells": ("mran", {"cells": True}), "transmil": ("transmil", {"hidden": 64, "heads": 4})}
+            "mran-cells": ("mran", {"cells": True}), "mran-reference": ("mran-reference", {"cells": False}),
+            "transmil": ("transmil", {"hidden": 64, "heads": 4})}
 CELLS = 4  # cells per patch in the bags of cells
 SHORTCUT_EFFECT = 0.25  # a failing head's mean change in P(positive) when the shortcut is removed
 
@@ -83,11 +84,10 @@ class MaxInstanceMIL(InstanceHead):
         super().__init__(in_dim, n_classes)
         self.score = nn.Linear(in_dim, 1)
 
-    def pool(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        best = self.score(x).squeeze(-1).max(0)
-        weights = torch.zeros(x.shape[0])
-        weights[best.indices] = 1.0
-        return torch.stack([torch.zeros(()), best.values]), weights, {}
+    def pool(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        best = self.score(x).squeeze(-1).masked_fill(~valid, -torch.inf).max(-1, keepdim=True)
+        weights = (torch.arange(x.shape[-2]) == best.indices).float()
+        return torch.cat([torch.zeros_like(best.values), best.values], -1), weights, {}
 
 
 @dataclass(frozen=True)

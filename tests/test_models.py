@@ -36,8 +36,10 @@ def _slide(seed: int = 0, n_bags: int = N_BAGS) -> tuple[torch.Tensor, torch.Ten
 
 
 def test_registry_lists_every_head():
-    assert list_heads() == ["mran", "abmil", "gated-abmil", "clam-sb", "transmil", "dsmil", "mean", "max"]
+    assert list_heads() == ["mran", "mran-reference", "abmil", "gated-abmil", "clam-sb", "transmil", "dsmil", "mean",
+                            "max"]
     assert head_options("mran")["t"] == (float, 0.1)
+    assert head_options("mran")["adapter"][1] > 0 and head_options("mran-reference")["adapter"][1] == 0
     assert head_options("abmil")["hidden"] == (int, 500)
 
 
@@ -49,7 +51,7 @@ def test_head_contract(name):
     out = head(patches.half(), cells.half(), mask)
     assert isinstance(out, MILOutput) and out.logits.shape == (K,)
     assert out.attention["bag"].shape == (N_BAGS,) and out.attention["patch"].shape == (N_BAGS, P)
-    if name == "mran":
+    if name.startswith("mran"):
         assert out.attention["cell"].shape == (N_BAGS, P, C)
         assert torch.allclose(out.attention["cell"].sum(-1), out.attention["patch"])
     for weights in out.attention.values():
@@ -125,8 +127,9 @@ def test_every_head_learns_shifted_instances(name):
 
 
 def _identity_mran(**options) -> torch.nn.Module:
-    """MRAN with D = K = hidden = 2 and identity classifier / slide head, so logits equal embeddings."""
-    head = create_head("mran", 2, 2, hidden=2, **options)
+    """The reference MRAN (no adapter) with D = K = hidden = 2 and identity classifier / slide head, so logits equal
+    embeddings."""
+    head = create_head("mran-reference", 2, 2, hidden=2, **options)
     with torch.no_grad():
         for layer in (head.classifier, head.slide_proj, head.slide_cls):
             layer.weight.copy_(torch.eye(2))
@@ -181,22 +184,100 @@ def test_ramp_values():
     assert ramp(4, 5) == 1.0 and ramp(0, 1) == 1.0
 
 
-def test_mran_loss_combines_the_levels():
-    patches, cells, mask = _slide(3)
-    head = create_head("mran", D, K, lam=2.0)
-    out = head(patches, cells, mask)
-    label, weights = torch.tensor(1), torch.tensor([1.0, 3.0, 1.0])
-    loss, parts = head.compute_loss(out, label, epoch=0, n_epochs=3, class_weights=weights)
+def _ce(logits: list[float], label: int) -> float:
+    """Cross-entropy by hand: log-sum-exp minus the label's logit."""
+    return math.log(sum(math.exp(v) for v in logits)) - logits[label]
+
+
+def test_mran_loss_on_a_hand_computed_bag():
+    # One bag of 2 patches x 2 cells through the identity reference head (logits = embeddings), label 0, lam 2.
+    cells = torch.tensor([[[[3.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]])
+    head = _identity_mran(lam=2.0)
+    out = head(cells.mean(2), cells)
+    loss, parts = head.compute_loss(out, torch.tensor(0), epoch=0, n_epochs=3)
     r = math.exp(-1)
-    expected = parts["slide"] + parts["bag"] + 2.0 * r * parts["patch"] + 4.0 * r * parts["cell"]
+    # beta = (7/9, 2/9) and (1/2, 1/2); h = (23/9, 0), (0, 1); a = 23/9, 1 -> alpha = (21.4, 7.4) / 28.8 (t/P = 0.05).
+    a0, a1 = 21.4 / 28.8, 7.4 / 28.8
+    z = [a0 * 23 / 9, a1]
+    slide = _ce(z, 0)  # one bag: alpha_b = 1, the slide head is the identity, y_slide = y_bag = z
+    patch = a0 * _ce([23 / 9, 0], 0) + a1 * _ce([0, 1], 0)
+    cell = a0 * (7 / 9 * _ce([3, 0], 0) + 2 / 9 * _ce([1, 0], 0)) + a1 * _ce([0, 1], 0)
+    # The reference (main.py) averages weighted CEs over all items: patches / P = 2, cells / (P * C) = 4, then
+    # weighs them lam r(e) and lam^2 r(e); the slide head's per-bag term is lam r(e) alpha_b CE averaged over bags.
+    expected = slide + 2 * r * slide + slide + 2 * r * patch / 2 + 4 * r * cell / 4
+    assert math.isclose(parts["patch"], patch, rel_tol=1e-5) and math.isclose(parts["cell"], cell, rel_tol=1e-5)
     assert math.isclose(loss.item(), expected, rel_tol=1e-5)
-    unweighted, _ = head.compute_loss(out, label, epoch=0, n_epochs=3, class_weights=None)
+
+
+def test_mran_loss_matches_the_reference_item_means():
+    """The reference's loss (weighted CE averaged over every item, as xhangchen/MRAN main.py computes it) equals
+    mrantool's per-bag weighted sums scaled by lam/P and lam^2/(P C), with bag mining weights on every term."""
+    patches, cells, _ = _slide(3)
+    torch.manual_seed(0)
+    head = create_head("mran-reference", D, K, lam=2.0)
+    bag_w = torch.tensor([0.5, 2.0, 0.5])
+    out = head(patches, cells, None, bag_weights=bag_w)
+    label, cw = torch.tensor(1), torch.tensor([1.0, 3.0, 1.0])
+    loss, _ = head.compute_loss(out, label, epoch=1, n_epochs=3, class_weights=cw)
+    ce = torch.nn.CrossEntropyLoss(weight=cw, reduction="none")  # the reference's lossfunc
+
+    def items(logits: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        flat = logits.reshape(-1, K)
+        return (ce(flat, label.repeat(len(flat))) * w.reshape(-1)).mean()
+
+    aux, r = out.aux, math.exp(-0.25)
+    alpha, beta, alpha_b = aux["alpha"], aux["beta"], aux["alpha_b"]
+    upstream = (items(aux["bag_logits"], bag_w) + 2.0 * r * items(aux["patch_logits"], bag_w[:, None] * alpha)
+                + 4.0 * r * items(aux["cell_logits"], bag_w[:, None, None] * alpha[..., None] * beta))
+    downstream = ce(out.logits[None], label[None])[0] + 2.0 * r * items(aux["slide_bag_logits"], alpha_b)
+    assert math.isclose(loss.item(), (upstream + downstream).item(), rel_tol=1e-5)
+    unweighted, _ = head.compute_loss(out, label, epoch=1, n_epochs=3, class_weights=None)
     assert math.isclose(loss.item(), 3.0 * unweighted.item(), rel_tol=1e-5)  # class weight 3 on every term
-    _, no_bags = head.compute_loss(out, label, epoch=0, n_epochs=3, bag_weights=torch.zeros(N_BAGS))
-    assert no_bags["bag"] == 0.0
-    doubled = head(patches, cells, mask, bag_weights=torch.full((N_BAGS,), 2.0))
-    _, twice = head.compute_loss(doubled, label, epoch=0, n_epochs=3)
-    assert math.isclose(twice["bag"], 2.0 * float(parts["bag"]) / 3.0, rel_tol=1e-5)
+
+
+def test_mran_learned_head_scores_without_the_bias():
+    cells = torch.tensor([[[[3.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]]])
+    head = create_head("mran", 2, 2, adapter=0, hidden=2, attention="norm")
+    with torch.no_grad():
+        head.classifier.weight.copy_(torch.eye(2))
+        head.classifier.bias.copy_(torch.tensor([0.0, 50.0]))  # would swamp both patch norms if it counted
+    alpha = head(cells.mean(2), cells).aux["alpha"][0]
+    assert torch.allclose(alpha, torch.tensor([21.4, 7.4]) / 28.8)
+
+
+def test_mran_adapter_makes_cell_attention_learnable():
+    """On a frozen cache the reference's cell attention is a fixed function of the inputs; with the adapter it
+    learns to find the one informative cell of each patch, scored on held-out slides."""
+    def slides(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for i in range(n):
+            cells = torch.randn(1, 4, 8, D, generator=g) * 3.0  # loud noise cells
+            cells[..., :4] = torch.randn(1, 4, 8, 4, generator=g) * 0.1  # quiet informative dimensions
+            signal = (torch.arange(4) % 2 == 1) if i % 2 else torch.zeros(4, dtype=torch.bool)
+            cells[0, signal, 0, :4] += 1.0  # positive slides: cell 0 of two patches carries a small shift
+            out.append((cells, torch.tensor(i % 2), signal))
+        return out
+
+    def train(name: str, **options) -> torch.nn.Module:
+        torch.manual_seed(0)
+        head = create_head(name, D, 2, **options)
+        opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+        for epoch in range(15):
+            for cells, label, _ in slides(40, 0):
+                loss, _ = head.compute_loss(head(cells.mean(2), cells), label, epoch=epoch, n_epochs=15)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return head.eval()
+
+    def cell0_share(head: torch.nn.Module) -> float:
+        with torch.no_grad():
+            betas = [head(c.mean(2), c).aux["beta"][0][s, 0] for c, y, s in slides(20, 1) if y == 1]
+        return float(torch.cat(betas).mean())
+
+    learned, fixed = cell0_share(train("mran", adapter=16)), cell0_share(train("mran-reference"))
+    assert learned > 0.3 and learned > 2 * fixed  # 1/8 would be uniform
 
 
 @pytest.mark.parametrize(
@@ -207,7 +288,8 @@ def test_mran_loss_combines_the_levels():
         {"cells": False},
         {"patches": False},
         {"cells": False, "patches": False, "attention": {"bag": "gated"}},
-        {"detach_attention": False, "detach_slide": False, "dropout": 0.2},
+        {"detach_attention": True, "detach_slide": False, "dropout": 0.2},
+        {"adapter": 0, "score_bias": True, "cell_weight": 0.5, "patch_weight": 1.0, "slide_bag_weight": 0.0},
     ],
 )
 def test_mran_variants_run(options):

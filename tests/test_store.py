@@ -132,7 +132,7 @@ def test_streamed_write_reads_back(store: FeatureStore) -> None:
     prov = slide.provenance
     assert prov["source"] == "/data/a.svs" and prov["scanner"] == "test" and prov["timings"] == {"encode_s": 1.5}
     assert prov["identity"] == store.identity and prov["geometry"]["grid"] == GRID and prov["extracted_at"]
-    assert slide.cell_emb.chunks == (1, P, C, DIM)
+    assert slide.cell_emb.chunks == (7, P, C, DIM)  # several bags per cell chunk (schema 2): all 7 here
     with pytest.raises(StoreError, match="outside slide"):
         slide.read_bag(7)
 
@@ -401,7 +401,7 @@ def test_check_finds_nan_missing_array_and_stray_entries(store: FeatureStore) ->
 def test_check_finds_missing_chunk_and_bad_provenance(store: FeatureStore) -> None:
     write_slide(store, "a", n=3)
     group = store.layout.slide("a")
-    (group / "cell_emb" / "c" / "1" / "0" / "0" / "0").unlink()
+    (group / "cell_emb" / "c" / "0" / "0" / "0" / "0").unlink()  # the one cell chunk of these 3 bags
     chunk = group / "patch_emb" / "c" / "0" / "0" / "0"
     raw = bytearray(chunk.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
@@ -411,7 +411,7 @@ def test_check_finds_missing_chunk_and_bad_provenance(store: FeatureStore) -> No
     meta["attributes"]["identity"]["embed_dim"] = 16
     (group / "zarr.json").write_text(json.dumps(meta))
     defects = check_store(store.path, deep=True)
-    assert "slide 'a': cell_emb lacks 1 of 3 chunks" in defects
+    assert "slide 'a': cell_emb lacks 1 of 1 chunks" in defects
     assert "slide 'a': provenance lacks fingerprint" in defects
     assert any("identity differs" in d and "embed_dim" in d for d in defects)
     assert any(d.startswith("slide 'a': patch_emb has an unreadable chunk") for d in defects)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from mrantool.errors import ConfigError
-from mrantool.models.attention import AttentionScore
+from mrantool.models.attention import AttentionScore, masked_softmax, pool
 from mrantool.models.base import InstanceHead
 
 
@@ -48,10 +48,10 @@ class ABMIL(InstanceHead):
         self.attention = AttentionScore(hidden, attn_dim, gated=self.gated)
         self.classifier = nn.Linear(hidden, n_classes)
 
-    def pool(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def pool(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         h = self.embed(x)
-        a = self.attention(h).softmax(0)
-        return self.classifier(a @ h), a, {}
+        a = masked_softmax(self.attention(h), valid)
+        return self.classifier(pool(a, h)), a, {}
 
 
 class GatedABMIL(ABMIL):

@@ -1,4 +1,7 @@
-"""Attention primitives: MRAN's thresholded norm attention, masked softmax, and (gated) attention scores."""
+"""Attention primitives: MRAN's thresholded norm attention, masked softmax/max, and (gated) attention scores.
+
+All of them are mask-based and keep shapes static, so they run on padded batches and under torch.func.vmap.
+"""
 
 from __future__ import annotations
 
@@ -32,9 +35,23 @@ def norm_threshold(scores: Tensor, valid: Tensor, t: float) -> Tensor:
 
 def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
     """Softmax over the valid items of the last dimension; all zeros (never NaN) where nothing is valid."""
-    filled = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
-    w = torch.softmax(filled, dim=-1) * valid
-    return w / w.sum(-1, keepdim=True).clamp_min(_TINY)
+    filled = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)  # exp underflows to exactly 0 there
+    return torch.softmax(filled, dim=-1) * valid.any(-1, keepdim=True)
+
+
+def masked_max(values: Tensor, valid: Tensor, dim: int) -> Tensor:
+    """Max of `values` over `dim` among the valid items (`valid` broadcast to `values`)."""
+    return values.masked_fill(~valid, torch.finfo(values.dtype).min).amax(dim)
+
+
+def masked_argmax(values: Tensor, valid: Tensor, dim: int) -> Tensor:
+    """Index of the first maximum of `values` over `dim` among the valid items."""
+    return values.masked_fill(~valid, torch.finfo(values.dtype).min).argmax(dim)
+
+
+def pool(weights: Tensor, x: Tensor) -> Tensor:
+    """Weighted sum over the second-to-last dimension: weights (..., N), x (..., N, D) -> (..., D)."""
+    return (weights.unsqueeze(-2) @ x).squeeze(-2)
 
 
 class AttentionScore(nn.Module):

@@ -15,6 +15,7 @@ import math
 from torch import Tensor, nn
 
 from mrantool.errors import ConfigError
+from mrantool.models.attention import masked_argmax, masked_max, masked_softmax
 from mrantool.models.base import InstanceHead, MILOutput, weighted_ce
 
 
@@ -37,15 +38,17 @@ class DSMIL(InstanceHead):
         )
         self.bag_classifier = nn.Conv1d(n_classes, n_classes, kernel_size=in_dim)
 
-    def pool(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        instance_logits = self.instance_classifier(x)
+    def pool(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        instance_logits = self.instance_classifier(x)  # (S, N, K)
         q = self.query(x)
-        critical = instance_logits.argmax(0)
-        attention = (q @ q[critical].T / math.sqrt(q.shape[1])).softmax(0)
-        bag = attention.T @ self.value(x)
-        logits = self.bag_classifier(bag.unsqueeze(0)).reshape(-1)
-        weights = attention[:, logits.detach().argmax()]
-        return logits, weights, {"instance_logits": instance_logits}
+        critical = masked_argmax(instance_logits, valid.unsqueeze(-1), -2)  # (S, K)
+        q_critical = q.gather(-2, critical.unsqueeze(-1).expand(*critical.shape, q.shape[-1]))  # (S, K, H)
+        scores = q_critical @ q.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (S, K, N)
+        attention = masked_softmax(scores, valid.unsqueeze(-2))
+        bag = attention @ self.value(x)  # (S, K, D)
+        logits = self.bag_classifier(bag).squeeze(-1)
+        weights = attention.gather(-2, logits.detach().argmax(-1)[:, None, None].expand(-1, 1, x.shape[-2]))
+        return logits, weights.squeeze(-2), {"instance_logits": instance_logits, "valid": valid}
 
     def compute_loss(
         self,
@@ -56,8 +59,9 @@ class DSMIL(InstanceHead):
         n_epochs: int,
         class_weights: Tensor | None = None,
         bag_weights: Tensor | None = None,
-    ) -> tuple[Tensor, dict[str, float]]:
-        bag = weighted_ce(out.logits, label, class_weights)
-        top = weighted_ce(out.aux["instance_logits"].max(0).values, label, class_weights)
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        bag = weighted_ce(out.logits, label, class_weights, reduction="none")
+        top_logits = masked_max(out.aux["instance_logits"], out.aux["valid"].unsqueeze(-1), -2)
+        top = weighted_ce(top_logits, label, class_weights, reduction="none")
         loss = 0.5 * bag + 0.5 * top
-        return loss, {"loss": float(loss.detach()), "bag": float(bag.detach()), "max": float(top.detach())}
+        return loss, {"loss": loss.detach(), "bag": bag.detach(), "max": top.detach()}

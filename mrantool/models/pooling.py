@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from mrantool.errors import ConfigError
+from mrantool.models.attention import masked_argmax, masked_max, pool, uniform_weights
 from mrantool.models.base import InstanceHead
 
 
@@ -21,18 +22,20 @@ class _LinearHead(InstanceHead):
 class MeanPool(_LinearHead):
     """logits = Linear(mean of the valid instances); attention is uniform."""
 
-    def pool(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        weights = torch.full((x.shape[0],), 1.0 / x.shape[0], device=x.device)
-        return self.classifier(self.dropout(x.mean(0))), weights, {}
+    def pool(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        weights = uniform_weights(valid)
+        return self.classifier(self.dropout(pool(weights, x))), weights, {}
 
 
 class MaxPool(_LinearHead):
     """logits[k] = max over instances of Linear(x)[k]; attention is 1 on the instance that sets the
     predicted class's logit."""
 
-    def pool(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    def pool(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         instance_logits = self.classifier(self.dropout(x))
-        logits, argmax = instance_logits.max(0)
-        weights = torch.zeros(x.shape[0], device=x.device)
-        weights[argmax[logits.detach().argmax()]] = 1.0
+        valid = valid.unsqueeze(-1)
+        logits = masked_max(instance_logits, valid, -2)
+        argmax = masked_argmax(instance_logits, valid, -2)  # (S, K)
+        winner = argmax.gather(-1, logits.detach().argmax(-1, keepdim=True))  # (S, 1)
+        weights = (torch.arange(x.shape[-2], device=x.device) == winner).to(x.dtype)
         return logits, weights, {"instance_logits": instance_logits}

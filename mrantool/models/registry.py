@@ -16,12 +16,13 @@ from mrantool.models.abmil import ABMIL, GatedABMIL
 from mrantool.models.base import MILHead
 from mrantool.models.clam import CLAMSB
 from mrantool.models.dsmil import DSMIL
-from mrantool.models.mran import MRAN
+from mrantool.models.mran import MRAN, MRANReference
 from mrantool.models.pooling import MaxPool, MeanPool
 from mrantool.models.transmil import TransMIL
 
 HEADS: dict[str, type[MILHead]] = {
     "mran": MRAN,
+    "mran-reference": MRANReference,
     "abmil": ABMIL,
     "gated-abmil": GatedABMIL,
     "clam-sb": CLAMSB,

@@ -25,7 +25,7 @@ from mrantool.errors import ConfigError, MrantoolError
 
 FORMAT = "mrantool-embedding-index"
 FORMAT_VERSION = 1
-KINDS = ("flat", "hnsw", "ivfpq")
+KINDS = ("flat", "hnsw", "hnsw-sq8", "ivfpq")
 REQUIRED_COLUMNS = ("slide", "bag", "patch")
 INDEX_FILE = "index.faiss"
 META_FILE = "index.json"
@@ -36,9 +36,11 @@ OLD_PREFIX = ".{name}.old-"  # where `save` sets the previous index aside while 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "flat": {},
     "hnsw": {"M": 32, "ef_construction": 80, "ef_search": 128},
+    "hnsw-sq8": {"M": 32, "ef_construction": 80, "ef_search": 64, "k_factor": 4, "train_size": 100_000, "seed": 0},
     "ivfpq": {"nlist": None, "m": None, "nbits": 8, "train_size": None, "seed": 0, "nprobe": 16, "k_factor": 8},
 }
-SEARCH_PARAMS = {"flat": (), "hnsw": ("ef_search",), "ivfpq": ("nprobe", "k_factor")}
+SEARCH_PARAMS = {"flat": (), "hnsw": ("ef_search",), "hnsw-sq8": ("ef_search", "k_factor"),
+                 "ivfpq": ("nprobe", "k_factor")}
 _COLUMN_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 # faiss uses its matrix-multiply (BLAS) path for exact search only when n_queries * dim >= this threshold
@@ -194,7 +196,8 @@ class EmbeddingIndex:
         return np.array([position.get(name, -1) for name in names], dtype=np.int64)
 
     def set_search_params(self, **params: int) -> None:
-        """Change search-time parameters: `ef_search` (hnsw); `nprobe`, `k_factor` (ivfpq)."""
+        """Change search-time parameters: `ef_search` (hnsw); `ef_search`, `k_factor` (hnsw-sq8); `nprobe`,
+        `k_factor` (ivfpq)."""
         allowed = SEARCH_PARAMS[self.kind]
         for name, value in params.items():
             if name not in allowed:
@@ -294,6 +297,9 @@ class EmbeddingIndex:
     def _apply_search_params(self) -> None:
         if self.kind == "hnsw":
             self._index.hnsw.efSearch = int(self._params["ef_search"])
+        elif self.kind == "hnsw-sq8":
+            self._index.k_factor = float(self._params["k_factor"])
+            faiss.downcast_index(self._index.base_index).hnsw.efSearch = int(self._params["ef_search"])
         elif self.kind == "ivfpq":
             self._index.k_factor = float(self._params["k_factor"])
             faiss.extract_index_ivf(self._index).nprobe = int(self._params["nprobe"])
@@ -385,6 +391,8 @@ def _resolve_params(kind: str, n: int, dim: int, params: Mapping[str, Any]) -> d
         if out["train_size"] is None:
             out["train_size"] = max(40 * out["nlist"], 10_000)
     out = {name: _positive_int(name, value, minimum=0 if name == "seed" else 1) for name, value in out.items()}
+    if kind == "hnsw-sq8":
+        out["train_size"] = min(n, out["train_size"])
     if kind == "ivfpq":
         if dim % out["m"]:
             raise ConfigError(f"ivfpq m={out['m']} does not divide the dimension {dim}; choose a divisor of {dim}.")
@@ -407,9 +415,15 @@ def _new_faiss_index(kind: str, x: np.ndarray, params: Mapping[str, Any]) -> fai
         index = faiss.IndexHNSWFlat(dim, params["M"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params["ef_construction"]
         return index
-    quantizer = faiss.IndexFlatIP(dim)
-    ivf = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"], faiss.METRIC_INNER_PRODUCT)
-    index = faiss.IndexRefineFlat(ivf)
+    if kind == "hnsw-sq8":  # the graph walks 8-bit codes (a quarter of the bytes); exact re-ranking on top
+        hnsw = faiss.IndexHNSWSQ(dim, faiss.ScalarQuantizer.QT_8bit, params["M"], faiss.METRIC_INNER_PRODUCT)
+        hnsw.hnsw.efConstruction = params["ef_construction"]
+        index = faiss.IndexRefineFlat(hnsw)
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        ivf = faiss.IndexIVFPQ(quantizer, dim, params["nlist"], params["m"], params["nbits"],
+                               faiss.METRIC_INNER_PRODUCT)
+        index = faiss.IndexRefineFlat(ivf)
     rng = np.random.default_rng(params["seed"])
     sample = np.sort(rng.choice(len(x), size=min(len(x), params["train_size"]), replace=False))
     index.train(x[sample])

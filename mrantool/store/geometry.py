@@ -41,3 +41,11 @@ def locate_patch(coords: np.ndarray, bag_l0: float, grid: int, x: float, y: floa
     col = min(grid - 1, int((x - c[bag, 0]) // step))
     row = min(grid - 1, int((y - c[bag, 1]) // step))
     return bag, row * grid + col
+
+
+def cell_centres(coords: np.ndarray, bag_l0: float, grid: int, cells: int) -> np.ndarray:
+    """Level-0 (x, y) centre of every cell: (n_bags, grid*grid, cells*cells, 2) float64, row-major at both levels."""
+    step = bag_l0 / grid / cells
+    rows, cols = np.divmod(np.arange(cells * cells), cells)
+    offsets = np.stack([(cols + 0.5) * step, (rows + 0.5) * step], axis=1)
+    return patch_corners(coords, bag_l0, grid)[:, :, None, :] + offsets[None, None]

@@ -22,6 +22,7 @@ from mrantool.store.schema import (
     COORDS,
     PATCH_EMB,
     PATCH_TISSUE,
+    READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     Dims,
     Layout,
@@ -165,10 +166,11 @@ class FeatureStore:
         if attrs is None:
             raise StoreError(f"Store {root} does not exist; create it with `mrantool extract ... --store {root}` "
                              "or `mrantool import`.")
-        if attrs.get("schema_version") != SCHEMA_VERSION:
+        if attrs.get("schema_version") not in READABLE_SCHEMA_VERSIONS:
             raise StoreError(f"Store {root} has schema version {attrs.get('schema_version')} (written by mrantool "
-                             f"{attrs.get('mrantool_version')}) but mrantool {__version__} reads version "
-                             f"{SCHEMA_VERSION}; use a new --store or the mrantool version that wrote it.")
+                             f"{attrs.get('mrantool_version')}) but mrantool {__version__} reads versions "
+                             f"{', '.join(map(str, READABLE_SCHEMA_VERSIONS))}; use a new --store or the mrantool "
+                             "version that wrote it.")
         if identity is not None:
             diffs = identity_differences(attrs["identity"], validate_identity(identity, root))
             if diffs:

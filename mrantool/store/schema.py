@@ -1,4 +1,4 @@
-"""The store layout (schema version 1): paths, array names and chunking, identity and provenance rules.
+"""The store layout (schema version 2): paths, array names and chunking, identity and provenance rules.
 
 See docs/store-format.md for the on-disk description; this module is the single place that encodes it.
 """
@@ -17,7 +17,8 @@ import numpy as np
 from mrantool.errors import StoreError
 from mrantool.slide_ids import validate_slide_id as validate_slide_id  # the one validator, re-exported
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: several bags per cell_emb chunk (1: one); arrays record their own chunk shapes
+READABLE_SCHEMA_VERSIONS = (1, 2)  # version-1 stores are read (and extended) as they are
 
 SLIDES_DIR = "slides"
 STAGING_DIR = "staging"
@@ -34,6 +35,7 @@ ARRAY_DTYPES = {COORDS: "int64", PATCH_TISSUE: "float16", PATCH_EMB: "float16", 
 
 ZSTD_LEVEL = 1  # measured: same ratio as level 3 on fp16 features, ~3x faster to encode
 PATCH_CHUNK_INSTANCES = 256  # a patch_emb chunk holds max(1, 256 // P) bags
+CELL_CHUNK_BYTES = 4 * 2**20  # a cell_emb chunk holds max(1, 4 MiB // float16 bytes per bag) bags
 TABLE_CHUNK_BAGS = 4096  # coords and patch_tissue are small: many bags per chunk
 
 IDENTITY_KEYS = ("encoder", "weights", "transforms", "embed_dim", "geometry", "preset", "has_cells")
@@ -128,10 +130,11 @@ class Dims:
         return shapes
 
     def chunks(self, n_bags: int) -> dict[str, tuple[int, ...]]:
-        """Array name -> chunk shape: one bag per cell chunk, a few bags per patch chunk, many per table chunk."""
-        patch_bags = min(n_bags, max(1, PATCH_CHUNK_INSTANCES // self.n_patches))
-        table_bags = min(n_bags, TABLE_CHUNK_BAGS)
-        return {name: ((1,) if name == CELL_EMB else (patch_bags,) if name == PATCH_EMB else (table_bags,)) + shape[1:]
+        """Array name -> chunk shape: about 4 MiB of bags per cell chunk, a few bags per patch chunk, many bags
+        per table chunk."""
+        bags = {CELL_EMB: CELL_CHUNK_BYTES // max(1, 2 * self.n_patches * self.n_cells * self.dim),
+                PATCH_EMB: PATCH_CHUNK_INSTANCES // self.n_patches}
+        return {name: (min(n_bags, max(1, bags.get(name, TABLE_CHUNK_BAGS))), *shape[1:])
                 for name, shape in self.shapes(n_bags).items()}
 
 

@@ -1,7 +1,8 @@
 """Sweep runs as Ray tasks: a pool of actors, each a `Worker` that opens each store and caches its features
-once, with declared resources per run (CPUs, and a fraction of a GPU for a small head). A run is the same fit
-into the same run folder as with local workers, so resume and results do not depend on the executor; the sweep
-folder must be on storage every node can write (a shared filesystem).
+once, with declared resources per run (CPUs, and a fraction of a GPU for a small head). A task is a group of
+runs whose folds train together, grouped as for local workers (`group_tasks`, split until every actor has one);
+a run is the same fit into the same run folder as with local workers, so resume and results do not depend on
+the executor; the sweep folder must be on storage every node can write (a shared filesystem).
 """
 
 from __future__ import annotations
@@ -34,13 +35,14 @@ class _RayWorker:
         torch.set_num_threads(threads)
         self.worker = Worker()
 
-    def run(self, task: Any) -> Any:
-        return self.worker.run(task)
+    def run(self, group: list[Any]) -> list[Any]:
+        return self.worker.run(group)
 
 
 def execute_on_ray(tasks: list[Any], resources: RayResources) -> Iterator[Any]:
-    """RunResults as runs finish on the Ray cluster."""
+    """RunResults as run groups finish on the Ray cluster."""
     from mrantool.extract.executors.ray import connect
+    from mrantool.sweep.runner import group_tasks
 
     if resources.cpus_per_run <= 0 or resources.gpus_per_run < 0:
         raise ConfigError("--cpus-per-run must be > 0 and --gpus-per-run >= 0 (e.g. --gpus-per-run 0.25 puts four "
@@ -54,22 +56,23 @@ def execute_on_ray(tasks: list[Any], resources: RayResources) -> Iterator[Any]:
         if fits < 1:
             raise ConfigError(f"The Ray cluster ({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs) "
                               "cannot hold one run with these --cpus-per-run/--gpus-per-run; lower them.")
-        count = max(1, min(resources.workers or fits, len(tasks)))
+        groups = group_tasks(tasks, resources.workers or fits)
+        count = max(1, min(resources.workers or fits, len(groups)))
         actor_class = ray.remote(_RayWorker).options(num_cpus=resources.cpus_per_run,
                                                     num_gpus=resources.gpus_per_run)
         actors = [actor_class.remote(max(1, int(resources.cpus_per_run))) for _ in range(count)]
         pending: dict[Any, tuple[Any, Any]] = {}
-        queue = list(tasks)
+        queue = list(groups)
         idle = list(actors)
         try:
             while queue or pending:
                 while queue and idle:
-                    actor, task = idle.pop(), queue.pop(0)
-                    pending[actor.run.remote(task)] = (actor, task)
+                    actor, group = idle.pop(), queue.pop(0)
+                    pending[actor.run.remote(group)] = (actor, group)
                 ready, _ = ray.wait(list(pending), num_returns=1)
-                actor, task = pending.pop(ready[0])
+                actor, group = pending.pop(ready[0])
                 idle.append(actor)
-                yield _result(ray, ready[0], task)
+                yield from _results(ray, ready[0], group)
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -78,10 +81,10 @@ def execute_on_ray(tasks: list[Any], resources: RayResources) -> Iterator[Any]:
             ray.shutdown()
 
 
-def _result(ray: Any, ref: Any, task: Any) -> Any:
+def _results(ray: Any, ref: Any, group: list[Any]) -> list[Any]:
     from mrantool.sweep.runner import _record_error
 
     try:
         return ray.get(ref)
-    except ray.exceptions.RayError as exc:  # the actor died: the run is an error, the sweep goes on
-        return _record_error(task, f"Ray worker failed: {type(exc).__name__}", str(exc), 0.0)
+    except ray.exceptions.RayError as exc:  # the actor died: its runs are errors, the sweep goes on
+        return [_record_error(task, f"Ray worker failed: {type(exc).__name__}", str(exc), 0.0) for task in group]

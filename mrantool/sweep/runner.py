@@ -7,6 +7,10 @@ and label columns read from it, and the mrantool version. Re-running the same sw
 others from scratch, so a re-extracted store or an edited labels.csv never reuses stale runs. A run that raises is
 recorded (runs/<hash>/error.txt and the results) and the others go on.
 
+Runs on the same data whose head, options and group settings match (they differ in, e.g., lr, seed or
+folds) go to one worker as a group and their folds train together (`fit_many`); groups are split until
+every worker has one. A group that fails is retried run by run, so one bad run cannot take others down.
+
 Workers are started with forkserver (spawn where that does not exist), never by forking a process that
 already runs torch threads. Each worker opens each store once and keeps one `StoreData` (an LRU feature
 cache of `cache_gb`) per (store, labels, columns, cells, patch_min_tissue) across its runs, and uses
@@ -38,7 +42,7 @@ from mrantool.store import FeatureStore
 from mrantool.sweep.ray_pool import RayResources, execute_on_ray
 from mrantool.sweep.report import VariantSummary, read_outcome, summary_rows, write_json, write_report
 from mrantool.sweep.spec import RunSpec, SweepSpec, load_spec
-from mrantool.training.api import fit_data
+from mrantool.training.api import fit_many, train_together_key
 from mrantool.training.data import StoreData
 from mrantool.training.labels import Labels, read_labels
 from mrantool.training.splits import make_splits
@@ -118,7 +122,8 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
     emit("start", {"n_runs": len(runs), "n_todo": len(todo), "n_skipped": len(results), "workers": workers,
                    "threads": threads, "out": str(out), "executor": "ray" if ray else "local"})
     tasks = [(r, str(out / "runs" / r.hash), keys[r.name]) for r in todo]
-    executed = execute_on_ray(tasks, ray) if ray is not None and tasks else _execute(tasks, workers, threads)
+    executed = (execute_on_ray(tasks, ray) if ray is not None and tasks
+                else _execute(group_tasks(tasks, workers), workers, threads))
     for index, result in enumerate(executed, 1):
         results[result.name] = result
         emit("run_end", {"index": index, "n_todo": len(todo), "name": result.name, "hash": result.hash,
@@ -215,16 +220,32 @@ def _open(cfg: FitConfig) -> tuple[FeatureStore, Labels] | MrantoolError:
 Task = tuple[RunSpec, str, str]  # the run, its folder, its inputs key
 
 
-def _execute(tasks: list[Task], workers: int, threads: int) -> Iterator[RunResult]:
+def group_tasks(tasks: list[Task], workers: int) -> list[list[Task]]:
+    """Runs whose folds can train together, grouped (in spec order); the largest groups are halved until
+    there are at least `workers` groups or every group is one run."""
+    groups: dict[tuple[str, ...], list[Task]] = {}
+    for task in tasks:
+        cfg = task[0].fit_config("")
+        key = (*labels_key(cfg), str(cfg.patch_min_tissue), str(cfg.cache_gb), train_together_key(cfg))
+        groups.setdefault(key, []).append(task)
+    result = list(groups.values())
+    while len(result) < workers and any(len(g) > 1 for g in result):
+        largest = max(result, key=len)
+        at = result.index(largest)
+        result[at:at + 1] = [largest[:len(largest) // 2], largest[len(largest) // 2:]]
+    return result
+
+
+def _execute(groups: list[list[Task]], workers: int, threads: int) -> Iterator[RunResult]:
     """RunResults as runs finish: in this process with one worker, else in a pool of worker processes."""
-    if not tasks:
+    if not groups:
         return
     if workers == 1:
         worker, old = Worker(), torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            for task in tasks:
-                yield worker.run(task)
+            for group in groups:
+                yield from worker.run(group)
         finally:
             torch.set_num_threads(old)
         return
@@ -234,22 +255,23 @@ def _execute(tasks: list[Task], workers: int, threads: int) -> Iterator[RunResul
         context.set_forkserver_preload(PRELOAD)
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,))
     with pool:
-        futures: dict[Future[RunResult], Task] = {pool.submit(_run_in_worker, task): task for task in tasks}
+        futures: dict[Future[list[RunResult]], list[Task]] = {pool.submit(_run_in_worker, group): group
+                                                              for group in groups}
         try:
             for future in as_completed(futures):
-                yield _result(future, futures[future])
+                yield from _results(future, futures[future])
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
 
 
-def _result(future: Future[RunResult], task: Task) -> RunResult:
-    """The worker's RunResult, or an error result when the worker itself died."""
+def _results(future: Future[list[RunResult]], group: list[Task]) -> list[RunResult]:
+    """The worker's RunResults, or error results when the worker itself died."""
     try:
         return future.result()
     except Exception as exc:
         message = f"worker process failed: {type(exc).__name__}: {exc}"
-        return _record_error(task, message, "".join(traceback.format_exception(exc)), 0.0)
+        return [_record_error(task, message, "".join(traceback.format_exception(exc)), 0.0) for task in group]
 
 
 class Worker:
@@ -260,31 +282,41 @@ class Worker:
         self.labels: dict[tuple[str, ...], Labels] = {}
         self.data: dict[tuple[object, ...], StoreData] = {}
 
-    def run(self, task: Task) -> RunResult:
-        """One fit into a fresh run folder; exceptions become an error result and error.txt."""
-        run, folder, inputs = task
+    def run(self, group: list[Task]) -> list[RunResult]:
+        """Fits into fresh run folders, their folds trained together; a failing group is retried run by run, and
+        each run's exception becomes its error result and error.txt. Seconds are the group's, shared evenly."""
         started = time.perf_counter()
-        shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
+        for _, folder, _ in group:
+            shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
         try:
-            cfg = run.fit_config(folder)
-            if cfg.store not in self.stores:
-                self.stores[cfg.store] = FeatureStore.open(cfg.store)
-            store = self.stores[cfg.store]
-            key = labels_key(cfg)
-            if key not in self.labels:
-                self.labels[key] = read_run_labels(cfg, store)
-            labels = self.labels[key]
-            cells = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options).needs_cells
-            data_key = (*key, cells, cfg.patch_min_tissue)
-            if data_key not in self.data:
-                self.data[data_key] = StoreData(store, labels.slide_ids, cells=cells,
-                                                patch_min_tissue=cfg.patch_min_tissue, cache_gb=cfg.cache_gb)
-            fit_data(cfg, self.data[data_key], labels, identity=store.identity)
-            write_json(Path(folder) / INPUTS_FILE, {"inputs": inputs, "mrantool_version": __version__})
+            cfgs = [run.fit_config(folder) for run, folder, _ in group]
+            store, labels, data = self._data(cfgs[0])
+            fit_many(cfgs, data, labels, identity=store.identity)
+            for _, folder, inputs in group:
+                write_json(Path(folder) / INPUTS_FILE, {"inputs": inputs, "mrantool_version": __version__})
         except Exception as exc:
-            return _record_error(task, f"{type(exc).__name__}: {exc}", traceback.format_exc(),
-                                 time.perf_counter() - started)
-        return RunResult(run.name, run.hash, "ran", time.perf_counter() - started)
+            if len(group) > 1:
+                return [result for task in group for result in self.run([task])]
+            return [_record_error(group[0], f"{type(exc).__name__}: {exc}", traceback.format_exc(),
+                                  time.perf_counter() - started)]
+        seconds = (time.perf_counter() - started) / len(group)
+        return [RunResult(run.name, run.hash, "ran", seconds) for run, _, _ in group]
+
+    def _data(self, cfg: FitConfig) -> tuple[FeatureStore, Labels, StoreData]:
+        """The run's store, labels and feature cache, opened once per worker."""
+        if cfg.store not in self.stores:
+            self.stores[cfg.store] = FeatureStore.open(cfg.store)
+        store = self.stores[cfg.store]
+        key = labels_key(cfg)
+        if key not in self.labels:
+            self.labels[key] = read_run_labels(cfg, store)
+        labels = self.labels[key]
+        cells = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options).needs_cells
+        data_key = (*key, cells, cfg.patch_min_tissue)
+        if data_key not in self.data:
+            self.data[data_key] = StoreData(store, labels.slide_ids, cells=cells,
+                                            patch_min_tissue=cfg.patch_min_tissue, cache_gb=cfg.cache_gb)
+        return store, labels, self.data[data_key]
 
 
 def _record_error(task: Task, message: str, details: str, seconds: float) -> RunResult:
@@ -304,7 +336,7 @@ def _init_worker(threads: int) -> None:
     _WORKER = Worker()
 
 
-def _run_in_worker(task: Task) -> RunResult:
+def _run_in_worker(group: list[Task]) -> list[RunResult]:
     if _WORKER is None:
         raise RuntimeError("worker process was not initialised")
-    return _WORKER.run(task)
+    return _WORKER.run(group)

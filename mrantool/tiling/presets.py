@@ -98,6 +98,13 @@ PRESETS: dict[str, Preset] = {
     for p in [
         # The MRAN reference geometry: 1024 px bag at 1.0 mpp, 8x8 patches of 128 px, ResNet-18 4x4 map -> 16 cells.
         Preset("mran", Geometry(1024, 1.0, 8, 4), arch="resnet18", embed_dim=512, input_px=128, tokens="cnn"),
+        # The MRAN hierarchy at nucleus scale for 20x images: 8x8 patches of 64 px (32 um), 4x4 cells of 16 px (8 um,
+        # about one nucleus); ResNet-18 cut after stage 3 (256-d; its 4x4 map at 64 px gives the cells directly).
+        Preset("mran-20x", Geometry(512, 0.5, 8, 4), arch="resnet18", embed_dim=256, input_px=64, tokens="cnn",
+               feature_index=3),
+        # At 10x (PCam-like tiles): 4x4 patches of 96 px (96 um), 3x3 cells of 32 px (PCam's labelled centre).
+        Preset("mran-10x", Geometry(384, 1.0, 4, 3), arch="resnet18", embed_dim=256, input_px=96, tokens="cnn",
+               feature_index=3),
         # CLAM's encoder: ResNet-50 truncated after stage 3 (1024-d), 256 px patches at 0.5 mpp (20x).
         Preset("resnet50-trunc", Geometry(1024, 0.5, 4, 4), arch="resnet50", embed_dim=1024, input_px=256,
                tokens="cnn", feature_index=3),

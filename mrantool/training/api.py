@@ -38,12 +38,15 @@ from mrantool.training.loop import (
     MONITORS,
     OPTIMIZERS,
     SCHEDULES,
+    FoldResult,
+    Member,
     Progress,
     evaluate,
+    group_settings,
     resolve_device,
     seed_everything,
     torch_settings,
-    train_fold,
+    train_members,
 )
 from mrantool.training.metrics import METRICS, folds_used, mean_sd, slide_metrics
 from mrantool.training.plots import plot_curves, plot_roc
@@ -209,6 +212,8 @@ def check_config(cfg: FitConfig) -> None:
         (cfg.patience >= 1, f"patience {cfg.patience} (use 1 or more)"),
         (cfg.min_epochs >= 0, f"min_epochs {cfg.min_epochs} (use 0 or more)"),
         (cfg.max_bags >= 1, f"max_bags {cfg.max_bags} (use 1 or more)"),
+        (cfg.batch_size >= 1, f"batch_size {cfg.batch_size} (use 1 or more)"),
+        (cfg.parallel_folds >= 0, f"parallel_folds {cfg.parallel_folds} (use 0 for all, or 1 or more)"),
         (0 <= cfg.patch_min_tissue <= 1, f"patch_min_tissue {cfg.patch_min_tissue} (use 0..1)"),
         (0 <= cfg.cache_gb < math.inf, f"cache_gb {cfg.cache_gb} (use a finite value >= 0)"),
         (cfg.threads is None or cfg.threads >= 1, f"threads {cfg.threads} (use 1 or more)"),
@@ -247,20 +252,66 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
 def fit_data(cfg: FitConfig, data: MILData, labels: Labels, *, identity: dict[str, Any] | None = None,
              progress: Progress | None = None) -> FitReport:
     """`fit` on any `MILData` (a store, or in-memory arrays such as Musk bags); `identity` is recorded."""
+    return fit_many([cfg], data, labels, identity=identity, progress=progress)[0]
+
+
+@dataclass
+class _Run:
+    """One fit run in progress: its settings, folder, splits and what its folds produced so far."""
+
+    cfg: FitConfig
+    options: dict[str, Any]
+    device: torch.device
+    splits: list[Split]
+    names: list[str]
+    notes: list[str]
+    started: float
+    reports: list[FoldReport] = field(default_factory=list)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    histories: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    rocs: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+
+def fit_many(cfgs: Sequence[FitConfig], data: MILData, labels: Labels, *, identity: dict[str, Any] | None = None,
+             progress: Progress | None = None) -> list[FitReport]:
+    """`fit_data` for several runs on the same data (e.g. sweep variants), each into its own `out`.
+
+    Folds of runs that share a head, its options and the group settings train together as members of one
+    group (`parallel_folds` at most; one at a time for `fold_dependent` data); each fold's result is the
+    same, within noise, as training it alone.
+    """
+    emit = progress or (lambda event, info: None)
+    runs = [_start_run(cfg, data, labels, identity, emit) for cfg in cfgs]
+    folds = [(run, index) for run in runs for index in range(len(run.splits))]
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    for group in _fold_groups(folds, data):
+        run0 = group[0][0]
+        with torch_settings(run0.cfg.threads, run0.device):
+            members = [_member(run, index, data, labels, moments, emit) for run, index in group]
+            results = train_members(members, data, device=run0.device, progress=emit)
+            for (run, index), member, result in zip(group, members, results, strict=True):
+                _end_fold(run, index, member, result, data, labels, emit)
+    return [_finish(run.cfg, Path(run.cfg.out), labels, run.reports, run.predictions, run.histories, run.rocs,
+                    run.notes, run.started, emit) for run in runs]
+
+
+def _start_run(cfg: FitConfig, data: MILData, labels: Labels, identity: dict[str, Any] | None,
+               emit: Progress) -> _Run:
+    """Validate a run, write its config.json and splits.json, announce it."""
     started = time.perf_counter()
     check_config(cfg)
-    emit = progress or (lambda event, info: None)
     out = Path(cfg.out)
     if (out / "metrics.json").exists():
         raise ConfigError(f"{out} already holds a finished fit run; choose a new --out or delete that "
                           "folder.")
     options = resolved_options(cfg.model, cfg.options)
     k = labels.n_classes
-    data.check_head(create_head(cfg.model, data.in_dim, k, **cfg.options))
+    probe = create_head(cfg.model, data.in_dim, k, **cfg.options)
+    data.check_head(probe)
     device = resolve_device(cfg.device)
     splits = make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
     repeats = max(s.repeat for s in splits) + 1
-    notes = list(labels.notes)
+    notes = list(labels.notes) + data.notes()
     if labels.folds is not None:
         notes.append(f"Using the fold column of {labels.source} ({len(splits)} folds); folds and repeats "
                      "are ignored.")
@@ -268,6 +319,9 @@ def fit_data(cfg: FitConfig, data: MILData, labels: Labels, *, identity: dict[st
     if one_class:
         notes.append(f"The test slides of {', '.join(one_class)} all have one class, so AUC is undefined there; "
                      f"mean AUC is over the other {len(splits) - len(one_class)} of {len(splits)} folds.")
+    if not probe.batched and cfg.batch_size > 1:
+        notes.append(f"Head {cfg.model} does not take padded batches of slides yet, so it trains one slide per "
+                     f"step and one fold at a time; batch_size {cfg.batch_size} is ignored.")
     for note in notes:
         emit("note", {"message": note})
     output_folder(out, "--out")
@@ -286,25 +340,36 @@ def fit_data(cfg: FitConfig, data: MILData, labels: Labels, *, identity: dict[st
         for n, s in zip(names, splits, strict=True)])
     emit("start", {"n_slides": len(labels), "n_folds": len(splits), "epochs": cfg.epochs,
                    "classes": labels.classes, "device": str(device), "out": str(out)})
-    reports, predictions, histories, rocs = [], [], {}, {}
-    with torch_settings(cfg.threads, device):
-        for index, (name, split) in enumerate(zip(names, splits, strict=True)):
-            report, rows, history, y_probs = _run_fold(cfg, data, labels, split, name, index, len(splits),
-                                                        options, device, emit)
-            reports.append(report)
-            predictions += rows
-            histories[name], rocs[name] = history, y_probs
-    return _finish(cfg, out, labels, reports, predictions, histories, rocs, notes, started, emit)
+    return _Run(cfg, options, device, splits, names, notes, started)
 
 
-FoldOutcome = tuple[FoldReport, list[dict[str, Any]], list[dict[str, float]], tuple[np.ndarray, np.ndarray]]
+def _fold_groups(folds: list[tuple[_Run, int]], data: MILData) -> list[list[tuple[_Run, int]]]:
+    """Folds in groups that train together: same head, options and group settings, at most `parallel_folds`."""
+    groups: dict[str, list[list[tuple[_Run, int]]]] = {}
+    for run, index in folds:
+        cfg = run.cfg
+        key = train_together_key(cfg)
+        limit = 1 if data.fold_dependent else cfg.parallel_folds or len(folds)
+        chunks = groups.setdefault(key, [[]])
+        if len(chunks[-1]) >= limit:
+            chunks.append([])
+        chunks[-1].append((run, index))
+    return [chunk for chunks in groups.values() for chunk in chunks]
 
 
-def _run_fold(cfg: FitConfig, data: MILData, labels: Labels, split: Split, name: str, index: int,
-              n_folds: int, options: dict[str, Any], device: torch.device, emit: Progress) -> FoldOutcome:
-    """Train, checkpoint and test one fold; attention files for the test slides of repeat 0."""
-    out, ids, y = Path(cfg.out), labels.slide_ids, labels.y
-    context = {"name": name, "repeat": split.repeat, "fold": split.fold, "index": index, "n_folds": n_folds}
+def train_together_key(cfg: FitConfig) -> str:
+    """Runs on the same data whose folds can train as members of one group have the same key."""
+    return json.dumps([cfg.model, resolved_options(cfg.model, cfg.options), cfg.standardize, group_settings(cfg),
+                       cfg.device, cfg.threads], sort_keys=True, default=str)
+
+
+def _member(run: _Run, index: int, data: MILData, labels: Labels,
+            moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]], emit: Progress) -> Member:
+    """Announce a fold and build its seeded head (standardised with its training slides' statistics)."""
+    cfg, split, name = run.cfg, run.splits[index], run.names[index]
+    ids, y = labels.slide_ids, labels.y
+    context = {"name": name, "repeat": split.repeat, "fold": split.fold, "index": index,
+               "n_folds": len(run.splits)}
     emit("fold_start", {**context, "n_train": len(split.train), "n_val": len(split.val),
                         "n_test": len(split.test)})
     seed = derive_seed(cfg.seed, split.repeat, split.fold, 2)
@@ -312,44 +377,81 @@ def _run_fold(cfg: FitConfig, data: MILData, labels: Labels, split: Split, name:
     head = create_head(cfg.model, data.in_dim, labels.n_classes, **cfg.options)
     if cfg.standardize:
         head = Standardized(head, data.in_dim)
-        head.set_stats(*feature_stats(data, [ids[i] for i in split.train]))
-    result = train_fold(head, data, [ids[i] for i in split.train], y[split.train],
-                        [ids[i] for i in split.val], y[split.val], cfg, seed=seed, device=device,
-                        progress=emit, context=context)
+        train_ids = [ids[i] for i in split.train]
+        head.set_stats(**feature_stats(data, train_ids, None if data.fold_dependent else moments))
+    return Member(head, [ids[i] for i in split.train], y[split.train], [ids[i] for i in split.val], y[split.val],
+                  cfg, seed, context)
+
+
+def _end_fold(run: _Run, index: int, member: Member, result: FoldResult, data: MILData, labels: Labels,
+              emit: Progress) -> None:
+    """Checkpoint and test a trained fold; attention files for the test slides of repeat 0."""
+    cfg, split, name = run.cfg, run.splits[index], run.names[index]
+    out, ids, y = Path(cfg.out), labels.slide_ids, labels.y
+    head = member.head
     head.load_state_dict(result.state)
     save_checkpoint(out / name, head, {
-        "model": cfg.model, "options": options, "in_dim": data.in_dim, "n_classes": labels.n_classes,
+        "model": cfg.model, "options": run.options, "in_dim": data.in_dim, "n_classes": labels.n_classes,
         "classes": labels.classes, "repeat": split.repeat, "fold": split.fold,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
         "standardize": cfg.standardize, "mrantool_version": __version__})
     test_ids = [ids[i] for i in split.test]
     saver = _attention_saver(out / "attention") if cfg.save_attention and split.repeat == 0 else None
-    test = evaluate(head, data, test_ids, device=device, on_output=saver)
+    test = evaluate(head, data, test_ids, device=run.device, on_output=saver)
     metrics = slide_metrics(y[split.test], test.probs)
-    report = FoldReport(name, split.repeat, split.fold, result.best_epoch, result.epochs_run, result.monitor,
-                        len(split.train), len(split.val), len(split.test), metrics, result.seconds)
-    emit("fold_end", {**context, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, **metrics})
-    rows = [{"slide_id": sid, "fold": split.fold, "repeat": split.repeat, "label": labels.classes[y[i]],
-             **{f"prob_{c}": _prob(p) for c, p in zip(labels.classes, probs, strict=True)},
-             "predicted": labels.classes[int(probs.argmax())]}
-            for sid, i, probs in zip(test_ids, split.test, test.probs, strict=True)]
-    return report, rows, result.history, (y[split.test], test.probs)
+    run.reports.append(FoldReport(name, split.repeat, split.fold, result.best_epoch, result.epochs_run,
+                                  result.monitor, len(split.train), len(split.val), len(split.test), metrics,
+                                  result.seconds))
+    emit("fold_end", {**member.context, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                      **metrics})
+    run.predictions += [
+        {"slide_id": sid, "fold": split.fold, "repeat": split.repeat, "label": labels.classes[y[i]],
+         **{f"prob_{c}": _prob(p) for c, p in zip(labels.classes, probs, strict=True)},
+         "predicted": labels.classes[int(probs.argmax())]}
+        for sid, i, probs in zip(test_ids, split.test, test.probs, strict=True)]
+    run.histories[name], run.rocs[name] = result.history, (y[split.test], test.probs)
 
 
-def feature_stats(data: MILData, slide_ids: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides)."""
-    total = torch.zeros(data.in_dim, dtype=torch.float64)
-    squares = torch.zeros(data.in_dim, dtype=torch.float64)
-    count = 0
+def feature_stats(data: MILData, slide_ids: Sequence[str],
+                  moments: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]] | None = None,
+                  ) -> dict[str, torch.Tensor]:
+    """Mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides) per dimension, and,
+    when `data` loads cells (heads that need them), of their cell embeddings per cell position:
+    {"mean", "sd"} (D,) [+ {"cell_mean", "cell_sd"} (C, D)].
+
+    Cells are read only when `data.cells`. `moments` keeps each slide's sums across calls, so the K folds of a CV
+    read every slide once.
+    """
+    moments = {} if moments is None else moments
+    sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
     for slide_id in slide_ids:
-        bags = data.bags(slide_id, None, "cpu")
-        x = bags.patches[bags.mask].double()
-        total += x.sum(0)
-        squares += (x * x).sum(0)
-        count += len(x)
+        if slide_id not in moments:
+            patches, cells = data.read(slide_id, np.arange(data.n_bags(slide_id)), cells=data.cells)
+            mask = data.mask(slide_id)
+            moments[slide_id] = {"patch": _moments(patches[mask])}
+            if cells is not None:
+                moments[slide_id]["cell"] = _moments(cells[mask])
+        for level, (total, squares, count) in moments[slide_id].items():
+            acc = sums.get(level)
+            sums[level] = (total, squares, count) if acc is None else (acc[0] + total, acc[1] + squares,
+                                                                         acc[2] + count)
+    if "patch" not in sums:
+        return {"mean": torch.zeros(data.in_dim), "sd": torch.ones(data.in_dim)}
+    stats = dict(zip(("mean", "sd"), _mean_sd(*sums["patch"]), strict=True))
+    if "cell" in sums:
+        stats.update(zip(("cell_mean", "cell_sd"), _mean_sd(*sums["cell"]), strict=True))
+    return stats
+
+
+def _moments(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sum and sum of squares over the first axis (float64), and the row count."""
+    t = torch.from_numpy(np.asarray(x)).double()
+    return t.sum(0), (t * t).sum(0), len(t)
+
+
+def _mean_sd(total: torch.Tensor, squares: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     mean = total / max(count, 1)
-    sd = (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt()
-    return mean.float(), sd.float()
+    return mean.float(), (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt().float()
 
 
 def _attention_saver(folder: Path) -> Callable[[str, MILOutput], None]:

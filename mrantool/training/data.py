@@ -1,12 +1,14 @@
 """Bags for training and evaluation: slides stream from a store through a RAM cache, or come from arrays.
 
-The trainer sees only `MILData`: slide ids, bag counts, and `bags(slide_id, index)` -> float32 tensors plus
-the tissue mask. Nothing here assumes coordinates or a geometry, so Musk-style bags (one bag of N
-instances per "slide", N varying) work through `ArrayData`.
+The trainer sees only `MILData`: slide ids, bag counts, `read(slide_id, index)` -> arrays in the source's
+float dtype (float16 from a store: converted to float32 only on the device) and the tissue mask. Nothing here
+assumes coordinates or a geometry, so Musk-style bags (one bag of N instances per "slide", N varying) work
+through `ArrayData`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -85,12 +87,17 @@ class LRUCache:
 
 
 class MILData(ABC):
-    """Slides as bags. `cells` says whether cell embeddings are loaded (only for heads that need them)."""
+    """Slides as bags. `cells` says whether cell embeddings are loaded (only for heads that need them).
+
+    `fold_dependent` data changes with the fold being trained (it follows fit's fold_start events), so its folds
+    are trained one at a time instead of together.
+    """
 
     slide_ids: list[str]
     in_dim: int
     has_cells: bool
     cells: bool
+    fold_dependent: bool = False
 
     @abstractmethod
     def n_bags(self, slide_id: str) -> int:
@@ -101,8 +108,22 @@ class MILData(ABC):
         """(n_bags, P) bool tissue mask of a slide."""
 
     @abstractmethod
-    def read(self, slide_id: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """float32 (patches (n, P, D), cells (n, P, C, D) | None) of the bags `index`."""
+    def read(self, slide_id: str, index: np.ndarray, cells: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """(patches (n, P, D), cells (n, P, C, D) | None) of the bags `index` as float16 or float32 arrays;
+        cells only when this data loads them and `cells` is True."""
+
+    def bag_values(self, slide_id: str) -> int:
+        """Numbers in one bag of a slide as `read` returns it (patches, plus cells when loaded)."""
+        patches, cells = self.read(slide_id, np.arange(1))
+        return patches[0].size + (0 if cells is None else cells[0].size)
+
+    def notes(self) -> list[str]:
+        """Things a user should know about this data before training (printed by fit)."""
+        return []
+
+    def in_ram(self) -> bool:
+        """Whether every bag is in RAM already (reads then cost too little to prepare them in a thread)."""
+        return False
 
     def check_head(self, head: MILHead) -> None:
         """Raise the head's own ConfigError when it needs cells that this data does not have."""
@@ -111,12 +132,12 @@ class MILData(ABC):
 
     def bags(self, slide_id: str, index: np.ndarray | None = None,
              device: str | torch.device = "cpu") -> Bags:
-        """Bags `index` (all when None) of a slide as float32 tensors on `device`."""
+        """Bags `index` (all when None) of a slide as float32 tensors on `device` (converted there)."""
         index = np.arange(self.n_bags(slide_id)) if index is None else np.asarray(index, dtype=np.int64)
         patches, cells = self.read(slide_id, index)
         return Bags(
-            patches=torch.from_numpy(patches).to(device),
-            cells=None if cells is None else torch.from_numpy(cells).to(device),
+            patches=torch.from_numpy(patches).to(device).float(),
+            cells=None if cells is None else torch.from_numpy(cells).to(device).float(),
             mask=torch.from_numpy(self.mask(slide_id)[index]).to(device),
             index=index,
         )
@@ -126,8 +147,8 @@ class StoreData(MILData):
     """Bags read from a `FeatureStore` through an LRU cache of float16 bags (`cache_gb`).
 
     When the cohort fits the budget every bag stays in RAM after its first read; otherwise the least
-    recently used bags are dropped. Reads go in chunks of about CHUNK_BYTES, so evaluating a slide with
-    many bags never holds more than its float32 tensors plus one chunk.
+    recently used bags are dropped (`cohort_bytes()` against `cache.budget` tells which). Reads go in chunks
+    of about CHUNK_BYTES. Patch-only reads (`cells=False`) use cached bags but never cache partial ones.
     """
 
     def __init__(self, store: FeatureStore, slide_ids: Sequence[str], *, cells: bool, patch_min_tissue: float,
@@ -141,6 +162,7 @@ class StoreData(MILData):
         self.cache = LRUCache(int(cache_gb * 2**30))
         self._slides: dict[str, SlideFeatures] = {}
         self._masks: dict[str, np.ndarray] = {}
+        self._bags_total: int | None = None
 
     def _slide(self, slide_id: str) -> SlideFeatures:
         if slide_id not in self._slides:
@@ -155,21 +177,44 @@ class StoreData(MILData):
             self._masks[slide_id] = tissue_mask(self._slide(slide_id).patch_tissue[:], self.patch_min_tissue)
         return self._masks[slide_id]
 
-    def read(self, slide_id: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def bag_values(self, slide_id: str) -> int:
         slide = self._slide(slide_id)
+        return slide.n_patches * self.in_dim * (1 + (slide.n_cells if self.cells else 0))
+
+    def cohort_bytes(self) -> int:
+        """float16 bytes of every bag of this data's slides as the cache holds them (cells when loaded)."""
+        return sum(2 * self.n_bags(slide_id) * self.bag_values(slide_id) for slide_id in self.slide_ids)
+
+    def in_ram(self) -> bool:
+        if self._bags_total is None:
+            self._bags_total = sum(self.n_bags(slide_id) for slide_id in self.slide_ids)
+        return len(self.cache) >= self._bags_total
+
+    def notes(self) -> list[str]:
+        size, budget = self.cohort_bytes(), self.cache.budget
+        if size <= budget:
+            return []
+        what = "patch and cell embeddings" if self.cells else "patch embeddings"
+        return [f"The {what} of these {len(self.slide_ids)} slides take {_size(size)} in float16 but cache_gb "
+                f"holds {_size(budget)}, so every epoch re-reads about {_size(size - budget)} from "
+                f"{self.store.path}; set cache_gb to {math.ceil(size / 2**30 * 10) / 10:g} or more if RAM allows."]
+
+    def read(self, slide_id: str, index: np.ndarray, cells: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        slide = self._slide(slide_id)
+        with_cells = self.cells and cells
         n, p, d = len(index), slide.n_patches, self.in_dim
-        patches = np.empty((n, p, d), np.float32)
-        cells = np.empty((n, p, slide.n_cells, d), np.float32) if self.cells else None
-        per_bag = 2 * p * d * (1 + (slide.n_cells if self.cells else 0))
+        patches = np.empty((n, p, d), np.float16)
+        cell_out = np.empty((n, p, slide.n_cells, d), np.float16) if with_cells else None
+        per_bag = 2 * p * d * (1 + (slide.n_cells if with_cells else 0))
         step = max(1, CHUNK_BYTES // per_bag)
         for start in range(0, n, step):
-            for j, (pe, ce) in enumerate(self._fetch(slide, index[start:start + step]), start):
+            for j, (pe, ce) in enumerate(self._fetch(slide, index[start:start + step], with_cells), start):
                 patches[j] = pe
-                if cells is not None:
-                    cells[j] = ce
-        return patches, cells
+                if cell_out is not None:
+                    cell_out[j] = ce
+        return patches, cell_out
 
-    def _fetch(self, slide: SlideFeatures, index: np.ndarray) -> list[Entry]:
+    def _fetch(self, slide: SlideFeatures, index: np.ndarray, with_cells: bool) -> list[Entry]:
         """float16 bags from the cache, reading the missing ones from the store in one selection."""
         keys = [(slide.slide_id, int(b)) for b in index]
         entries = [self.cache.get(key) for key in keys]
@@ -178,7 +223,7 @@ class StoreData(MILData):
             wanted = index[missing]
             try:
                 patches = _take(slide.patch_emb, wanted)
-                cells = _take(slide.cell_emb, wanted) if self.cells else None
+                cells = _take(slide.cell_emb, wanted) if with_cells else None
             except Exception as exc:  # codec and checksum errors come in several types
                 raise StoreError(f"Slide '{slide.slide_id}' at {slide.path} has a damaged chunk "
                                  f"({type(exc).__name__}); {REDO}.") from None
@@ -188,8 +233,13 @@ class StoreData(MILData):
             for j, i in enumerate(missing):
                 entry = (patches[j].copy(), None if cells is None else cells[j].copy())
                 entries[i] = entry
-                self.cache.put(keys[i], entry)
+                if with_cells or not self.cells:  # a patch-only entry would lack the cells later reads need
+                    self.cache.put(keys[i], entry)
         return entries  # type: ignore[return-value]
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GB" if n_bytes >= 2**30 / 100 else f"{n_bytes / 2**20:.2f} MB"
 
 
 def _take(array: object, index: np.ndarray) -> np.ndarray:
@@ -224,17 +274,28 @@ class ArrayData(MILData):
             if self._masks[k].shape != v.shape[:2] or bad_cells:
                 raise ConfigError(f"ArrayData slide {k!r}: mask or cells do not match patches {v.shape}; "
                                   "pass masks (n_bags, P) and cells (n_bags, P, C, D).")
+            if not self._masks[k].any():  # a batch would train on it silently; one slide alone raises
+                raise ConfigError(f"ArrayData slide {k!r} has no True in its mask (no tissue patch); drop the "
+                                  "slide or fix its mask.")
         self.in_dim = dims.pop()
         self.has_cells = self.cells = self._cells is not None
 
     def n_bags(self, slide_id: str) -> int:
         return self._patches[slide_id].shape[0]
 
+    def in_ram(self) -> bool:
+        return True
+
     def mask(self, slide_id: str) -> np.ndarray:
         return self._masks[slide_id]
 
-    def read(self, slide_id: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        patches = self._patches[slide_id][index].astype(np.float32)
-        if not self.cells or self._cells is None:
+    def read(self, slide_id: str, index: np.ndarray, cells: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        patches = _floating(self._patches[slide_id][index])
+        if not (self.cells and cells) or self._cells is None:
             return patches, None
-        return patches, self._cells[slide_id][index].astype(np.float32)
+        return patches, _floating(self._cells[slide_id][index])
+
+
+def _floating(array: np.ndarray) -> np.ndarray:
+    """float16/float32 arrays as they are, anything else as float32."""
+    return array if array.dtype in (np.float16, np.float32) else array.astype(np.float32)

@@ -463,7 +463,7 @@ def _start_head(run: dict[str, Any] | None, init_run: str | Path | None, split: 
         head, _ = load_checkpoint(Path(init_run) / split.name, device)
         return head.train()
     head = Standardized(create_head(model, data.in_dim, labels.n_classes, **options), data.in_dim)
-    head.set_stats(*feature_stats(data, split.train))
+    head.set_stats(**feature_stats(data, split.train))
     return head.to(device).train()
 
 

@@ -1,4 +1,8 @@
-"""Training one fold: one slide per step (standard MIL), class-weighted loss, early stopping on validation.
+"""Training folds: several members (the folds of a CV, sweep variants) at once, slides in padded batches.
+
+Every member trains exactly as it would alone: its own seeded order of slides, its own bag samples, optimiser
+state, validation, early stopping and best-epoch copy; members only share the forward call of a step (see
+`mrantool.training.batched`). With one slide per step (`batch_size` 1) this is standard MIL training.
 
 Reference-code defects avoided on purpose: the best checkpoint is a deep copy of the weights (never an
 alias of the live ones), evaluation runs in eval mode under no_grad on every bag, and every source of
@@ -20,11 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError
 from mrantool.models.base import MILHead, MILOutput, weighted_ce
+from mrantool.training.batched.batches import Batch, Pick, Prefetcher, collate, fill
+from mrantool.training.batched.stack import MemberStack, is_batched
 from mrantool.training.data import MILData, sample_bags
 from mrantool.training.metrics import auc
 
@@ -32,6 +39,7 @@ Progress = Callable[[str, dict[str, Any]], None]
 OPTIMIZERS = ("adam", "adamw", "sgd")
 MONITORS = ("loss", "auc")
 SCHEDULES = ("constant", "cosine")
+EVAL_BYTES = 256 * 2**20  # float32 bytes of one evaluation batch of slides (at least one slide)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,23 +94,28 @@ def class_weights(y: np.ndarray, n_classes: int) -> Tensor:
 
 
 def make_optimizer(cfg: FitConfig, params: Any) -> torch.optim.Optimizer:
-    """adam | adamw | sgd (with momentum) at cfg.lr and cfg.weight_decay."""
+    """adam | adamw | sgd (with momentum) at cfg.lr and cfg.weight_decay; `params` may be parameter groups
+    with their own lr, weight_decay and momentum. Fused kernels (one pass per step) on CPU and CUDA."""
+    groups = list(params)
+    first = groups[0]["params"][0] if groups and isinstance(groups[0], dict) else (groups[0] if groups else None)
+    fused = {"fused": True} if first is not None and first.device.type in ("cpu", "cuda") else {}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, **fused)
     raise ConfigError(f"optimizer {cfg.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")
 
 
-def make_scheduler(cfg: FitConfig, optimizer: torch.optim.Optimizer,
-                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """None for a constant lr; "cosine" anneals per step from cfg.lr to 0 over cfg.epochs epochs."""
+def scheduled_lr(cfg: FitConfig, step: int, total_steps: int) -> float:
+    """The lr of a member's `step`-th optimiser step (0-based): `cfg.lr`, or with `lr_schedule = "cosine"`
+    lr (1 + cos(pi step / total_steps)) / 2, from lr down to 0 over `total_steps` (torch's CosineAnnealingLR
+    stepped after every optimiser step, in closed form, so each member of a group keeps its own count)."""
     if cfg.lr_schedule == "constant":
-        return None
+        return cfg.lr
     if cfg.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs * steps_per_epoch))
+        return cfg.lr * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))) / 2
     raise ConfigError(f"lr_schedule {cfg.lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}.")
 
 
@@ -142,101 +155,307 @@ class _EpochLog:
     seconds: float
 
 
+@dataclass
+class Member:
+    """One model of a group trained together: a fold's head, slides, settings, seed and progress context."""
+
+    head: MILHead
+    train_ids: Sequence[str]
+    train_y: np.ndarray
+    val_ids: Sequence[str]
+    val_y: np.ndarray
+    cfg: FitConfig
+    seed: int
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+def group_settings(cfg: FitConfig) -> tuple[Any, ...]:
+    """Settings that members trained together must share (the rest, e.g. lr, seed, folds, may differ)."""
+    return (cfg.optimizer, cfg.epochs, cfg.batch_size)
+
+
 @torch.no_grad()
 def evaluate(head: MILHead, data: MILData, slide_ids: Sequence[str], y: np.ndarray | None = None, *,
              device: torch.device | str = "cpu", class_weights: Tensor | None = None,
-             on_output: Callable[[str, MILOutput], None] | None = None) -> Evaluation:
-    """Predict every bag of each slide in eval mode; `on_output(slide_id, out)` sees each raw output."""
+             on_output: Callable[[str, MILOutput], None] | None = None,
+             batch_bytes: int = EVAL_BYTES) -> Evaluation:
+    """Predict every bag of each slide in eval mode, slides of similar size batched up to `batch_bytes`;
+    `on_output(slide_id, out)` sees each slide's raw output with that slide's own shapes."""
+    device = torch.device(device)
     was_training = head.training
     head.eval()
     probs = np.zeros((len(slide_ids), head.n_classes), dtype=np.float64)
-    losses = []
+    losses = np.zeros(len(slide_ids))
     weights = None if class_weights is None else class_weights.to(device)
+    cells = head.needs_cells and data.cells
+    chunks = _eval_chunks(data, slide_ids, batch_bytes if is_batched(head) else 0)
+    labels = np.zeros(len(slide_ids), np.int64) if y is None else np.asarray(y, np.int64)
+
+    def make(chunk: list[int]) -> Batch:
+        return collate(data, [[Pick(slide_ids[i], None, i, int(labels[i])) for i in chunk]], device, cells)
+
     try:
-        for i, slide_id in enumerate(slide_ids):
-            bags = data.bags(slide_id, None, device)
-            out = head(bags.patches, bags.cells if head.needs_cells else None, bags.mask)
-            probs[i] = out.logits.float().softmax(-1).cpu().numpy()
+        for batch in Prefetcher(make, chunks, threaded=device.type == "cuda" or not data.in_ram()):
+            index = [pick.position for pick in batch.picks[0]]
+            patches, mask = batch.patches[0], batch.mask[0]
+            cell_values = None if batch.cells is None else batch.cells[0]
+            if is_batched(head):
+                out = head(patches, cell_values, mask)
+            else:
+                out = head(patches[0], None if cell_values is None else cell_values[0], mask[0])
+                out = MILOutput(out.logits[None], {k: v[None] for k, v in out.attention.items()},
+                                {k: v[None] for k, v in out.aux.items()})
+            logits = out.logits.float()
+            probs[index] = logits.softmax(-1).cpu().numpy()
             if y is not None:
-                losses.append(float(weighted_ce(out.logits, torch.tensor(int(y[i]), device=device), weights)))
+                losses[index] = weighted_ce(logits, batch.labels[0], weights, reduction="none").cpu().numpy()
             if on_output is not None:
-                on_output(slide_id, out)
+                for j, i in enumerate(index):
+                    on_output(slide_ids[i], _crop(out.slide(j), int(batch.n_bags[0, j]),
+                                                  int(batch.n_patches[0, j])))
     finally:
         head.train(was_training)
-    return Evaluation(probs, float(np.mean(losses)) if losses else math.nan)
+    return Evaluation(probs, float(losses.mean()) if y is not None and len(slide_ids) else math.nan)
+
+
+def _eval_chunks(data: MILData, slide_ids: Sequence[str], budget: int) -> list[list[int]]:
+    """Slide positions grouped by size so that each padded group stays within `budget` bytes (0: one each)."""
+    if budget <= 0:
+        return [[i] for i in range(len(slide_ids))]
+    order = sorted(range(len(slide_ids)), key=lambda i: data.n_bags(slide_ids[i]))
+    sizes = {i: 4 * data.n_bags(slide_ids[i]) * data.bag_values(slide_ids[i]) for i in order}
+    chunks: list[list[int]] = []
+    for i in order:  # ascending size: the newest slide is the largest of its chunk
+        if chunks and (len(chunks[-1]) + 1) * sizes[i] <= budget:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
+def _crop(out: MILOutput, n_bags: int, n_patches: int) -> MILOutput:
+    """A slide's output without the padding of its batch (attention and aux cut to its bags and patches)."""
+    def cut(value: Tensor) -> Tensor:
+        value = value[:n_bags] if value.dim() >= 1 else value
+        return value[:, :n_patches] if value.dim() >= 2 else value
+
+    return MILOutput(out.logits, {k: cut(v) for k, v in out.attention.items()}, out.aux)
 
 
 def train_fold(head: MILHead, data: MILData, train_ids: Sequence[str], train_y: np.ndarray,
                val_ids: Sequence[str], val_y: np.ndarray, cfg: FitConfig, *, seed: int,
                device: torch.device | str = "cpu", progress: Progress | None = None,
                context: dict[str, Any] | None = None) -> FoldResult:
-    """Train `head` in place on one fold; return the best epoch's weights as a deep copy.
+    """Train `head` in place on one fold (`train_members` with one member); return the best epoch's weights."""
+    member = Member(head, train_ids, train_y, val_ids, val_y, cfg, seed, context or {})
+    return train_members([member], data, device=device, progress=progress)[0]
 
-    Each epoch visits the training slides in a fresh random order, one slide per step, with at most
-    cfg.max_bags random bags of a larger slide. The best epoch has the lowest validation loss (or highest
-    validation AUC with monitor="auc"; loss when the validation slides have one class), after an exponential
-    moving average with weight `smoothing` on the past epochs; training stops after `patience` epochs
-    without improvement once `min_epochs` have run. Without validation slides the last epoch is kept.
-    `lr_schedule = "cosine"` anneals the lr per step to 0 over `epochs`. With bag mining, the slide head's
-    bag attention x n_bags of a slide's last step becomes that slide's bag weights for its next step.
+
+def train_members(members: Sequence[Member], data: MILData, *, device: torch.device | str = "cpu",
+                  progress: Progress | None = None) -> list[FoldResult]:
+    """Train every member's head in place, together; return each one's best epoch's weights (deep copies).
+
+    Each epoch visits a member's training slides in a fresh random order from its own seed, `batch_size`
+    slides per step (padded with masks), with at most `max_bags` random bags of a larger slide. The best
+    epoch has the lowest validation loss (or highest validation AUC with monitor="auc"; loss when the
+    validation slides have one class), after an exponential moving average with weight `smoothing` on the
+    past epochs; a member stops after `patience` epochs without improvement once `min_epochs` have run, and
+    sits out the rest. Without validation slides the last epoch is kept. `lr_schedule = "cosine"` anneals a
+    member's lr per step to 0 over `epochs` (`scheduled_lr`). With bag
+    mining, the slide head's bag attention x n_bags of a slide's last step becomes that slide's bag weights
+    for its next step (next epoch). Heads without the batched contract train one member at a time, one
+    slide per step.
     """
+    if not members:
+        return []
+    if not is_batched(members[0].head) and len(members) > 1:
+        return [result for m in members for result in train_members([m], data, device=device, progress=progress)]
+    if len({group_settings(m.cfg) for m in members}) > 1:
+        raise ValueError("members trained together must share optimizer, epochs and batch_size")
     start = time.perf_counter()
-    context = context or {}
-    rng = np.random.default_rng(seed)
-    head.to(device)
-    weights = class_weights(train_y, head.n_classes).to(device) if cfg.class_weights else None
-    optimizer = make_optimizer(cfg, head.parameters())
-    scheduler = make_scheduler(cfg, optimizer, len(train_ids))
-    mining = cfg.bag_mining and uses_bag_weights(head)
-    bag_weights: dict[str, np.ndarray] = {}
-    monitor = cfg.monitor if cfg.monitor == "loss" or len(set(np.asarray(val_y).tolist())) > 1 else "loss"
-    best_score, best_epoch, smoothed = math.inf, -1, math.nan
-    best_state = copy.deepcopy(head.state_dict())
-    history: list[dict[str, float]] = []
-    epoch = -1
-    for epoch in range(cfg.epochs):
-        tic = time.perf_counter()
-        head.train()
-        losses, ces = [], []
-        for i in rng.permutation(len(train_ids)):
-            slide_id = train_ids[i]
-            n_bags = data.n_bags(slide_id)
-            bags = data.bags(slide_id, sample_bags(n_bags, cfg.max_bags, rng), device)
-            label = torch.tensor(int(train_y[i]), device=device)
-            out = head(bags.patches, bags.cells if head.needs_cells else None, bags.mask)
-            extra = {}
-            if mining:
-                slide_weights = bag_weights.setdefault(slide_id, np.ones(n_bags, np.float32))
-                extra["bag_weights"] = torch.from_numpy(slide_weights[bags.index]).to(device)
-            loss, parts = head.compute_loss(out, label, epoch=epoch, n_epochs=cfg.epochs,
-                                            class_weights=weights, **extra)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            losses.append(parts["loss"])
-            ces.append(float(weighted_ce(out.logits.detach(), label, weights)))
-            if mining and "bag" in out.attention:
-                attention = out.attention["bag"].detach().float().cpu().numpy()
-                bag_weights[slide_id][bags.index] = attention * len(bags.index)
-        val = None
-        if len(val_ids):
-            val = evaluate(head, data, val_ids, val_y, device=device, class_weights=weights)
-        val_auc = auc(val_y, val.probs) if val is not None else math.nan
-        score = -math.inf if val is None else (-val_auc if monitor == "auc" else val.loss)
-        if math.isfinite(smoothed) and math.isfinite(score):  # exponential moving average over epochs
-            score = cfg.smoothing * smoothed + (1 - cfg.smoothing) * score
-        smoothed = score
-        if score < best_score or val is None:
-            best_score, best_epoch = score, epoch
-            best_state = copy.deepcopy(head.state_dict())
-        log = _EpochLog(epoch + 1, float(np.mean(losses)), float(np.mean(ces)), val.loss if val else math.nan,
-                        val_auc, time.perf_counter() - tic)
-        history.append(asdict(log))
-        if progress is not None:
-            info = {**context, **asdict(log), "n_epochs": cfg.epochs, "best_epoch": best_epoch + 1}
-            progress("epoch", info)
-        if epoch + 1 >= cfg.min_epochs and epoch - best_epoch >= cfg.patience:
+    device = torch.device(device)
+    for m in members:
+        m.head.to(device)
+    stack = MemberStack([m.head for m in members])
+    cfg0 = members[0].cfg
+    # slides per step; never more than the largest training set, which would only add fillers
+    size = min(cfg0.batch_size, max(len(m.train_ids) for m in members)) if stack.batched else 1
+    scheduled = any(m.cfg.lr_schedule != "constant" for m in members)
+    groups = _param_groups([m.cfg for m in members], stack, per_member=scheduled)
+    optimizer = make_optimizer(cfg0, groups)
+    states = [_MemberState(m, data, device) for m in members]
+    cells = data.cells and members[0].head.needs_cells
+    class_w = torch.stack([state.class_weights for state in states])
+    for epoch in range(cfg0.epochs):
+        active = [g for g, state in enumerate(states) if not state.done]
+        if not active:
             break
-    return FoldResult(best_state, best_epoch + 1, epoch + 1, monitor, history, time.perf_counter() - start)
+        tic = time.perf_counter()
+        stack.train(True)
+        plans = {g: states[g].plan_epoch(data, size) for g in active}
+        steps = [[(g, plans[g][t]) for g in active if t < len(plans[g])] for t in range(max(map(len, plans.values())))]
+        make = lambda step: collate(data, [fill(picks, size) for _, picks in step], device, cells)  # noqa: E731
+        threaded = device.type == "cuda" or not data.in_ram()
+        record = _EpochRecord()
+        mined: list[tuple[list[int], list[list[Pick]], Tensor]] = []
+        for step, batch in zip(steps, Prefetcher(make, steps, threaded=threaded), strict=True):
+            chosen = [g for g, _ in step]
+            bag_weights = _bag_weights(states, chosen, batch, device)
+            weights = class_w if len(chosen) == len(states) else class_w[chosen]
+            loss, logits, bag = stack(chosen, batch.patches, batch.cells, batch.mask, batch.labels, weights,
+                                      bag_weights, epoch, cfg0.epochs)
+            w = batch.weights
+            per_member = loss.mean(1) if batch.full else (loss * w).sum(1) / w.sum(1)
+            optimizer.zero_grad(set_to_none=True)
+            per_member.sum().backward()
+            if scheduled:
+                for g in chosen:
+                    groups[g]["lr"] = states[g].next_lr(size)
+            optimizer.step()
+            record.add(chosen, loss.detach(), logits, batch.labels, None if batch.full else w)
+            if bag_weights is not None:
+                mined.append((chosen, batch.picks, bag))
+        _keep_bag_attention(states, mined)  # each slide comes once per epoch: its weights serve the next one
+        sums = record.sums(len(members), class_w)
+        for g in active:
+            states[g].end_epoch(epoch, sums[g], data, device, time.perf_counter() - tic, start, progress)
+    return [state.result() for state in states]
+
+
+class _EpochRecord:
+    """Each trained slide's loss, logits and label of an epoch, summed per member once at the epoch's end."""
+
+    def __init__(self) -> None:
+        self.members: list[np.ndarray] = []
+        self.parts: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
+
+    def add(self, chosen: Sequence[int], loss: Tensor, logits: Tensor, labels: Tensor, weights: Tensor | None) -> None:
+        self.members.append(np.repeat(np.asarray(chosen), loss.shape[1]))
+        self.parts.append((loss, logits, labels, weights))
+
+    def sums(self, n_members: int, class_w: Tensor) -> np.ndarray:
+        """(members, 3): sums of the training loss and class-weighted cross-entropy, and slide counts."""
+        member = torch.as_tensor(np.concatenate(self.members), device=class_w.device)
+        loss = torch.cat([p[0].reshape(-1) for p in self.parts])
+        logits = torch.cat([p[1].reshape(-1, p[1].shape[-1]) for p in self.parts]).float()
+        labels = torch.cat([p[2].reshape(-1) for p in self.parts])
+        w = torch.cat([torch.ones(p[0].numel(), device=loss.device) if p[3] is None else p[3].reshape(-1)
+                       for p in self.parts])
+        ce = F.cross_entropy(logits, labels, reduction="none") * class_w[member, labels]
+        owner = F.one_hot(member, n_members).to(loss.dtype)  # a matmul: deterministic on CUDA, unlike index_add
+        return (owner.T @ torch.stack([loss * w, ce * w, w], 1)).cpu().numpy()
+
+
+def _param_groups(cfgs: Sequence[FitConfig], stack: MemberStack, per_member: bool) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: one per member when lrs are scheduled per member, else one per distinct
+    (lr, weight_decay, momentum), so that the members of one fit share a group and a step is one fused update;
+    a member outside a step has no gradients and is left alone."""
+    groups: dict[Any, dict[str, Any]] = {}
+    for member, cfg in enumerate(cfgs):
+        key = member if per_member else (cfg.lr, cfg.weight_decay, cfg.momentum)
+        group = groups.setdefault(key, {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        if cfg.optimizer == "sgd":
+            group["momentum"] = cfg.momentum
+        group["params"] += stack.parameters(member)
+    return list(groups.values())
+
+
+def _bag_weights(states: Sequence[_MemberState], chosen: Sequence[int], batch: Batch,
+                 device: torch.device) -> Tensor | None:
+    """(G, S, n_bags) bag-mining weights of the step's slides (1 on padding), or None without mining."""
+    if not any(states[g].mining for g in chosen):
+        return None
+    weights = np.ones(batch.mask.shape[:3], np.float32)
+    for i, (g, row) in enumerate(zip(chosen, batch.picks, strict=True)):
+        if states[g].mining:
+            for j, pick in enumerate(row):
+                slide = states[g].bag_weights.setdefault(pick.slide_id, np.ones(states[g].n_bags(pick), np.float32))
+                weights[i, j, :len(pick.index)] = slide[pick.index]
+    host = torch.from_numpy(weights)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+def _keep_bag_attention(states: Sequence[_MemberState], mined: list[tuple[list[int], list[list[Pick]], Tensor]],
+                        ) -> None:
+    """Each step's bag attention x bags sampled becomes each real slide's bag weights for its next step."""
+    for chosen, picks, bag in mined:
+        attention = bag.float().cpu().numpy()
+        for i, (g, row) in enumerate(zip(chosen, picks, strict=True)):
+            if states[g].mining:
+                for j, pick in enumerate(row):
+                    if pick.real:
+                        n = len(pick.index)
+                        states[g].bag_weights[pick.slide_id][pick.index] = attention[i, j, :n] * n
+
+
+class _MemberState:
+    """A member's own randomness, class weights, bag weights, best epoch and history while a group trains."""
+
+    def __init__(self, member: Member, data: MILData, device: torch.device) -> None:
+        cfg, head = member.cfg, member.head
+        self.member, self.cfg = member, cfg
+        self.rng = np.random.default_rng(member.seed)
+        weights = class_weights(member.train_y, head.n_classes) if cfg.class_weights else torch.ones(head.n_classes)
+        self.class_weights = weights.to(device)
+        self.mining = cfg.bag_mining and uses_bag_weights(head)
+        self.bag_weights: dict[str, np.ndarray] = {}
+        self.monitor = cfg.monitor if cfg.monitor == "loss" or len(set(np.asarray(member.val_y).tolist())) > 1 \
+            else "loss"
+        self.best_score, self.best_epoch, self.smoothed = math.inf, -1, math.nan
+        self.steps = 0
+        self.best_state = copy.deepcopy(head.state_dict())
+        self.history: list[dict[str, float]] = []
+        self.epochs_run, self.seconds, self.done = 0, 0.0, False
+        self._n_bags = data.n_bags
+
+    def n_bags(self, pick: Pick) -> int:
+        return self._n_bags(pick.slide_id)
+
+    def next_lr(self, size: int) -> float:
+        """The lr of this member's next optimiser step (its schedule counts its own steps)."""
+        total = self.cfg.epochs * math.ceil(len(self.member.train_ids) / size)
+        lr = scheduled_lr(self.cfg, self.steps, total)
+        self.steps += 1
+        return lr
+
+    def plan_epoch(self, data: MILData, size: int) -> list[list[Pick]]:
+        """This epoch's steps: slides in a fresh random order, `size` per step, bags sampled per slide."""
+        ids, max_bags = self.member.train_ids, self.cfg.max_bags
+        picks = []
+        for i in self.rng.permutation(len(ids)):
+            n = data.n_bags(ids[i])
+            index = sample_bags(n, max_bags, self.rng)
+            picks.append(Pick(ids[i], np.arange(n) if index is None else index, int(i), int(self.member.train_y[i])))
+        return [picks[k:k + size] for k in range(0, len(picks), size)]
+
+    def end_epoch(self, epoch: int, sums: np.ndarray, data: MILData, device: torch.device, seconds: float,
+                  start: float, progress: Progress | None) -> None:
+        """Validate, keep the best weights, log, and decide whether this member stops."""
+        member, cfg = self.member, self.cfg
+        val = None
+        if len(member.val_ids):
+            val = evaluate(member.head, data, member.val_ids, member.val_y, device=device,
+                           class_weights=self.class_weights if cfg.class_weights else None)
+        val_auc = auc(member.val_y, val.probs) if val is not None else math.nan
+        score = -math.inf if val is None else (-val_auc if self.monitor == "auc" else val.loss)
+        if math.isfinite(self.smoothed) and math.isfinite(score):  # exponential moving average over epochs
+            score = cfg.smoothing * self.smoothed + (1 - cfg.smoothing) * score
+        self.smoothed = score
+        if score < self.best_score or val is None:
+            self.best_score, self.best_epoch = score, epoch
+            self.best_state = copy.deepcopy(member.head.state_dict())
+        n = max(sums[2], 1.0)
+        log = _EpochLog(epoch + 1, float(sums[0] / n), float(sums[1] / n), val.loss if val else math.nan, val_auc,
+                        seconds)
+        self.history.append(asdict(log))
+        if progress is not None:
+            progress("epoch", {**member.context, **asdict(log), "n_epochs": cfg.epochs,
+                               "best_epoch": self.best_epoch + 1})
+        self.epochs_run = epoch + 1
+        stop = epoch + 1 >= cfg.min_epochs and epoch - self.best_epoch >= cfg.patience
+        if stop or epoch + 1 >= cfg.epochs:
+            self.done, self.seconds = True, time.perf_counter() - start
+
+    def result(self) -> FoldResult:
+        return FoldResult(self.best_state, self.best_epoch + 1, self.epochs_run, self.monitor, self.history,
+                          self.seconds)

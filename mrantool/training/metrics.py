@@ -11,7 +11,8 @@ import warnings
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+from scipy.stats import rankdata
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
 METRICS = ("auc", "accuracy", "balanced_accuracy", "f1")
 
@@ -22,10 +23,19 @@ def auc(y: np.ndarray, probs: np.ndarray) -> float:
     if len(np.unique(y)) < 2:
         return math.nan
     if probs.shape[1] == 2:
-        return float(roc_auc_score(y == 1, probs[:, 1]))
+        return binary_auc(y == 1, probs[:, 1])
     present = [k for k in range(probs.shape[1]) if 0 < (y == k).sum() < len(y)]
-    scores = [roc_auc_score(y == k, probs[:, k]) for k in present]
-    return float(np.mean(scores))
+    return float(np.mean([binary_auc(y == k, probs[:, k]) for k in present]))
+
+
+def binary_auc(positive: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney U statistic with average ranks for ties: sklearn's `roc_auc_score` value
+    without its input checks, which cost milliseconds per call (the trainer calls it every epoch per fold)."""
+    positive = np.asarray(positive, bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def slide_metrics(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:

@@ -76,6 +76,8 @@ class FoldStandardised(MILData):
     slides never contribute to the statistics, so nothing about them leaks into training.
     """
 
+    fold_dependent = True  # each fold reads different numbers, so fit trains its folds one at a time
+
     def __init__(self, base: MILData, labels: Labels, splits: Sequence[Split]) -> None:
         self.base = base
         self.slide_ids = base.slide_ids
@@ -111,7 +113,10 @@ class FoldStandardised(MILData):
     def mask(self, slide_id: str) -> np.ndarray:
         return self.base.mask(slide_id)
 
-    def read(self, slide_id: str, index: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def in_ram(self) -> bool:
+        return self.base.in_ram()
+
+    def read(self, slide_id: str, index: np.ndarray, cells: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         if self.mean is None or self.sd is None:
             raise MrantoolError("FoldStandardised has no statistics yet; call fit() or pass on_event to fit_data.")
         patches, _ = self.base.read(slide_id, index)
