@@ -49,6 +49,8 @@ MODELS = {  # name in the tables -> (registry name, head options)
 E2E_MODELS = ("mran", "mran cells off", "abmil")
 PUBLISHED_CRC_ACCURACY = 0.904  # Ilse et al. 2018, attention MIL, 10-fold CV x 5
 PUBLISHED_CRC_SE = 0.011
+TABLES = {"metrics": ["data", "training", "model", "AUC", "accuracy", "s per fit"],  # columns of mran.md
+          "paired": ["data", "training", "comparison", "metric", "mean Δ", "W/T/L", "Wilcoxon p"]}
 ATTENTION_RADIUS_UM = 8.0
 TOP_K_CELLS = 16
 
@@ -370,11 +372,11 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{entry['auc']['mean']:.3f} ± {entry['auc']['sd']:.3f}",
                      f"{entry['accuracy']['mean']:.3f} ± {entry['accuracy']['sd']:.3f}",
                      f"{np.nanmean(entry['seconds']):.0f}"])
-    lines += [markdown_table(["data", "training", "model", "AUC", "accuracy", "s per fit"], rows), ""]
+    lines += [markdown_table(TABLES["metrics"], rows), ""]
     lines += ["## Paired comparisons (default `mran` minus the other model, over (seed, fold) pairs)", ""]
     rows = [[c["dataset"], c["mode"], f"{c['a']} − {c['b']}", c["metric"], f"{c['mean_diff']:+.3f}",
              f"{c['wins']}/{c['ties']}/{c['losses']}", f"{c['p']:.3g}"] for c in report["paired"]]
-    lines += [markdown_table(["data", "training", "comparison", "metric", "mean Δ", "W/T/L", "Wilcoxon p"], rows), ""]
+    lines += [markdown_table(TABLES["paired"], rows), ""]
     if report["attention"]:
         lines += ["## Attention against annotated epithelial nuclei (CRCHistoPhenotypes, positive images)", "",
                   f"Share of each image's top {TOP_K_CELLS} attended cells whose centre lies within "
