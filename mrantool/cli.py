@@ -412,7 +412,7 @@ def fit(
 def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, quiet: bool) -> None:
     """`fit --finetune`: fold/epoch progress, then a frozen vs fine-tuned table."""
     from mrantool.cli_render import fit_progress, results_table
-    from mrantool.training.finetune import finetune_from_fit
+    from mrantool.training.pixels.finetune import finetune_from_fit
 
     with fit_progress(console, quiet) as progress:
         report = run_api(lambda: finetune_from_fit(cfg, init_run=init_run, layers=layers,
