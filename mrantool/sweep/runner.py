@@ -40,6 +40,7 @@ from mrantool.sweep.spec import RunSpec, SweepSpec, load_spec
 from mrantool.training.api import fit_data
 from mrantool.training.data import StoreData
 from mrantool.training.labels import Labels, read_labels
+from mrantool.training.pixels.e2e import fit_end_to_end
 from mrantool.training.splits import make_splits
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -147,7 +148,8 @@ def preflight(runs: list[RunSpec], source: str) -> dict[tuple[str, ...], str]:
             if isinstance(entry, MrantoolError):
                 raise entry
             store, labels = entry
-            if create_head(cfg.model, DUMMY_DIM, 2, **cfg.options).needs_cells and not store.dims.n_cells:
+            needs_cells = create_head(cfg.model, DUMMY_DIM, 2, **cfg.options).needs_cells and not cfg.end_to_end
+            if needs_cells and not store.dims.n_cells:
                 raise ConfigError(f"head {cfg.model!r} with these options needs cell embeddings but store "
                                   f"{cfg.store} has none; set options.cells = false or use a patch head")
             make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
@@ -261,6 +263,9 @@ class Worker:
         shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
         try:
             cfg = run.fit_config(folder)
+            if cfg.end_to_end:  # trains from pixels, which it reads itself: the feature caches do not apply
+                fit_end_to_end(cfg)
+                return RunResult(run.name, run.hash, "ran", time.perf_counter() - started)
             if cfg.store not in self.stores:
                 self.stores[cfg.store] = FeatureStore.open(cfg.store)
             store = self.stores[cfg.store]

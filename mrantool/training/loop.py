@@ -169,7 +169,7 @@ def evaluate(head: MILHead, data: MILData, slide_ids: Sequence[str], y: np.ndarr
 def train_fold(head: MILHead, data: MILData, train_ids: Sequence[str], train_y: np.ndarray,
                val_ids: Sequence[str], val_y: np.ndarray, cfg: FitConfig, *, seed: int,
                device: torch.device | str = "cpu", progress: Progress | None = None,
-               context: dict[str, Any] | None = None) -> FoldResult:
+               context: dict[str, Any] | None = None, params: Any = None) -> FoldResult:
     """Train `head` in place on one fold; return the best epoch's weights as a deep copy.
 
     Each epoch visits the training slides in a fresh random order, one slide per step, with at most
@@ -179,13 +179,14 @@ def train_fold(head: MILHead, data: MILData, train_ids: Sequence[str], train_y: 
     without improvement once `min_epochs` have run. Without validation slides the last epoch is kept.
     `lr_schedule = "cosine"` anneals the lr per step to 0 over `epochs`. With bag mining, the slide head's
     bag attention x n_bags of a slide's last step becomes that slide's bag weights for its next step.
+    `params`: optimiser parameter groups (default: all of the head's parameters at cfg.lr).
     """
     start = time.perf_counter()
     context = context or {}
     rng = np.random.default_rng(seed)
     head.to(device)
     weights = class_weights(train_y, head.n_classes).to(device) if cfg.class_weights else None
-    optimizer = make_optimizer(cfg, head.parameters())
+    optimizer = make_optimizer(cfg, head.parameters() if params is None else params)
     scheduler = make_scheduler(cfg, optimizer, len(train_ids))
     mining = cfg.bag_mining and uses_bag_weights(head)
     bag_weights: dict[str, np.ndarray] = {}
