@@ -1,11 +1,10 @@
 """A small CNN for end-to-end training on CPUs, registered in timm's registry as `mrantool_small_cnn`.
 
 Five 3x3 conv + BatchNorm + ReLU layers, four of them with stride 2: a 64 px patch becomes a 4 x 4 map of
-128-d vectors (cell stride 16 px, receptive field 63 px). About 0.25 M parameters and 13 MFLOPs per 64 px
-patch (against ~600 MFLOPs for ResNet-18 at 128 px), so it trains from scratch, end to end, on a few CPU
-cores. Its stages are `stem`, `stages.0..2`, as timm's ConvNeXt-style models name them (fine-tuning picks the
-last stages by that name). No pretrained weights exist: it is random init, a `--weights` file, or a run's
-encoder.
+128-d vectors (cell stride 16 px, receptive field 63 px). 0.25 M parameters and 12.7 MFLOPs per 64 px patch
+(ResNet-18 at 128 px: 11.2 M and 1,184 MFLOPs), so it trains from scratch, end to end, on a few CPU cores.
+Its stages are `stem`, `stages.0..2`, as timm's ConvNeXt-style models name them (fine-tuning picks the last
+stages by that name). No pretrained weights exist: it is random init, a `--weights` file, or a run's encoder.
 """
 
 from __future__ import annotations
