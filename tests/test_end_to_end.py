@@ -27,8 +27,10 @@ from mrantool.slides.synthetic import write_pyramid_tiff
 from mrantool.sweep.runner import run_sweep
 from mrantool.tiling.presets import get_preset
 from mrantool.training.api import predict
+from mrantool.training.labels import read_labels
 from mrantool.training.pixels.e2e import fit_end_to_end, load_end_to_end_models, predict_end_to_end
 from mrantool.training.pixels.model import PixelMIL, dihedral
+from mrantool.training.runs import read_splits
 from mrantool.viz.heatmap import draw_heatmap
 
 N_SLIDES, SIZE, PATCH = 24, 256, 64
@@ -188,6 +190,7 @@ def test_cli_fit_end_to_end_and_its_errors(cohort, tmp_path):
     result = runner.invoke(app, [*base, "--end-to-end", "--config", str(tmp_path / "small.toml"),
                                  "--out", str(tmp_path / "y")])
     assert result.exit_code == 1 and "raise pixel_cache_gb" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "y").exists()  # nothing written, so the same command with a larger budget starts afresh
 
 
 def test_sweep_compares_frozen_cache_and_end_to_end_on_the_same_folds(cohort, tmp_path):
@@ -220,10 +223,17 @@ def test_start_from_a_runs_encoders_only_on_the_same_folds(run, cohort):
     with pytest.raises(ConfigError, match="test slides of fold_0 here"):
         fit_end_to_end(config(cohort, "from_other_folds", val_fraction=0.0, seed=1, epochs=1,
                               encoder_from=str(report.out)))
-    tuned = fit_end_to_end(config(cohort, "from_run", val_fraction=0.0, epochs=1, encoder_from=str(report.out)))
+    folds = read_splits(report.out, read_labels(cohort["labels"]))  # explicit folds: seed 7 would give others
+    tuned = fit_end_to_end(config(cohort, "from_run", val_fraction=0.0, seed=7, epochs=1, encoder_lr=0.0,
+                                  encoder_from=str(report.out)), splits=folds)
+    assert (tuned.out / "splits.json").read_text() == (report.out / "splits.json").read_text()
     start = json.loads((tuned.out / "fold_1" / "encoder.json").read_text())["start"]
     assert start == f"run:{(report.out / 'fold_1').resolve()}"
-    assert tuned.mean["auc"] >= 0.9  # the folds' trained encoders carry the signal from the first epoch
+    for fold in ("fold_0", "fold_1"):  # encoder_lr = 0: each fold keeps exactly the weights it started from
+        (_, start_model), = load_end_to_end_models(report.out, [fold])
+        (_, kept), = load_end_to_end_models(tuned.out, [fold])
+        for name, weight in start_model.encoder.named_parameters():
+            torch.testing.assert_close(dict(kept.encoder.named_parameters())[name], weight, rtol=0, atol=0)
 
 
 def test_pixel_model_batchnorm_and_augmentation():

@@ -59,7 +59,7 @@ from mrantool.training.runs import (
 from mrantool.training.splits import Split, derive_seed, make_splits
 
 EVALUATION = "validation and test slides encoded by the fold's own encoder in eval mode (BatchNorm running statistics)"
-RESUME_IGNORED = ("out", "threads", "device")  # settings that may change when an interrupted run is resumed
+RESUME_IGNORED = ("out", "threads", "device", "pixel_cache_gb")  # may change when a run is resumed
 Attention = dict[str, dict[str, dict[str, np.ndarray]]]  # fold name -> slide id -> level -> weights
 
 
@@ -107,6 +107,8 @@ def fit_end_to_end(cfg: FitConfig, *, splits: Sequence[Split] | None = None, kee
     refuse_finished(out)
     notes = run_notes(labels, len(splits))
     done = _finished_folds(out, cfg, labels, splits)
+    data = PixelData(store, labels.slide_ids, preset.geometry, patch_min_tissue=cfg.patch_min_tissue,
+                     budget_gb=cfg.pixel_cache_gb, progress=emit)  # before anything is written to `out`
     if done is None:
         start_run(out, cfg, labels, splits, in_dim=store.dims.dim, identity=identity, device=device, notes=notes,
                   extra={"end_to_end": _describe(cfg, identity)})
@@ -115,8 +117,6 @@ def fit_end_to_end(cfg: FitConfig, *, splits: Sequence[Split] | None = None, kee
         notes.append(f"Resuming {out}: {len(done)} of {len(splits)} folds were finished and are kept.")
     for note in notes:
         emit("note", {"message": note})
-    data = PixelData(store, labels.slide_ids, preset.geometry, patch_min_tissue=cfg.patch_min_tissue,
-                     budget_gb=cfg.pixel_cache_gb, progress=emit)
     emit("start", {"n_slides": len(labels), "n_folds": len(splits), "epochs": cfg.epochs, "classes": labels.classes,
                    "device": str(device), "out": str(out)})
     reports, predictions, histories, rocs, attention = [], [], {}, {}, {}
@@ -277,9 +277,11 @@ class _Fold:
             raise ConfigError(f"The encoder of {folder} was trained on {len(leaked)} slide(s) that are test slides of "
                               f"{self.name} here ({', '.join(leaked[:3])}); start from a run with the same folds.")
         encoder = load_encoder(folder)
-        if encoder.identity()["arch"] != self.identity["encoder"]:
-            raise ConfigError(f"The encoder of {folder} is a {encoder.identity()['arch']}, the store's is a "
-                              f"{self.identity['encoder']}; start from a run trained on a store of this encoder.")
+        mine = (self.identity["encoder"], self.preset.input_px, self.preset.geometry.cells)
+        theirs = (encoder.identity()["arch"], encoder.input_px, encoder.cells)
+        if theirs != mine:
+            raise ConfigError(f"The encoder of {folder} (arch, input px, cells {theirs}) does not match this store's "
+                              f"{mine}; start from a run trained on a store extracted like this one.")
         return encoder.train(), f"run:{folder.resolve()}"
 
 
