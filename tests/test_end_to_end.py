@@ -254,6 +254,12 @@ def test_pixel_model_batchnorm_and_augmentation():
         full, _ = model.embed(pixels, mask)
         alone, _ = model.embed(pixels[:1, :2], mask[:1, :2])
         assert not torch.allclose(full[0, 0], alone[0, 0], atol=1e-4)
+    frozen = PixelMIL(model.encoder, model.head, preset, augment=False, batchnorm="frozen").train()
+    with torch.no_grad():  # frozen BatchNorm: running statistics in training too
+        full, _ = frozen.embed(pixels, mask)
+        alone, _ = frozen.embed(pixels[:1, :1], mask[:1, :1])
+        torch.testing.assert_close(full[0, 0], alone[0, 0])
+    assert frozen.head.training and not frozen.encoder.model.stem[1].training
     masked = mask.clone()
     masked[1, 2:] = False
     features, _ = model.embed(pixels, masked)

@@ -206,11 +206,13 @@ def check_config(cfg: FitConfig) -> None:
         (0 <= cfg.cache_gb < math.inf, f"cache_gb {cfg.cache_gb} (use a finite value >= 0)"),
         (cfg.threads is None or cfg.threads >= 1, f"threads {cfg.threads} (use 1 or more)"),
         (cfg.end_to_end or (cfg.weights is None and cfg.encoder_from is None and cfg.encoder_lr is None
-                            and cfg.color_jitter == 0), "weights, encoder_from, encoder_lr and color_jitter "
-         "(they apply only with end_to_end = true)"),
+                            and cfg.color_jitter == 0 and cfg.augment and cfg.batchnorm == "batch"),
+         "weights, encoder_from, encoder_lr, color_jitter, augment or batchnorm (they apply only with "
+         "end_to_end = true)"),
         (cfg.weights is None or cfg.encoder_from is None, "both weights and encoder_from (pass one of them)"),
         (cfg.encoder_lr is None or cfg.encoder_lr >= 0, f"encoder_lr {cfg.encoder_lr} (use 0 or more)"),
         (0 <= cfg.color_jitter < 1, f"color_jitter {cfg.color_jitter} (use 0 <= color_jitter < 1)"),
+        (cfg.batchnorm in ("batch", "frozen"), f"batchnorm {cfg.batchnorm!r} (use 'batch' or 'frozen')"),
         (0 < cfg.pixel_cache_gb < math.inf, f"pixel_cache_gb {cfg.pixel_cache_gb} (use a positive, finite size)"),
     ]
     problems = [message for ok, message in rules if not ok]

@@ -138,8 +138,7 @@ def _describe(cfg: FitConfig, identity: dict[str, Any]) -> dict[str, Any]:
              f"weights:{Path(cfg.weights).resolve()}" if cfg.weights else f"run:{Path(cfg.encoder_from).resolve()}")
     return {"encoder": identity["encoder"], "preset": identity["preset"], "start": start, "trainable": "all",
             "encoder_lr": cfg.lr if cfg.encoder_lr is None else cfg.encoder_lr, "augment": cfg.augment,
-            "color_jitter": cfg.color_jitter, "batchnorm": "batch statistics of the slide's patches in training, "
-            "running statistics at evaluation", "evaluation": EVALUATION}
+            "color_jitter": cfg.color_jitter, "batchnorm": cfg.batchnorm, "evaluation": EVALUATION}
 
 
 def _finished_folds(out: Path, cfg: FitConfig, labels: Labels, splits: Sequence[Split]) -> set[str] | None:
@@ -202,7 +201,8 @@ class _Fold:
         seed_everything(seed)
         encoder, start = self._start_encoder()
         head = create_head(cfg.model, encoder.embed_dim, self.labels.n_classes, **cfg.options)
-        model = PixelMIL(encoder, head, self.preset, augment=cfg.augment, color_jitter=cfg.color_jitter).to(self.device)
+        model = PixelMIL(encoder, head, self.preset, augment=cfg.augment, color_jitter=cfg.color_jitter,
+                         batchnorm=cfg.batchnorm).to(self.device)
         result = train_fold(model, self.data, self.ids("train"), y[split.train], self.ids("val"), y[split.val], cfg,
                             seed=seed, device=self.device, progress=self.emit, context=context,
                             params=model.param_groups(cfg.lr, cfg.encoder_lr))

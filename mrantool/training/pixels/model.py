@@ -12,10 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mrantool.encoders.registry import PatchEncoder
+from mrantool.errors import ConfigError
 from mrantool.models.base import MILHead, MILOutput
 from mrantool.tiling.presets import Preset
 
 EVAL_CHUNK = 512  # patches per encoder forward at evaluation
+BATCHNORM = ("batch", "frozen")
 
 
 def dihedral(x: Tensor, k: Tensor) -> Tensor:
@@ -44,20 +46,24 @@ class PixelMIL(nn.Module):
     """`head` over the patch and cell embeddings that `encoder` makes from the tissue patches of each bag.
 
     Training mode: the slide's tissue patches are augmented (random flips and 90-degree rotations when `augment`,
-    colour jitter of strength `color_jitter`) and encoded as one batch, so BatchNorm normalises with the
-    statistics of that slide's patches and updates its running ones. Eval mode: no augmentation, running
+    colour jitter of strength `color_jitter`) and encoded as one batch. `batchnorm="batch"`: BatchNorm normalises
+    with the statistics of that slide's patches and updates its running ones; `"frozen"`: BatchNorm layers stay in
+    eval mode (their running statistics fixed, their affine weights trained). Eval mode: no augmentation, running
     statistics, patches encoded in chunks. Non-tissue patches are not encoded (zero embeddings, masked).
     """
 
     needs_cells = False  # the trainer passes pixels only; the encoder makes the cells itself
 
     def __init__(self, encoder: PatchEncoder, head: MILHead, preset: Preset, *, augment: bool = True,
-                 color_jitter: float = 0.0) -> None:
+                 color_jitter: float = 0.0, batchnorm: str = "batch") -> None:
         super().__init__()
+        if batchnorm not in BATCHNORM:
+            raise ConfigError(f"batchnorm {batchnorm!r} is unknown; use {' or '.join(BATCHNORM)}.")
         self.encoder = encoder
         self.head = head
         self.augment = augment
         self.color_jitter = color_jitter
+        self.batchnorm = batchnorm
         self.input_px = preset.input_px
         self.register_buffer("mean", torch.tensor(preset.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preset.std).view(1, 3, 1, 1), persistent=False)
@@ -67,6 +73,14 @@ class PixelMIL(nn.Module):
     @property
     def n_classes(self) -> int:
         return self.head.n_classes
+
+    def train(self, mode: bool = True) -> PixelMIL:
+        super().train(mode)
+        if mode and self.batchnorm == "frozen":
+            for module in self.encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
 
     def _inputs(self, pixels: Tensor) -> Tensor:
         """(N, h, w, 3) uint8 -> (N, 3, input_px, input_px) normalised float, augmented in training mode."""
