@@ -8,7 +8,8 @@ CPU bf16 autocast (fast only where the CPU has AMX/AVX512-BF16; not what fit use
 Part 2, `--fit`: a generated cohort (mrantool's synthetic slides, tumour foci of large nuclei) extracted with
 small-cnn; a cached fit (frozen random-init small-cnn features) and `fit --end-to-end` from random init on
 the same folds: seconds per epoch and per step (one slide), test AUC per fold.
-Writes benchmarks/results/end_to_end.json + .md (hardware, load before/after, date, git commit, command).
+Writes benchmarks/results/end_to_end.json + .md (hardware, load before/after, date; common.write_results adds
+the git commit and the command).
 
     python benchmarks/end_to_end.py                          # part 1: a few minutes on 2 quiet cores
     python benchmarks/end_to_end.py --fit                    # + part 2: about 15 more minutes
@@ -21,9 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shlex
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,10 +30,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from mrantool.cohorts.synthetic import make_cohort
 from mrantool.config import ExtractConfig, FitConfig
 from mrantool.encoders.registry import create_encoder
 from mrantool.extract.api import extract
-from mrantool.slides.synthetic import make_cohort
 from mrantool.tiling.presets import get_preset
 from mrantool.training.api import fit
 from mrantool.training.pixels.e2e import fit_end_to_end
@@ -46,14 +44,8 @@ except ImportError:  # run as a script: benchmarks/ is sys.path[0]
     from common import hardware, load_average, markdown_table, median, write_results
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+TABLES = {"encoders": ["encoder", "input px", "parameters", "MFLOPs/patch (fwd)", "train patches/s", "eval patches/s"],
+          "fit": ["training", "s/epoch", "s/step (one slide)", "total s", "test AUC per fold", "mean AUC"]}
 
 
 class EncoderBench:
@@ -157,18 +149,15 @@ def main() -> None:
     encoders = bench_encoders(args.presets, args.batch, args.repeats, args.bf16)
     fitted = bench_fit(args, args.work or Path(tempfile.mkdtemp(prefix="mrantool-e2e-"))) if args.fit else None
     report = {"hardware": hardware(), "load_before": load_before, "load_after": load_average(),
-              "git_commit": git_commit(), "command": shlex.join([sys.executable, *sys.argv]),
               "args": {k: str(v) for k, v in vars(args).items()}, "encoders": encoders, "fit": fitted}
     hw = report["hardware"]
     md = ["# End-to-end training cost", "",
           f"{hw['cpu']}, {args.threads} thread(s), torch {hw['torch']}; load {load_before} before, "
-          f"{report['load_after']} after; {hw['date']}; commit {report['git_commit'][:10]}.", "",
-          f"Command: `{report['command']}`", "",
+          f"{report['load_after']} after; {hw['date']}.", "",
           f"Encoders: batch of {args.batch} patches at each preset's input size, channels_last; median of "
           f"{args.repeats} steps. A training step is forward + backward + Adam in train mode (BatchNorm batch "
           "statistics).", "",
-          markdown_table(["encoder", "input px", "parameters", "MFLOPs/patch (fwd)", "train patches/s",
-                          "eval patches/s"],
+          markdown_table(TABLES["encoders"],
                          [[r["encoder"], r["input_px"], f"{r['params']:,}", fmt(r["mflops_per_patch"], 1),
                            f"{r['train_patches_per_s']:.0f}", f"{r['eval_patches_per_s']:.0f}"] for r in encoders],
                          [False, True, True, True, True, True]), ""]
@@ -177,8 +166,7 @@ def main() -> None:
         md += [f"Fit: {args.slides} generated slides of {args.size} px, small-cnn preset (512 px bags of 8x8 "
                f"patches of 64 px), {args.model}, {args.folds} folds, {args.epochs} epochs, lr {args.lr}, the same "
                f"folds for both; extraction {fitted['extract_s']:.0f} s.", "",
-               markdown_table(["training", "s/epoch", "s/step (one slide)", "total s", "test AUC per fold",
-                               "mean AUC"],
+               markdown_table(TABLES["fit"],
                               [[k, fmt(r["seconds_per_epoch"], 2), fmt(r["seconds_per_step"], 3),
                                 f"{r['seconds']:.0f}", " / ".join(fmt(a, 2) for a in r["auc"]), fmt(r["mean_auc"])]
                                for k, r in runs.items()], [False, True, True, True, False, True]), ""]

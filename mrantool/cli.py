@@ -381,7 +381,8 @@ def fit(
     bags_per_slide: Annotated[int, typer.Option(help="Bags re-encoded with gradients per slide and step.")] = 2,
     init_run: Annotated[Path | None, typer.Option(help="Frozen-cache fit run to start fine-tuning from.")] = None,
     end_to_end: Annotated[bool | None, typer.Option(help="Train the store's encoder and the head from pixels.")] = None,
-    weights: Annotated[str | None, typer.Option(help="--end-to-end: start the encoder from this file.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Encoder weights to start from (--end-to-end; with --finetune "
+                                                    "the store's own weights file).")] = None,
     encoder_from: Annotated[str | None, typer.Option(help="--end-to-end: start from this run's fold encoders.")] = None,
 ) -> None:
     """Train a MIL head on a store with patient-grouped, stratified cross-validation.

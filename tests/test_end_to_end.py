@@ -23,7 +23,7 @@ from mrantool.encoders.registry import create_encoder
 from mrantool.errors import ConfigError
 from mrantool.extract.api import extract
 from mrantool.models.registry import create_head
-from mrantool.slides.synthetic import write_pyramid_tiff
+from mrantool.slides.writer import write_pyramid_tiff
 from mrantool.sweep.runner import run_sweep
 from mrantool.tiling.presets import get_preset
 from mrantool.training.api import predict

@@ -208,7 +208,7 @@ def check_config(cfg: FitConfig) -> None:
         (cfg.end_to_end or (cfg.weights is None and cfg.encoder_from is None and cfg.encoder_lr is None
                             and cfg.color_jitter == 0 and cfg.augment and cfg.batchnorm == "batch"),
          "weights, encoder_from, encoder_lr, color_jitter, augment or batchnorm (they apply only with "
-         "end_to_end = true)"),
+         "end_to_end = true; weights and encoder_lr also with --finetune)"),
         (cfg.weights is None or cfg.encoder_from is None, "both weights and encoder_from (pass one of them)"),
         (cfg.encoder_lr is None or cfg.encoder_lr >= 0, f"encoder_lr {cfg.encoder_lr} (use 0 or more)"),
         (0 <= cfg.color_jitter < 1, f"color_jitter {cfg.color_jitter} (use 0 <= color_jitter < 1)"),

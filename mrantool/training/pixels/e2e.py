@@ -23,6 +23,7 @@ from mrantool import __version__
 from mrantool.config import FitConfig
 from mrantool.encoders.registry import PatchEncoder, create_encoder
 from mrantool.errors import ConfigError, StoreError
+from mrantool.files import output_file
 from mrantool.models.base import MILOutput
 from mrantool.models.registry import create_head
 from mrantool.store import FeatureStore
@@ -31,7 +32,7 @@ from mrantool.training.data import tissue_mask
 from mrantool.training.labels import Labels, read_labels
 from mrantool.training.loop import Progress, evaluate, resolve_device, seed_everything, torch_settings, train_fold
 from mrantool.training.metrics import slide_metrics
-from mrantool.training.pixels.checkpoint import copy_atomic, load_encoder, save_encoder
+from mrantool.training.pixels.checkpoint import copy_atomic, label_slides, load_encoder, save_encoder
 from mrantool.training.pixels.model import PixelMIL
 from mrantool.training.pixels.source import BagPixels, PixelData, transform_preset
 from mrantool.training.runs import (
@@ -96,7 +97,8 @@ def fit_end_to_end(cfg: FitConfig, *, splits: Sequence[Split] | None = None, kee
     if "preset" not in identity or "transforms" not in identity:
         raise ConfigError(f"Store {cfg.store} holds imported features, with no slide files or encoder to train; "
                           "extract the slides with `mrantool extract` first.")
-    labels = read_labels(cfg.labels, store.slide_ids())
+    labels = read_labels(cfg.labels, store.slide_ids(), id_column=cfg.id_column, label_column=cfg.label_column)
+    store.require_whole(labels.slide_ids, "fit")
     preset = transform_preset(identity)
     create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options)  # options checked before any reading
     device = resolve_device(cfg.device)
@@ -105,7 +107,7 @@ def fit_end_to_end(cfg: FitConfig, *, splits: Sequence[Split] | None = None, kee
     names = fold_names(splits)
     out = Path(cfg.out)
     refuse_finished(out)
-    notes = run_notes(labels, len(splits))
+    notes = run_notes(labels, splits)
     done = _finished_folds(out, cfg, labels, splits)
     data = PixelData(store, labels.slide_ids, preset.geometry, patch_min_tissue=cfg.patch_min_tissue,
                      budget_gb=cfg.pixel_cache_gb, progress=emit)  # before anything is written to `out`
@@ -214,7 +216,8 @@ class _Fold:
             "monitor": result.monitor, "standardize": False, "end_to_end": True, "mrantool_version": __version__})
         save_encoder(self.folder, model.encoder, self.identity, {
             "trainable": "all", "start": start, "run": str(Path(cfg.out).resolve()), "fold": self.name,
-            "best_epoch": result.best_epoch})
+            "best_epoch": result.best_epoch, "label_slides": label_slides(self.data.store, [
+                *self.ids("train"), *self.ids("val")])})
         if self.index == 0:
             for suffix in ("safetensors", "json"):
                 copy_atomic(self.folder / f"encoder.{suffix}", Path(cfg.out) / f"encoder.{suffix}")
@@ -336,6 +339,8 @@ def predict_end_to_end(run_dir: str | Path, store_path: str | Path, out_csv: str
         raise StoreError(f"Store {store_path} was cut with geometry {have}, run {run_dir} with {want}; extract the "
                          "slides with the run's preset and geometry.")
     ids = slides_to_predict(store.slide_ids(), slides, store_path)
+    store.require_whole(ids, "predict")
+    out_csv = output_file(out_csv, "--out")
     settings = run["config"]
     dev = resolve_device(device)
     emit = progress or (lambda event, info: None)

@@ -339,6 +339,7 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
 UNUSED_FIT_SETTINGS = ("repeats", "weight_decay", "optimizer", "momentum", "patience", "min_epochs", "monitor",
                        "class_weights", "standardize", "bag_mining", "save_attention")
 FROM_INIT_RUN = ("model", "options", "folds", "val_fraction", "patch_min_tissue")
+END_TO_END_ONLY = ("end_to_end", "encoder_from", "augment", "color_jitter", "batchnorm", "pixel_cache_gb")
 
 
 def finetune_from_fit(cfg: FitConfig, *, init_run: str | Path | None = None, layers: int = 1,
@@ -346,19 +347,20 @@ def finetune_from_fit(cfg: FitConfig, *, init_run: str | Path | None = None, lay
     """`fit --finetune`: every fit setting the user gave is applied, or refused in one sentence (never dropped).
 
     Settings given explicitly are `cfg.model_fields_set` (flags and config-file keys). Defaults that differ
-    from fit's: 3 epochs and lr 1e-4 unless given.
+    from fit's: 3 epochs, lr 1e-4 and encoder_lr 1e-5 unless given; `weights` is the store's encoder file.
     """
     given = cfg.model_fields_set
-    unused = [key for key in UNUSED_FIT_SETTINGS if key in given]
+    unused = [key for key in (*UNUSED_FIT_SETTINGS, *END_TO_END_ONLY) if key in given]
     fixed = [key for key in FROM_INIT_RUN if key in given] if init_run is not None else []
     if unused or fixed:
-        parts = ([f"{', '.join(unused)} (fine-tuning trains with Adam at a fixed weight decay and keeps the epoch "
-                  "with the lowest validation loss)"] if unused else []) + (
+        parts = ([f"{', '.join(unused)} (fine-tuning trains with Adam at a fixed weight decay, keeps the epoch "
+                  "with the lowest validation loss and reads only the bags it re-encodes)"] if unused else []) + (
                  [f"{', '.join(fixed)} (they come from --init-run {init_run})"] if fixed else [])
         raise ConfigError(f"fit --finetune cannot apply {' nor '.join(parts)}; remove them from the flags or the "
                           "config file.")
     return finetune(cfg.store, cfg.labels, cfg.out, init_run=init_run, layers=layers, bags_per_slide=bags_per_slide,
                     epochs=cfg.epochs if "epochs" in given else 3, lr=cfg.lr if "lr" in given else 1e-4,
+                    encoder_lr=cfg.encoder_lr if cfg.encoder_lr is not None else 1e-5, weights=cfg.weights,
                     folds=None if init_run is not None else cfg.folds, seed=cfg.seed, device=cfg.device,
                     progress=progress, val_fraction=cfg.val_fraction, max_bags=cfg.max_bags, threads=cfg.threads,
                     model=cfg.model, options=cfg.options, patch_min_tissue=cfg.patch_min_tissue,

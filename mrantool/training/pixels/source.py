@@ -71,6 +71,7 @@ class PixelData(MILData):
 
     def __init__(self, store: FeatureStore, slide_ids: Sequence[str], geometry: Geometry, *, patch_min_tissue: float,
                  budget_gb: float, progress: Progress | None = None) -> None:
+        self.store = store
         self.slide_ids = list(slide_ids)
         self.geometry = geometry
         self.in_dim = 3
