@@ -156,6 +156,20 @@ def test_predict_re_encodes_with_each_fold_encoder(run, cohort, tmp_path):
     assert heat.out.is_file() and heat.level == "patch"
 
 
+def test_extract_with_the_runs_encoder_refuses_its_training_slides(run, cohort, tmp_path):
+    report, _ = run
+    fold_0 = json.loads((report.out / "splits.json").read_text())[0]
+    geometry = {"preset": "small-cnn", "bag_px": SIZE, "grid": SIZE // PATCH, "workers": 0, "device": "cpu"}
+    trained = [str(cohort["root"] / f"{fold_0['train'][0]}.tif")]
+    with pytest.raises(ConfigError, match="trained or validated the encoder"):
+        extract(ExtractConfig(slides=trained, store=str(tmp_path / "leak.zarr"), encoder_from=str(report.out),
+                              **geometry))
+    unseen = str(cohort["root"] / f"{fold_0['test'][0]}.tif")
+    done = extract(ExtractConfig(slides=[unseen], store=str(tmp_path / "ok.zarr"), encoder_from=str(report.out),
+                                 **geometry))
+    assert done.count("done") == 1
+
+
 def test_same_seed_same_run_and_resume_after_an_interruption(cohort):
     settings = {"model": "mran", "epochs": 1, "min_epochs": 1}
     first = fit_end_to_end(config(cohort, "det_a", **settings), keep_attention=True)
