@@ -30,10 +30,12 @@ from mrantool.config import ExtractConfig, FitConfig
 from mrantool.encoders.rebuild import rebuild_encoder
 from mrantool.extract.api import extract
 from mrantool.store import FeatureStore
-from mrantool.training.api import fit, load_checkpoint
+from mrantool.training.api import fit
 from mrantool.training.data import StoreData
-from mrantool.training.finetune import BagPixels, encode, finetune, transform_preset
 from mrantool.training.labels import read_labels
+from mrantool.training.pixels.finetune import encode, finetune
+from mrantool.training.pixels.source import BagPixels, transform_preset
+from mrantool.training.runs import load_checkpoint
 
 RESULTS = Path(__file__).parent / "results"
 TABLES = {"folds": ["fold", "frozen val AUC", "frozen test AUC", "tuned val AUC", "tuned test AUC", "best epoch",

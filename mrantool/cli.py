@@ -408,29 +408,41 @@ def fit(
     finetune_layers: Annotated[int, typer.Option(help="Trainable last encoder stages/blocks.")] = 1,
     bags_per_slide: Annotated[int, typer.Option(help="Bags re-encoded with gradients per slide and step.")] = 2,
     init_run: Annotated[Path | None, typer.Option(help="Frozen-cache fit run to start fine-tuning from.")] = None,
+    end_to_end: Annotated[bool | None, typer.Option(help="Train the store's encoder and the head from pixels.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Encoder weights to start from (--end-to-end; with --finetune "
+                                                    "the store's own weights file).")] = None,
+    encoder_from: Annotated[str | None, typer.Option(help="--end-to-end: start from this run's fold encoders.")] = None,
 ) -> None:
     """Train a MIL head on a store with patient-grouped, stratified cross-validation.
 
     Example: mrantool fit --store cohort.zarr --labels labels.csv --model mran --out runs/mran -O cells=false
+
+    End to end: mrantool fit --end-to-end --store small_cnn.zarr --labels labels.csv --model mran --out runs/e2e
     """
     from mrantool.cli_render import fit_progress, results_table
     from mrantool.config import FitConfig, parse_options
+    from mrantool.errors import ConfigError
     from mrantool.training.api import fit as run_fit
+    from mrantool.training.pixels.e2e import fit_end_to_end
 
     def load() -> FitConfig:
         cfg = FitConfig.load(config, "fit", store=store, labels=labels, id_column=id_column,
                              label_column=label_column, model=model, out=out, folds=folds,
                              repeats=repeats, epochs=epochs, lr=lr, seed=seed, cache_gb=cache_gb, device=device,
-                             threads=threads, batch_size=batch_size, parallel_folds=parallel_folds)
+                             threads=threads, batch_size=batch_size, parallel_folds=parallel_folds,
+                             end_to_end=end_to_end, weights=weights, encoder_from=encoder_from)
         if option:
             cfg.options = {**cfg.options, **parse_options(option)}
+        if finetune and cfg.end_to_end:
+            raise ConfigError("--finetune and --end-to-end are two ways to train from pixels; pass one of them.")
         return cfg
 
     cfg = run_api(load)
     if finetune:
         return _finetune(cfg, finetune_layers, bags_per_slide, init_run, quiet)
+    train = fit_end_to_end if cfg.end_to_end else run_fit
     with fit_progress(console, quiet) as progress:
-        report = run_api(lambda: run_fit(cfg, progress=progress))
+        report = run_api(lambda: train(cfg, progress=progress))
     rows = report.table()
     console.print(results_table(f"{report.model} on {cfg.store}", list(rows[0]), [list(r.values()) for r in rows]))
     console.print(f"wrote {report.out} (config.json, metrics.json, predictions.csv, attention/, curves.png, roc.png) "
@@ -440,7 +452,7 @@ def fit(
 def _finetune(cfg, layers: int, bags_per_slide: int, init_run: Path | None, quiet: bool) -> None:
     """`fit --finetune`: fold/epoch progress, then a frozen vs fine-tuned table."""
     from mrantool.cli_render import fit_progress, results_table
-    from mrantool.training.finetune import finetune_from_fit
+    from mrantool.training.pixels.finetune import finetune_from_fit
 
     with fit_progress(console, quiet) as progress:
         report = run_api(lambda: finetune_from_fit(cfg, init_run=init_run, layers=layers,
@@ -460,14 +472,16 @@ def predict(
     out: Annotated[Path, typer.Option(help="CSV to write.")] = Path("predictions.csv"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda ...")] = "auto",
 ) -> None:
-    """Apply a run's fold models (averaged) to every slide of a store.
+    """Apply a run's fold models (averaged) to every slide of a store (an end-to-end run re-encodes the pixels).
 
     Example: mrantool predict --run runs/mran --store new_cohort.zarr --out preds.csv
     """
     from mrantool.cli_render import results_table
     from mrantool.training.api import predict as run_predict
+    from mrantool.training.pixels.e2e import is_end_to_end_run, predict_end_to_end
 
-    rows = run_api(lambda: run_predict(run, store, out, device=device))
+    rows = run_api(lambda: (predict_end_to_end if is_end_to_end_run(run) else run_predict)(run, store, out,
+                                                                                           device=device))
     cols = list(rows[0]) if rows else ["slide_id"]
     shown = [[f"{v:.3f}" if isinstance(v, float) else v for v in r.values()] for r in rows[:20]]
     console.print(results_table(f"predictions ({len(rows)} slides)", cols, shown))

@@ -155,3 +155,12 @@ class FitConfig(StageConfig):
     device: str = "auto"
     threads: int | None = None
     save_attention: bool = True
+    # training from pixels (docs/end-to-end.md): the store's encoder architecture and the head train together
+    end_to_end: bool = False
+    weights: str | None = None  # end_to_end: start the encoder from this weights file (default: random init)
+    encoder_from: str | None = None  # end_to_end: start each fold from that fold's encoder of this run
+    encoder_lr: float | None = None  # end_to_end: the encoder's learning rate (default: lr)
+    augment: bool = True  # end_to_end: random flips and 90-degree rotations of training patches
+    batchnorm: str = "batch"  # end_to_end: "batch" (each slide's patch statistics in training) or "frozen"
+    color_jitter: float = 0.0  # end_to_end: brightness/contrast/saturation jitter of training patches (0..1)
+    pixel_cache_gb: float = 4.0  # end_to_end: RAM budget for the cohort's uint8 pixels

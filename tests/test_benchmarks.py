@@ -20,6 +20,7 @@ SCRIPTS = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem no
 # then fail as XPASS and must be removed.
 RERUN = {
     "decode": "nice python benchmarks/decode.py",
+    "end_to_end": "python benchmarks/end_to_end.py --fit",
     "extract": "nice python benchmarks/extract.py --rounds 3",
     "finetune": "nice -n 10 python benchmarks/finetune.py",
     "fit": "nice -n 10 python benchmarks/fit.py",
@@ -33,7 +34,7 @@ RERUN = {
     "viewer": "python benchmarks/viewer.py",
 }
 OLD_COLUMNS = {"retrieval", "musk", "fit"}  # written by older versions of their scripts (other columns)
-NO_RESULTS = {"viewer", "scale", "decode", "gpu", "mran"}  # never run on a quiet machine (or a GPU): no results yet
+NO_RESULTS = {"viewer", "scale", "decode", "gpu", "mran", "end_to_end"}  # never run on a quiet machine (or a GPU)
 
 
 def stale(name: str, why: str):

@@ -15,7 +15,7 @@ from mrantool.errors import ConfigError
 from mrantool.extract.api import extract
 from mrantool.store import FeatureStore
 from mrantool.tiling.presets import get_preset
-from mrantool.training.finetune import choose_bags, finetune, trainable_blocks
+from mrantool.training.pixels.finetune import choose_bags, finetune, trainable_blocks
 
 TINY = {"preset": "tiny", "workers": 0, "batch_size": 32, "device": "cpu"}
 

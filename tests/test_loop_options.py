@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError
@@ -46,3 +47,30 @@ def test_cosine_schedule_halves_the_lr_midway_and_ends_at_zero():
 def test_bad_schedule_and_smoothing_are_named():
     with pytest.raises(ConfigError, match=r"smoothing 1\.0 .*lr_schedule 'step'"):
         check_config(FitConfig(store="-", labels="-", out="-", smoothing=1.0, lr_schedule="step"))
+
+
+def test_parameter_groups_keep_their_own_lr_under_the_schedule():
+    """End-to-end training passes the encoder as a parameter group of its own (encoder_lr): a group at lr 0
+    never moves, under the cosine schedule too, while the default group trains as without `params`."""
+    rng = np.random.default_rng(0)
+    data = ArrayData({f"s{i}": rng.normal(size=(1, 3, 4)).astype(np.float32) for i in range(6)})
+    ids, y = data.slide_ids, np.array([0, 1] * 3)
+    cfg = FitConfig(store="-", labels="-", out="-", epochs=3, lr=0.05, lr_schedule="cosine", device="cpu")
+
+    def trained(params_of) -> tuple[dict, dict]:
+        torch.manual_seed(0)
+        head = create_head("abmil", 4, 2, hidden=8, attn_dim=4)
+        start = {k: v.clone() for k, v in head.state_dict().items()}
+        result = train_fold(head, data, ids[:4], y[:4], ids[4:], y[4:], cfg, seed=0, params=params_of(head))
+        return start, result.state
+
+    start, plain = trained(lambda head: None)
+    _, same = trained(lambda head: [{"params": list(head.parameters()), "lr": cfg.lr}])
+    for name in plain:
+        torch.testing.assert_close(same[name], plain[name], rtol=0, atol=0)
+    assert not torch.equal(plain["classifier.weight"], start["classifier.weight"])
+    start, frozen = trained(lambda head: [
+        {"params": [p for n, p in head.named_parameters() if n.startswith("classifier")], "lr": cfg.lr},
+        {"params": [p for n, p in head.named_parameters() if not n.startswith("classifier")], "lr": 0.0}])
+    moved = {n for n in frozen if not torch.equal(frozen[n], start[n])}
+    assert moved and all(n.startswith("classifier") for n in moved)

@@ -174,7 +174,7 @@ def test_preview_a_png(png_cohort, tmp_path):
 
 def test_heatmap_and_finetuning_read_plain_images(png_cohort, tmp_path):
     from mrantool.extract.dataset import cut_patches
-    from mrantool.training.finetune import BagPixels
+    from mrantool.training.pixels.source import BagPixels
     from mrantool.viz.heatmap import draw_heatmap
     from tests.test_heatmap import fake_run
 

@@ -20,6 +20,7 @@ import timm
 import torch
 from torch import nn
 
+from mrantool.encoders import small_cnn  # noqa: F401  (registers mrantool_small_cnn in timm)
 from mrantool.encoders.hub import is_hub_name, model_folder, state_sha256
 from mrantool.encoders.tokens import cells_from_feature_map, cells_from_vit_tokens, token_grid
 from mrantool.errors import ConfigError

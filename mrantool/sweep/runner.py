@@ -10,6 +10,7 @@ recorded (runs/<hash>/error.txt and the results) and the others go on.
 Runs on the same data whose head, options and group settings match (they differ in, e.g., lr, seed or
 folds) go to one worker as a group and their folds train together (`fit_many`); groups are split until
 every worker has one. A group that fails is retried run by run, so one bad run cannot take others down.
+End-to-end runs (`end_to_end = true`) read their pixels themselves and are never grouped.
 
 Workers are started with forkserver (spawn where that does not exist), never by forking a process that
 already runs torch threads. Each worker opens each store once and keeps one `StoreData` (an LRU feature
@@ -45,6 +46,7 @@ from mrantool.sweep.spec import RunSpec, SweepSpec, load_spec
 from mrantool.training.api import fit_many, train_together_key
 from mrantool.training.data import StoreData
 from mrantool.training.labels import Labels, read_labels
+from mrantool.training.pixels.e2e import fit_end_to_end
 from mrantool.training.splits import make_splits
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -158,7 +160,8 @@ def preflight(runs: list[RunSpec], source: str) -> dict[tuple[str, ...], str]:
             if isinstance(entry, MrantoolError):
                 raise entry
             store, labels = entry
-            if create_head(cfg.model, DUMMY_DIM, 2, **cfg.options).needs_cells and not store.dims.n_cells:
+            needs_cells = create_head(cfg.model, DUMMY_DIM, 2, **cfg.options).needs_cells and not cfg.end_to_end
+            if needs_cells and not store.dims.n_cells:
                 raise ConfigError(f"head {cfg.model!r} with these options needs cell embeddings but store "
                                   f"{cfg.store} has none; set options.cells = false or use a patch head")
             make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
@@ -221,12 +224,14 @@ Task = tuple[RunSpec, str, str]  # the run, its folder, its inputs key
 
 
 def group_tasks(tasks: list[Task], workers: int) -> list[list[Task]]:
-    """Runs whose folds can train together, grouped (in spec order); the largest groups are halved until
-    there are at least `workers` groups or every group is one run."""
+    """Runs whose folds can train together, grouped (in spec order); an end-to-end run (it trains from pixels,
+    one fold at a time) is a group of its own. The largest groups are halved until there are at least `workers`
+    groups or every group is one run."""
     groups: dict[tuple[str, ...], list[Task]] = {}
-    for task in tasks:
+    for index, task in enumerate(tasks):
         cfg = task[0].fit_config("")
-        key = (*labels_key(cfg), str(cfg.patch_min_tissue), str(cfg.cache_gb), train_together_key(cfg))
+        key = (("end_to_end", str(index)) if cfg.end_to_end else
+               (*labels_key(cfg), str(cfg.patch_min_tissue), str(cfg.cache_gb), train_together_key(cfg)))
         groups.setdefault(key, []).append(task)
     result = list(groups.values())
     while len(result) < workers and any(len(g) > 1 for g in result):
@@ -290,8 +295,12 @@ class Worker:
             shutil.rmtree(folder, ignore_errors=True)  # an unfinished earlier attempt
         try:
             cfgs = [run.fit_config(folder) for run, folder, _ in group]
-            store, labels, data = self._data(cfgs[0])
-            fit_many(cfgs, data, labels, identity=store.identity)
+            if all(cfg.end_to_end for cfg in cfgs):  # from pixels, which the fit reads itself: no feature cache
+                for cfg in cfgs:
+                    fit_end_to_end(cfg)
+            else:
+                store, labels, data = self._data(cfgs[0])
+                fit_many(cfgs, data, labels, identity=store.identity)
             for _, folder, inputs in group:
                 write_json(Path(folder) / INPUTS_FILE, {"inputs": inputs, "mrantool_version": __version__})
         except Exception as exc:

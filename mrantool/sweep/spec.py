@@ -28,8 +28,8 @@ from pydantic import Field, PrivateAttr, ValidationError
 from mrantool.config import FitConfig, StageConfig, read_toml, validate
 from mrantool.errors import ConfigError, MrantoolError
 from mrantool.models.registry import create_head
-from mrantool.training.api import check_config, resolved_options
 from mrantool.training.metrics import METRICS
+from mrantool.training.runs import check_config, resolved_options
 
 OPTIONS = "options"
 RESERVED = ("out",)  # set by the sweep for each run

@@ -136,6 +136,10 @@ PRESETS: dict[str, Preset] = {
                input_px=224, tokens="vit", hub="hf-hub:prov-gigapath/prov-gigapath",
                model_kwargs={"img_size": 224, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
                              "mlp_ratio": 5.33334}),
+        # Trains end to end on CPUs: a 5-layer CNN (mrantool.encoders.small_cnn), 64 px patches at 0.5 mpp in 8x8
+        # grids, its 4x4 map as 16 cells of 8 um (nucleus scale), 128-d.
+        Preset("small-cnn", Geometry(512, 0.5, 8, 4), arch="mrantool_small_cnn", embed_dim=128, input_px=64,
+               tokens="cnn"),
         # Small and fast: for tests and CPU demos (ResNet-18 cut after stage 2, 128-d, 64 px patches at 2 mpp).
         Preset("tiny", Geometry(256, 2.0, 4, 2), arch="resnet18", embed_dim=128, input_px=64, tokens="cnn",
                feature_index=2),

@@ -1,43 +1,31 @@
-"""`fit` (cross-validated training of a MIL head on a store, written to a run folder) and `predict`.
+"""`fit` (cross-validated training of a MIL head on a store's cached features) and `predict`.
 
-Run folder (see docs/fit.md): config.json, splits.json, metrics.json, predictions.csv, curves.png,
-roc.png, fold_<k>/ (or repeat_<r>/fold_<k>/) with model.safetensors + head.json, attention/<slide_id>.npz.
-No pickle anywhere: weights are safetensors, everything else JSON, CSV, npz (no object arrays) or PNG.
+The run folder they write and read is described in mrantool.training.runs and docs/fit.md.
 """
 
 from __future__ import annotations
 
-import csv
-import inspect
-import io
 import json
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from mrantool import __version__
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, StoreError
-from mrantool.files import atomic_path, atomic_write, output_file, output_folder
-from mrantool.models.base import MILHead, MILOutput
-from mrantool.models.registry import create_head, head_options
+from mrantool.files import output_file
+from mrantool.models.registry import create_head
 from mrantool.models.standardize import Standardized
 from mrantool.store import FeatureStore
 from mrantool.store.schema import identity_differences
 from mrantool.training.data import MILData, StoreData
 from mrantool.training.labels import Labels, read_labels
 from mrantool.training.loop import (
-    MONITORS,
-    OPTIMIZERS,
-    SCHEDULES,
     FoldResult,
     Member,
     Progress,
@@ -48,187 +36,28 @@ from mrantool.training.loop import (
     torch_settings,
     train_members,
 )
-from mrantool.training.metrics import METRICS, folds_used, mean_sd, slide_metrics
-from mrantool.training.plots import plot_curves, plot_roc
+from mrantool.training.metrics import slide_metrics
+from mrantool.training.runs import (
+    FitReport,
+    FoldReport,
+    attention_saver,
+    check_config,
+    finish_run,
+    fold_names,
+    load_fold_models,
+    prediction_rows,
+    read_run,
+    refuse_finished,
+    resolved_options,
+    run_notes,
+    save_checkpoint,
+    slides_to_predict,
+    start_run,
+    write_predictions,
+)
 from mrantool.training.splits import Split, derive_seed, make_splits
 
-LEVELS = ("bag", "patch", "cell")
-
-
-@dataclass
-class FoldReport:
-    """One trained fold: where it sits, its best epoch (1-based), split sizes and test metrics."""
-
-    name: str
-    repeat: int
-    fold: int
-    best_epoch: int
-    epochs_run: int
-    monitor: str
-    n_train: int
-    n_val: int
-    n_test: int
-    metrics: dict[str, float]
-    seconds: float = 0.0
-
-
-@dataclass
-class FitReport:
-    """What `fit` did: per-fold and summary metrics (NaN where undefined), notes, and the run folder."""
-
-    out: Path
-    model: str
-    classes: list[str]
-    folds: list[FoldReport]
-    mean: dict[str, float]
-    sd: dict[str, float]
-    pooled: dict[str, float]
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    n_used: dict[str, int] = field(default_factory=dict)  # folds with a defined value of each metric
-
-    def table(self) -> list[dict[str, str]]:
-        """Rows of strings for a rich table: one per fold, then 'mean ± sd' (with 'n of k folds' where a fold's
-        value is undefined) and 'pooled'."""
-        def fmt(value: float) -> str:
-            return "nan" if math.isnan(value) else f"{value:.3f}"
-
-        def used(name: str) -> str:
-            n = self.n_used.get(name, len(self.folds))
-            return "" if n == len(self.folds) else f" ({n} of {len(self.folds)} folds)"
-
-        rows = [{"fold": f.name, "best epoch": f"{f.best_epoch}/{f.epochs_run}", "test slides": str(f.n_test),
-                 **{name: fmt(f.metrics[name]) for name in METRICS}} for f in self.folds]
-        rows.append({"fold": "mean ± sd", "best epoch": "", "test slides": "",
-                     **{name: f"{fmt(self.mean[name])} ± {fmt(self.sd[name])}{used(name)}" for name in METRICS}})
-        n_test = str(sum(f.n_test for f in self.folds))
-        rows.append({"fold": "pooled", "best epoch": "", "test slides": n_test,
-                     **{name: fmt(self.pooled[name]) for name in METRICS}})
-        return rows
-
-
-# --- small file helpers ---
-
-def _plain(value: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None, numpy scalars and paths -> python values."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _write_json(path: Path, value: Any) -> None:
-    atomic_write(path, json.dumps(_plain(value), indent=1, allow_nan=False) + "\n")
-
-
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buffer.getvalue())
-
-
-def _prob(value: float) -> str:
-    return f"{value:.9g}"
-
-
-# --- checkpoints ---
-
-def save_checkpoint(folder: Path, head: MILHead, meta: dict[str, Any]) -> None:
-    """`folder/model.safetensors` (weights) and `folder/head.json` (how to rebuild the head)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in head.state_dict().items()}
-    with atomic_path(folder / "model.safetensors") as temp:
-        save_file(tensors, str(temp), metadata={"format": "pt"})
-    _write_json(folder / "head.json", meta)
-
-
-def load_checkpoint(folder: Path, device: torch.device | str = "cpu") -> tuple[MILHead, dict[str, Any]]:
-    """The head saved in `folder` (eval mode, on `device`) and its head.json."""
-    files = [folder / "head.json", folder / "model.safetensors"]
-    missing = [p.name for p in files if not p.is_file()]
-    if missing:
-        raise ConfigError(f"Fold folder {folder} lacks {', '.join(missing)}; pass a run folder written "
-                          "completely by `mrantool fit` (re-run fit if it was interrupted).")
-    meta = json.loads(files[0].read_text())
-    head = create_head(meta["model"], meta["in_dim"], meta["n_classes"], **meta["options"])
-    if meta.get("standardize"):
-        head = Standardized(head, meta["in_dim"])
-    head.load_state_dict(load_file(str(files[1])))
-    return head.to(device).eval(), meta
-
-
-def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """config.json of a finished run (one with metrics.json)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise ConfigError(f"{run_dir} is not a fit run (no config.json); pass the --out folder of "
-                          "`mrantool fit`.")
-    if not (run_dir / "metrics.json").is_file():
-        raise ConfigError(f"Run {run_dir} did not finish (no metrics.json); re-run `mrantool fit` into a new "
-                          "--out.")
-    return json.loads((run_dir / "config.json").read_text())
-
-
-def load_fold_models(run_dir: str | Path, folds: Sequence[str] | None = None,
-                     device: torch.device | str = "cpu") -> list[tuple[str, MILHead, dict[str, Any]]]:
-    """(fold name, head, head.json) of every fold of a run, or of the named `folds` (e.g. "fold_0")."""
-    run_dir = Path(run_dir)
-    names = read_run(run_dir)["folds"]
-    if folds is not None:
-        unknown = [f for f in folds if f not in names]
-        if unknown:
-            raise ConfigError(f"Run {run_dir} has no fold(s) {', '.join(unknown)}; choose from "
-                              f"{', '.join(names)}.")
-        names = list(folds)
-    return [(name, *load_checkpoint(run_dir / name, device)) for name in names]
-
-
 # --- fit ---
-
-def check_config(cfg: FitConfig) -> None:
-    """One ConfigError listing every out-of-range fit setting."""
-    rules = [
-        (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} (use {', '.join(OPTIMIZERS)})"),
-        (cfg.monitor in MONITORS, f"monitor {cfg.monitor!r} (use {' or '.join(MONITORS)})"),
-        (0 <= cfg.smoothing < 1, f"smoothing {cfg.smoothing} (use 0 <= smoothing < 1)"),
-        (cfg.lr_schedule in SCHEDULES, f"lr_schedule {cfg.lr_schedule!r} (use {' or '.join(SCHEDULES)})"),
-        (cfg.folds >= 2, f"folds {cfg.folds} (use 2 or more)"),
-        (cfg.repeats >= 1, f"repeats {cfg.repeats} (use 1 or more)"),
-        (0 <= cfg.val_fraction < 1, f"val_fraction {cfg.val_fraction} (use 0 <= val_fraction < 1)"),
-        (cfg.epochs >= 1, f"epochs {cfg.epochs} (use 1 or more)"),
-        (0 < cfg.lr < math.inf, f"lr {cfg.lr} (use a positive, finite learning rate)"),
-        (0 <= cfg.weight_decay < math.inf, f"weight_decay {cfg.weight_decay} (use a finite value >= 0)"),
-        (0 <= cfg.momentum < math.inf, f"momentum {cfg.momentum} (use a finite value >= 0)"),
-        (cfg.seed >= 0, f"seed {cfg.seed} (use 0 or more)"),
-        (cfg.patience >= 1, f"patience {cfg.patience} (use 1 or more)"),
-        (cfg.min_epochs >= 0, f"min_epochs {cfg.min_epochs} (use 0 or more)"),
-        (cfg.max_bags >= 1, f"max_bags {cfg.max_bags} (use 1 or more)"),
-        (cfg.batch_size >= 1, f"batch_size {cfg.batch_size} (use 1 or more)"),
-        (cfg.parallel_folds >= 0, f"parallel_folds {cfg.parallel_folds} (use 0 for all, or 1 or more)"),
-        (0 <= cfg.patch_min_tissue <= 1, f"patch_min_tissue {cfg.patch_min_tissue} (use 0..1)"),
-        (0 <= cfg.cache_gb < math.inf, f"cache_gb {cfg.cache_gb} (use a finite value >= 0)"),
-        (cfg.threads is None or cfg.threads >= 1, f"threads {cfg.threads} (use 1 or more)"),
-    ]
-    problems = [message for ok, message in rules if not ok]
-    if problems:
-        raise ConfigError(f"Invalid fit settings: {'; '.join(problems)}; fix them in the config file or the "
-                          "flags.")
-
-
-def resolved_options(model: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The head's options with defaults filled in (what config.json and head.json record)."""
-    defaults = {k: d for k, (_, d) in head_options(model).items() if d is not inspect.Parameter.empty}
-    return {**defaults, **options}
-
 
 def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
     """Cross-validate `cfg.model` on the labelled slides of `cfg.store`; write the run to `cfg.out`."""
@@ -283,7 +112,7 @@ def fit_many(cfgs: Sequence[FitConfig], data: MILData, labels: Labels, *, identi
     emit = progress or (lambda event, info: None)
     runs = [_start_run(cfg, data, labels, identity, emit) for cfg in cfgs]
     folds = [(run, index) for run in runs for index in range(len(run.splits))]
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    moments: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]] = {}
     for group in _fold_groups(folds, data):
         run0 = group[0][0]
         with torch_settings(run0.cfg.threads, run0.device):
@@ -291,8 +120,8 @@ def fit_many(cfgs: Sequence[FitConfig], data: MILData, labels: Labels, *, identi
             results = train_members(members, data, device=run0.device, progress=emit)
             for (run, index), member, result in zip(group, members, results, strict=True):
                 _end_fold(run, index, member, result, data, labels, emit)
-    return [_finish(run.cfg, Path(run.cfg.out), labels, run.reports, run.predictions, run.histories, run.rocs,
-                    run.notes, run.started, emit) for run in runs]
+    return [finish_run(run.cfg, Path(run.cfg.out), labels, run.reports, run.predictions, run.histories, run.rocs,
+                       run.notes, run.started, emit) for run in runs]
 
 
 def _start_run(cfg: FitConfig, data: MILData, labels: Labels, identity: dict[str, Any] | None,
@@ -300,47 +129,26 @@ def _start_run(cfg: FitConfig, data: MILData, labels: Labels, identity: dict[str
     """Validate a run, write its config.json and splits.json, announce it."""
     started = time.perf_counter()
     check_config(cfg)
+    if cfg.end_to_end:
+        raise ConfigError("end_to_end = true trains from pixels, not from cached features; call "
+                          "mrantool.training.pixels.e2e.fit_end_to_end (`mrantool fit --end-to-end` does).")
     out = Path(cfg.out)
-    if (out / "metrics.json").exists():
-        raise ConfigError(f"{out} already holds a finished fit run; choose a new --out or delete that "
-                          "folder.")
+    refuse_finished(out)
     options = resolved_options(cfg.model, cfg.options)
-    k = labels.n_classes
-    probe = create_head(cfg.model, data.in_dim, k, **cfg.options)
+    probe = create_head(cfg.model, data.in_dim, labels.n_classes, **cfg.options)
     data.check_head(probe)
     device = resolve_device(cfg.device)
     splits = make_splits(labels, cfg.folds, cfg.repeats, cfg.val_fraction, cfg.seed)
-    repeats = max(s.repeat for s in splits) + 1
-    notes = list(labels.notes) + data.notes()
-    if labels.folds is not None:
-        notes.append(f"Using the fold column of {labels.source} ({len(splits)} folds); folds and repeats "
-                     "are ignored.")
-    one_class = [s.name(repeats) for s in splits if len(set(labels.y[s.test].tolist())) < 2]
-    if one_class:
-        notes.append(f"The test slides of {', '.join(one_class)} all have one class, so AUC is undefined there; "
-                     f"mean AUC is over the other {len(splits) - len(one_class)} of {len(splits)} folds.")
+    notes = run_notes(labels, splits) + data.notes()
     if not probe.batched and cfg.batch_size > 1:
         notes.append(f"Head {cfg.model} does not take padded batches of slides yet, so it trains one slide per "
                      f"step and one fold at a time; batch_size {cfg.batch_size} is ignored.")
     for note in notes:
         emit("note", {"message": note})
-    output_folder(out, "--out")
-    names = [s.name(repeats) for s in splits]
-    _write_json(out / "config.json", {
-        "mrantool_version": __version__, "torch_version": torch.__version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": cfg.model_dump(),
-        "model": cfg.model, "head_options": options, "in_dim": data.in_dim, "n_classes": k,
-        "classes": labels.classes, "class_counts": labels.counts(), "store_identity": identity,
-        "labels_file": labels.source, "n_slides": len(labels), "folds": names, "repeats": repeats,
-        "device": str(device), "notes": notes})
-    ids = labels.slide_ids
-    _write_json(out / "splits.json", [
-        {"name": n, "repeat": s.repeat, "fold": s.fold, **{part: [ids[i] for i in getattr(s, part)]
-                                                           for part in ("train", "val", "test")}}
-        for n, s in zip(names, splits, strict=True)])
+    start_run(out, cfg, labels, splits, in_dim=data.in_dim, identity=identity, device=device, notes=notes)
     emit("start", {"n_slides": len(labels), "n_folds": len(splits), "epochs": cfg.epochs,
                    "classes": labels.classes, "device": str(device), "out": str(out)})
-    return _Run(cfg, options, device, splits, names, notes, started)
+    return _Run(cfg, options, device, splits, fold_names(splits), notes, started)
 
 
 def _fold_groups(folds: list[tuple[_Run, int]], data: MILData) -> list[list[tuple[_Run, int]]]:
@@ -364,7 +172,7 @@ def train_together_key(cfg: FitConfig) -> str:
 
 
 def _member(run: _Run, index: int, data: MILData, labels: Labels,
-            moments: dict[str, tuple[torch.Tensor, torch.Tensor, int]], emit: Progress) -> Member:
+            moments: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]], emit: Progress) -> Member:
     """Announce a fold and build its seeded head (standardised with its training slides' statistics)."""
     cfg, split, name = run.cfg, run.splits[index], run.names[index]
     ids, y = labels.slide_ids, labels.y
@@ -396,7 +204,7 @@ def _end_fold(run: _Run, index: int, member: Member, result: FoldResult, data: M
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
         "standardize": cfg.standardize, "mrantool_version": __version__})
     test_ids = [ids[i] for i in split.test]
-    saver = _attention_saver(out / "attention") if cfg.save_attention and split.repeat == 0 else None
+    saver = attention_saver(out / "attention") if cfg.save_attention and split.repeat == 0 else None
     test = evaluate(head, data, test_ids, device=run.device, on_output=saver)
     metrics = slide_metrics(y[split.test], test.probs)
     run.reports.append(FoldReport(name, split.repeat, split.fold, result.best_epoch, result.epochs_run,
@@ -404,11 +212,7 @@ def _end_fold(run: _Run, index: int, member: Member, result: FoldResult, data: M
                                   result.seconds))
     emit("fold_end", {**member.context, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                       **metrics})
-    run.predictions += [
-        {"slide_id": sid, "fold": split.fold, "repeat": split.repeat, "label": labels.classes[y[i]],
-         **{f"prob_{c}": _prob(p) for c, p in zip(labels.classes, probs, strict=True)},
-         "predicted": labels.classes[int(probs.argmax())]}
-        for sid, i, probs in zip(test_ids, split.test, test.probs, strict=True)]
+    run.predictions += prediction_rows(labels, split, test.probs)
     run.histories[name], run.rocs[name] = result.history, (y[split.test], test.probs)
 
 
@@ -454,46 +258,6 @@ def _mean_sd(total: torch.Tensor, squares: torch.Tensor, count: int) -> tuple[to
     return mean.float(), (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt().float()
 
 
-def _attention_saver(folder: Path) -> Callable[[str, MILOutput], None]:
-    """A callback writing attention/<slide_id>.npz (bag, patch, cell arrays where the head has them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def save(slide_id: str, out: MILOutput) -> None:
-        arrays = {level: out.attention[level].detach().float().cpu().numpy() for level in LEVELS
-                  if level in out.attention}
-        with atomic_path(folder / f"{slide_id}.npz", f".{slide_id}.tmp.npz") as temp:
-            np.savez(temp, **arrays)
-
-    return save
-
-
-def _finish(cfg: FitConfig, out: Path, labels: Labels, reports: list[FoldReport],
-            predictions: list[dict[str, Any]], histories: dict[str, list[dict[str, float]]],
-            rocs: dict[str, tuple[np.ndarray, np.ndarray]], notes: list[str], started: float,
-            emit: Progress) -> FitReport:
-    """metrics.json, predictions.csv and the plots; the FitReport."""
-    mean, sd = mean_sd([r.metrics for r in reports])
-    n_used = folds_used([r.metrics for r in reports])
-    y_all = np.concatenate([y for y, _ in rocs.values()])
-    pooled = slide_metrics(y_all, np.concatenate([p for _, p in rocs.values()]))
-    columns = ["slide_id", "fold", "repeat", "label", *[f"prob_{c}" for c in labels.classes], "predicted"]
-    _write_csv(out / "predictions.csv", predictions, columns)
-    plot_curves(histories, {r.name: r.best_epoch for r in reports}, out / "curves.png")
-    plot_roc(rocs, labels.classes, out / "roc.png")
-    _write_json(out / "metrics.json", {
-        "model": cfg.model, "classes": labels.classes, "seed": cfg.seed,
-        "folds": [{"name": r.name, "repeat": r.repeat, "fold": r.fold, "best_epoch": r.best_epoch,
-                   "epochs_run": r.epochs_run, "monitor": r.monitor, "n_train": r.n_train, "n_val": r.n_val,
-                   "n_test": r.n_test, **r.metrics,
-                   "history": [{k: v for k, v in row.items() if k != "seconds"} for row in histories[r.name]]}
-                  for r in reports],
-        "mean": mean, "sd": sd, "n_folds_used": n_used, "pooled": pooled})
-    report = FitReport(out, cfg.model, labels.classes, reports, mean, sd, pooled, notes,
-                       time.perf_counter() - started, n_used)
-    emit("end", {"out": str(out), "mean": mean, "sd": sd, "seconds": report.seconds})
-    return report
-
-
 # --- predict ---
 
 def predict(run_dir: str | Path, store_path: str | Path, out_csv: str | Path, *,
@@ -507,6 +271,10 @@ def predict(run_dir: str | Path, store_path: str | Path, out_csv: str | Path, *,
     run_dir = Path(run_dir)
     run = read_run(run_dir)
     store = FeatureStore.open(store_path)
+    if run.get("end_to_end"):
+        raise ConfigError(f"Run {run_dir} was trained end to end: its heads need their folds' own encoders; "
+                          "predict with mrantool.training.pixels.e2e.predict_end_to_end (`mrantool predict` "
+                          "chooses it by itself).")
     if run["store_identity"] is None:
         raise ConfigError(f"Run {run_dir} was trained on in-memory features, not a store; predict with its "
                           "fold models from load_fold_models instead.")
@@ -515,11 +283,7 @@ def predict(run_dir: str | Path, store_path: str | Path, out_csv: str | Path, *,
         raise StoreError(f"Store {store_path} holds features of another encoder or geometry than run "
                          f"{run_dir} ({'; '.join(diffs)}); predict on a store extracted like the run's "
                          "training store.")
-    ids = store.slide_ids() if slides is None else list(slides)
-    absent = sorted(set(ids) - set(store.slide_ids()))
-    if absent:
-        raise StoreError(f"{len(absent)} slide(s) are not in store {store_path} ({', '.join(absent[:3])}); "
-                         "check the ids with `mrantool info`.")
+    ids = slides_to_predict(store.slide_ids(), slides, store_path)
     store.require_whole(ids, "predict")
     out_csv = output_file(out_csv, "--out")
     settings = run["config"]
@@ -537,10 +301,4 @@ def predict(run_dir: str | Path, store_path: str | Path, out_csv: str | Path, *,
                 out = head(bags.patches, bags.cells if head.needs_cells else None, bags.mask)
                 probs[i] += out.logits.float().softmax(-1).cpu().numpy() / len(models)
             emit("slide", {"index": i, "n_slides": len(ids), "slide_id": slide_id})
-    classes = run["classes"]
-    rows = [{"slide_id": sid, **{f"prob_{c}": float(v) for c, v in zip(classes, p, strict=True)},
-             "predicted": classes[int(p.argmax())]} for sid, p in zip(ids, probs, strict=True)]
-    columns = ["slide_id", *[f"prob_{c}" for c in classes], "predicted"]
-    text_rows = [{**r, **{f"prob_{c}": _prob(r[f"prob_{c}"]) for c in classes}} for r in rows]
-    _write_csv(out_csv, text_rows, columns)
-    return rows
+    return write_predictions(out_csv, ids, probs, run["classes"])

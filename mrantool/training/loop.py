@@ -108,14 +108,16 @@ def make_optimizer(cfg: FitConfig, params: Any) -> torch.optim.Optimizer:
     raise ConfigError(f"optimizer {cfg.optimizer!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")
 
 
-def scheduled_lr(cfg: FitConfig, step: int, total_steps: int) -> float:
-    """The lr of a member's `step`-th optimiser step (0-based): `cfg.lr`, or with `lr_schedule = "cosine"`
-    lr (1 + cos(pi step / total_steps)) / 2, from lr down to 0 over `total_steps` (torch's CosineAnnealingLR
-    stepped after every optimiser step, in closed form, so each member of a group keeps its own count)."""
+def scheduled_lr(cfg: FitConfig, step: int, total_steps: int, lr: float | None = None) -> float:
+    """The lr of a member's `step`-th optimiser step (0-based) for a parameter group starting at `lr`
+    (default `cfg.lr`): `lr`, or with `lr_schedule = "cosine"` lr (1 + cos(pi step / total_steps)) / 2, from lr
+    down to 0 over `total_steps` (torch's CosineAnnealingLR stepped after every optimiser step, in closed form,
+    so each member of a group keeps its own count)."""
+    lr = cfg.lr if lr is None else lr
     if cfg.lr_schedule == "constant":
-        return cfg.lr
+        return lr
     if cfg.lr_schedule == "cosine":
-        return cfg.lr * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))) / 2
+        return lr * (1 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps))) / 2
     raise ConfigError(f"lr_schedule {cfg.lr_schedule!r} is unknown; use one of {', '.join(SCHEDULES)}.")
 
 
@@ -157,7 +159,9 @@ class _EpochLog:
 
 @dataclass
 class Member:
-    """One model of a group trained together: a fold's head, slides, settings, seed and progress context."""
+    """One model of a group trained together: a fold's head, slides, settings, seed and progress context.
+    `params`: its optimiser parameter groups, each with its own "lr" (e.g. an encoder trained with its head);
+    default: all of the head's parameters at `cfg.lr`."""
 
     head: MILHead
     train_ids: Sequence[str]
@@ -167,6 +171,7 @@ class Member:
     cfg: FitConfig
     seed: int
     context: dict[str, Any] = field(default_factory=dict)
+    params: list[dict[str, Any]] | None = None
 
 
 def group_settings(cfg: FitConfig) -> tuple[Any, ...]:
@@ -245,9 +250,10 @@ def _crop(out: MILOutput, n_bags: int, n_patches: int) -> MILOutput:
 def train_fold(head: MILHead, data: MILData, train_ids: Sequence[str], train_y: np.ndarray,
                val_ids: Sequence[str], val_y: np.ndarray, cfg: FitConfig, *, seed: int,
                device: torch.device | str = "cpu", progress: Progress | None = None,
-               context: dict[str, Any] | None = None) -> FoldResult:
-    """Train `head` in place on one fold (`train_members` with one member); return the best epoch's weights."""
-    member = Member(head, train_ids, train_y, val_ids, val_y, cfg, seed, context or {})
+               context: dict[str, Any] | None = None, params: list[dict[str, Any]] | None = None) -> FoldResult:
+    """Train `head` in place on one fold (`train_members` with one member); return the best epoch's weights.
+    `params`: optimiser parameter groups with their own lr (default: all of the head's parameters at cfg.lr)."""
+    member = Member(head, train_ids, train_y, val_ids, val_y, cfg, seed, context or {}, params)
     return train_members([member], data, device=device, progress=progress)[0]
 
 
@@ -281,7 +287,7 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
     # slides per step; never more than the largest training set, which would only add fillers
     size = min(cfg0.batch_size, max(len(m.train_ids) for m in members)) if stack.batched else 1
     scheduled = any(m.cfg.lr_schedule != "constant" for m in members)
-    groups = _param_groups([m.cfg for m in members], stack, per_member=scheduled)
+    groups, owned = _param_groups(members, stack, per_member=scheduled)
     optimizer = make_optimizer(cfg0, groups)
     states = [_MemberState(m, data, device) for m in members]
     cells = data.cells and members[0].head.needs_cells
@@ -310,7 +316,9 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
             per_member.sum().backward()
             if scheduled:
                 for g in chosen:
-                    groups[g]["lr"] = states[g].next_lr(size)
+                    step_index, total = states[g].next_step(size)
+                    for group, lr in owned[g]:
+                        group["lr"] = scheduled_lr(states[g].cfg, step_index, total, lr)
             optimizer.step()
             record.add(chosen, loss.detach(), logits, batch.labels, None if batch.full else w)
             if bag_weights is not None:
@@ -346,18 +354,27 @@ class _EpochRecord:
         return (owner.T @ torch.stack([loss * w, ce * w, w], 1)).cpu().numpy()
 
 
-def _param_groups(cfgs: Sequence[FitConfig], stack: MemberStack, per_member: bool) -> list[dict[str, Any]]:
-    """Optimiser parameter groups: one per member when lrs are scheduled per member, else one per distinct
-    (lr, weight_decay, momentum), so that the members of one fit share a group and a step is one fused update;
-    a member outside a step has no gradients and is left alone."""
+def _param_groups(members: Sequence[Member], stack: MemberStack, per_member: bool,
+                  ) -> tuple[list[dict[str, Any]], list[list[tuple[dict[str, Any], float]]]]:
+    """Optimiser parameter groups: one per member part (its whole head, or each of its own `params` groups) when
+    lrs are scheduled per member, else one per distinct (lr, weight_decay, momentum), so that the members of one
+    fit share a group and a step is one fused update; a member outside a step has no gradients and is left
+    alone. Also, per member, its groups with their starting lrs (what a schedule scales)."""
     groups: dict[Any, dict[str, Any]] = {}
-    for member, cfg in enumerate(cfgs):
-        key = member if per_member else (cfg.lr, cfg.weight_decay, cfg.momentum)
-        group = groups.setdefault(key, {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay})
-        if cfg.optimizer == "sgd":
-            group["momentum"] = cfg.momentum
-        group["params"] += stack.parameters(member)
-    return list(groups.values())
+    owned: list[list[tuple[dict[str, Any], float]]] = []
+    for member, m in enumerate(members):
+        cfg = m.cfg
+        parts = m.params if m.params is not None else [{"params": stack.parameters(member), "lr": cfg.lr}]
+        owned.append([])
+        for i, part in enumerate(parts):
+            lr = part.get("lr", cfg.lr)
+            key = (member, i) if per_member else (lr, cfg.weight_decay, cfg.momentum)
+            group = groups.setdefault(key, {"params": [], "lr": lr, "weight_decay": cfg.weight_decay})
+            if cfg.optimizer == "sgd":
+                group["momentum"] = cfg.momentum
+            group["params"] += list(part["params"])
+            owned[member].append((group, lr))
+    return list(groups.values()), owned
 
 
 def _bag_weights(states: Sequence[_MemberState], chosen: Sequence[int], batch: Batch,
@@ -411,12 +428,10 @@ class _MemberState:
     def n_bags(self, pick: Pick) -> int:
         return self._n_bags(pick.slide_id)
 
-    def next_lr(self, size: int) -> float:
-        """The lr of this member's next optimiser step (its schedule counts its own steps)."""
-        total = self.cfg.epochs * math.ceil(len(self.member.train_ids) / size)
-        lr = scheduled_lr(self.cfg, self.steps, total)
+    def next_step(self, size: int) -> tuple[int, int]:
+        """This member's next optimiser step (0-based) and its total steps (its schedule counts its own)."""
         self.steps += 1
-        return lr
+        return self.steps - 1, self.cfg.epochs * math.ceil(len(self.member.train_ids) / size)
 
     def plan_epoch(self, data: MILData, size: int) -> list[list[Pick]]:
         """This epoch's steps: slides in a fresh random order, `size` per step, bags sampled per slide."""

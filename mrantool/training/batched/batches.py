@@ -40,7 +40,7 @@ class Pick:
 class Batch:
     """Tensors on the device with leading (members, slides) dimensions; `picks[g][s]` says what is where."""
 
-    patches: Tensor  # (G, S, n_bags, P, D) float32
+    patches: Tensor  # (G, S, n_bags, P, D) float32 (or the source's own values, e.g. uint8 pixels (..., h, w, 3))
     cells: Tensor | None  # (G, S, n_bags, P, C, D) float32
     mask: Tensor  # (G, S, n_bags, P) bool; padding False
     labels: Tensor  # (G, S) int64
@@ -63,14 +63,14 @@ def collate(data: MILData, picks: Sequence[Sequence[Pick]], device: torch.device
     g, s = len(reads), len(reads[0])
     n_bags = np.array([[r[0].shape[0] for r in row] for row in reads])
     n_patches = np.array([[r[0].shape[1] for r in row] for row in reads])
-    dim = reads[0][0][0].shape[-1]
+    item = reads[0][0][0].shape[2:]  # what one patch is: (D,), or (h, w, 3) pixels
     dtype = np.result_type(*(r[0].dtype for row in reads for r in row))
     pin = device.type == "cuda"
-    patches = _zeros((g, s, int(n_bags.max()), int(n_patches.max()), dim), dtype, pin)
+    patches = _zeros((g, s, int(n_bags.max()), int(n_patches.max()), *item), dtype, pin)
     mask = _zeros(patches.shape[:4], np.bool_, pin)
     cell_array = None
     if reads[0][0][1] is not None:
-        cell_array = _zeros((*patches.shape[:4], reads[0][0][1].shape[2], dim), dtype, pin)
+        cell_array = _zeros((*patches.shape[:4], *reads[0][0][1].shape[2:]), dtype, pin)
     for i, row in enumerate(reads):
         for j, (x, c, m) in enumerate(row):
             n, p = x.shape[:2]
@@ -99,8 +99,10 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> Tensor:
 
 
 def _to(tensor: Tensor, device: torch.device) -> Tensor:
-    """Copy to the device without blocking from pinned memory, then float32 there."""
-    return tensor.to(device, non_blocking=device.type == "cuda").float()
+    """Copy to the device without blocking from pinned memory, then float32 there (features; integer pixels
+    stay as they are, 4x smaller, for the model that normalises them)."""
+    tensor = tensor.to(device, non_blocking=device.type == "cuda")
+    return tensor.float() if tensor.is_floating_point() else tensor
 
 
 class Prefetcher(Generic[T, R]):

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,36 +26,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from mrantool import __version__
 from mrantool.config import FitConfig
 from mrantool.encoders.rebuild import rebuild_encoder
-from mrantool.encoders.registry import PatchEncoder, file_sha256
+from mrantool.encoders.registry import PatchEncoder
 from mrantool.encoders.transforms import to_tensor_batch
 from mrantool.errors import ConfigError
-from mrantool.extract.dataset import cut_patches
-from mrantool.files import atomic_path
 from mrantool.models.base import MILHead, weighted_ce
 from mrantool.models.registry import create_head
 from mrantool.models.standardize import Standardized
-from mrantool.slides.reader import Slide, open_slide
 from mrantool.store import FeatureStore
-from mrantool.tiling.presets import Geometry, Preset, get_preset
-from mrantool.training.api import (
-    _write_json,
-    feature_stats,
-    load_checkpoint,
-    read_run,
-    resolved_options,
-    save_checkpoint,
-)
+from mrantool.tiling.presets import Preset
+from mrantool.training.api import feature_stats
 from mrantool.training.data import StoreData, sample_bags
 from mrantool.training.labels import Labels, read_labels
 from mrantool.training.loop import class_weights, resolve_device, seed_everything, torch_settings
 from mrantool.training.metrics import auc, mean_sd, slide_metrics
+from mrantool.training.pixels.checkpoint import copy_atomic, label_slides, save_encoder
+from mrantool.training.pixels.source import BagPixels, transform_preset
+from mrantool.training.runs import load_checkpoint, read_run, resolved_options, save_checkpoint, write_json
 from mrantool.training.splits import derive_seed, make_splits
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -152,13 +143,6 @@ def checkpoint_units(units: Sequence[nn.Module]) -> None:
         unit.forward = lambda *a, _f=inner, **k: checkpoint(_f, *a, use_reentrant=False, **k)  # type: ignore
 
 
-def transform_preset(identity: dict[str, Any]) -> Preset:
-    """The preset whose input size and normalisation the store's encoder used."""
-    t = identity["transforms"]
-    return dataclasses.replace(get_preset(identity["preset"]), geometry=Geometry(**identity["geometry"]),
-                               input_px=t["input_px"], mean=tuple(t["mean"]), std=tuple(t["std"]))
-
-
 def encode(encoder: PatchEncoder, pixels: np.ndarray, preset: Preset, device: torch.device) -> tuple[Tensor, Tensor]:
     """(N, h, w, 3) uint8 patches -> fp32 patch (N, D) and cell (N, C, D) embeddings (bf16 autocast on CUDA)."""
     x = to_tensor_batch(pixels, preset).to(device)
@@ -167,37 +151,7 @@ def encode(encoder: PatchEncoder, pixels: np.ndarray, preset: Preset, device: to
     return patch.float(), cells.float()
 
 
-# --- pixels of chosen bags ---
-
-class BagPixels:
-    """Reads bags of store slides from their source files at the store's geometry (one handle per slide)."""
-
-    def __init__(self, store: FeatureStore, geometry: Geometry) -> None:
-        self.store = store
-        self.geometry = geometry
-        self._slides: dict[str, Slide] = {}
-        self._coords: dict[str, np.ndarray] = {}
-
-    def read(self, slide_id: str, bags: np.ndarray) -> np.ndarray:
-        """(len(bags) * P, patch_px, patch_px, 3) uint8 patches, bag after bag, row-major inside a bag."""
-        if slide_id not in self._slides:
-            prov = self.store.provenance(slide_id)
-            source = Path(prov.get("source", ""))
-            if not source.is_file():
-                raise ConfigError(f"Slide file {source} of store slide '{slide_id}' is missing; fine-tuning reads "
-                                  "pixels from the extracted slides, so restore the file at that path.")
-            self._slides[slide_id] = open_slide(source, mpp=prov.get("slide_mpp"))
-            self._coords[slide_id] = np.asarray(self.store.slide(slide_id).coords[:])
-        slide, g = self._slides[slide_id], self.geometry
-        out = [cut_patches(slide.read_region_mpp(*map(int, self._coords[slide_id][b]), g.bag_px, g.mpp), g.grid)
-               for b in bags]
-        return np.ascontiguousarray(np.concatenate(out))
-
-    def close(self) -> None:
-        for slide in self._slides.values():
-            slide.close()
-        self._slides.clear()
-
+# --- bags to re-encode ---
 
 def choose_bags(attention: np.ndarray, k: int, explore: float, rng: np.random.Generator) -> np.ndarray:
     """Sorted indices of K bags: the top ones by attention, a fraction `explore` of K drawn uniformly.
@@ -336,7 +290,7 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
               "store_identity": store.identity, "folds": [s.name for s in splits], "evaluation": EVALUATION,
               "mrantool_version": __version__, "torch_version": torch.__version__}
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", config)
+    write_json(out / "config.json", config)
     for note in labels.notes:
         emit("note", {"message": note})
     emit("start", {"n_folds": len(splits), "epochs": epochs, "device": str(dev), "out": str(out)})
@@ -364,14 +318,14 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
                 first_encoder = encoder if first_encoder is None else first_encoder
                 if index == 0:
                     for suffix in ("safetensors", "json"):
-                        _copy_atomic(out / split.name / f"encoder.{suffix}", out / f"encoder.{suffix}")
+                        copy_atomic(out / split.name / f"encoder.{suffix}", out / f"encoder.{suffix}")
                 reports.append(fold)
                 emit("fold_end", {"name": split.name, "best_epoch": fold.best_epoch, "epochs_run": fold.epochs_run,
                                   **fold.metrics})
     finally:
         pixels.close()
     mean, sd = mean_sd([f.metrics for f in reports])
-    _write_json(out / "metrics.json", {
+    write_json(out / "metrics.json", {
         "evaluation": EVALUATION, "classes": labels.classes, "seed": seed,
         "folds": [dataclasses.asdict(f) for f in reports], "mean": mean, "sd": sd,
         "mean_val_auc": _nanmean([f.val_auc for f in reports])})
@@ -385,6 +339,7 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
 UNUSED_FIT_SETTINGS = ("repeats", "weight_decay", "optimizer", "momentum", "patience", "min_epochs", "monitor",
                        "class_weights", "standardize", "bag_mining", "save_attention")
 FROM_INIT_RUN = ("model", "options", "folds", "val_fraction", "patch_min_tissue")
+END_TO_END_ONLY = ("end_to_end", "encoder_from", "augment", "color_jitter", "batchnorm", "pixel_cache_gb")
 
 
 def finetune_from_fit(cfg: FitConfig, *, init_run: str | Path | None = None, layers: int = 1,
@@ -392,19 +347,20 @@ def finetune_from_fit(cfg: FitConfig, *, init_run: str | Path | None = None, lay
     """`fit --finetune`: every fit setting the user gave is applied, or refused in one sentence (never dropped).
 
     Settings given explicitly are `cfg.model_fields_set` (flags and config-file keys). Defaults that differ
-    from fit's: 3 epochs and lr 1e-4 unless given.
+    from fit's: 3 epochs, lr 1e-4 and encoder_lr 1e-5 unless given; `weights` is the store's encoder file.
     """
     given = cfg.model_fields_set
-    unused = [key for key in UNUSED_FIT_SETTINGS if key in given]
+    unused = [key for key in (*UNUSED_FIT_SETTINGS, *END_TO_END_ONLY) if key in given]
     fixed = [key for key in FROM_INIT_RUN if key in given] if init_run is not None else []
     if unused or fixed:
-        parts = ([f"{', '.join(unused)} (fine-tuning trains with Adam at a fixed weight decay and keeps the epoch "
-                  "with the lowest validation loss)"] if unused else []) + (
+        parts = ([f"{', '.join(unused)} (fine-tuning trains with Adam at a fixed weight decay, keeps the epoch "
+                  "with the lowest validation loss and reads only the bags it re-encodes)"] if unused else []) + (
                  [f"{', '.join(fixed)} (they come from --init-run {init_run})"] if fixed else [])
         raise ConfigError(f"fit --finetune cannot apply {' nor '.join(parts)}; remove them from the flags or the "
                           "config file.")
     return finetune(cfg.store, cfg.labels, cfg.out, init_run=init_run, layers=layers, bags_per_slide=bags_per_slide,
                     epochs=cfg.epochs if "epochs" in given else 3, lr=cfg.lr if "lr" in given else 1e-4,
+                    encoder_lr=cfg.encoder_lr if cfg.encoder_lr is not None else 1e-5, weights=cfg.weights,
                     folds=None if init_run is not None else cfg.folds, seed=cfg.seed, device=cfg.device,
                     progress=progress, val_fraction=cfg.val_fraction, max_bags=cfg.max_bags, threads=cfg.threads,
                     model=cfg.model, options=cfg.options, patch_min_tissue=cfg.patch_min_tissue,
@@ -519,23 +475,11 @@ def _save_fold(folder: Path, ctx: _Ctx, names: list[str], store: FeatureStore, o
     """fold folder: encoder.safetensors + encoder.json (with the slides whose labels trained it), model.safetensors
     + head.json."""
     fold = split.name
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in ctx.encoder.model.state_dict().items()}
-    with atomic_path(folder / "encoder.safetensors") as temp:
-        save_file(state, str(temp), metadata={"format": "pt"})
     ident = store.identity
-    preset = get_preset(ident["preset"])
-    g = ident["geometry"]
-    _write_json(folder / "encoder.json", {
-        "arch": ident["encoder"], "preset": ident["preset"], "geometry": g, "transforms": ident["transforms"],
+    save_encoder(folder, ctx.encoder, ident, {
         "trainable": {"layers": len(names) - sum(n in ("norm", "fc_norm") for n in names), "modules": names},
-        "base_weights": ident["weights"], "sha256": file_sha256(folder / "encoder.safetensors"),
-        "run": str(out.resolve()), "fold": fold, "best_epoch": result.best_epoch,
-        # training and validation slides: their labels shaped this encoder (extract --encoder-from checks them)
-        "label_slides": [{"slide_id": sid, "fingerprint": store.provenance(sid).get("fingerprint")}
-                         for sid in [*split.train, *split.val]],
-        "extract": {"preset": ident["preset"], "encoder": None if ident["encoder"] == preset.arch else ident["encoder"],
-                    "target_mpp": g["mpp"], "bag_px": g["bag_px"], "grid": g["grid"], "cells": g["cells"]}})
+        "base_weights": ident["weights"], "run": str(out.resolve()), "fold": fold, "best_epoch": result.best_epoch,
+        "label_slides": label_slides(store, [*split.train, *split.val])})
     head = ctx.head
     standardize = isinstance(head, Standardized)
     save_checkpoint(folder, head, {
@@ -548,8 +492,3 @@ def _save_fold(folder: Path, ctx: _Ctx, names: list[str], store: FeatureStore, o
 def _nanmean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return float(np.mean(finite)) if finite else math.nan
-
-
-def _copy_atomic(src: Path, dst: Path) -> None:
-    with atomic_path(dst) as temp:
-        shutil.copyfile(src, temp)
