@@ -289,9 +289,11 @@ def attention_figure(data: Dataset, work: Path, seed: int, path: Path) -> str | 
             grid = grid.reshape(g["grid"], g["cells"], g["grid"], g["cells"])
             title = "ABMIL: patch attention"
         heat = grid.reshape(side, side)
+        heat = np.clip(heat / max(float(np.percentile(heat, 99)), 1e-12), 0, 1)
+        overlay = plt.get_cmap("turbo")(heat)
+        overlay[..., 3] = 0.7 * heat  # the most attended cells opaque, unattended ones clear
         ax.imshow(rgb)
-        extent = (0, g["bag_px"], g["bag_px"], 0)
-        ax.imshow(heat / max(heat.max(), 1e-12), cmap="inferno", alpha=0.5, extent=extent, interpolation="nearest")
+        ax.imshow(overlay, extent=(0, g["bag_px"], g["bag_px"], 0), interpolation="nearest")
         for cls, colour in (("epithelial", "#00e5ff"), ("fibroblast", "#7CFC00"), ("inflammatory", "#ffffff"),
                             ("others", "#ffff00")):
             pts = nuclei[image][cls]
