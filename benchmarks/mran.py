@@ -152,7 +152,7 @@ def run_job(job: Job, data: Dataset, work: Path) -> dict[str, Any]:
         cfg = FitConfig(store=data.e2e_store if job.mode == "e2e" else data.store, labels=data.labels,
                         id_column=data.id_column, label_column=data.label_column, out=str(out), model=model,
                         options=options, folds=job.folds, seed=job.seed, epochs=job.epochs, lr=job.lr, threads=1,
-                        end_to_end=job.mode == "e2e", **data.fit)
+                        **({"end_to_end": True} if job.mode == "e2e" else {}), **data.fit)
         tic = time.perf_counter()
         if job.mode == "e2e":
             from mrantool.training.pixels.e2e import fit_end_to_end
@@ -207,7 +207,7 @@ def paired(table: dict[str, Any], dataset: str, mode: str, a: str, b: str, metri
         return {}
     nonzero = [d for d in diffs if d != 0]
     p = float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else math.nan
-    return {"a": a, "b": b, "metric": metric, "n_pairs": len(diffs), "mean_diff": float(np.mean(diffs)),
+    return {"dataset": dataset, "mode": mode, "a": a, "b": b, "metric": metric, "n_pairs": len(diffs), "mean_diff": float(np.mean(diffs)),
             "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
             "p": p}
 
@@ -291,9 +291,11 @@ def attention_figure(data: Dataset, work: Path, seed: int, path: Path) -> str | 
             grid = grid.reshape(g["grid"], g["cells"], g["grid"], g["cells"])
             title = "ABMIL: patch attention"
         heat = grid.reshape(side, side)
+        heat = np.clip(heat / max(float(np.percentile(heat, 99)), 1e-12), 0, 1)
+        overlay = plt.get_cmap("turbo")(heat)
+        overlay[..., 3] = 0.7 * heat  # the most attended cells opaque, unattended ones clear
         ax.imshow(rgb)
-        extent = (0, g["bag_px"], g["bag_px"], 0)
-        ax.imshow(heat / max(heat.max(), 1e-12), cmap="inferno", alpha=0.5, extent=extent, interpolation="nearest")
+        ax.imshow(overlay, extent=(0, g["bag_px"], g["bag_px"], 0), interpolation="nearest")
         for cls, colour in (("epithelial", "#00e5ff"), ("fibroblast", "#7CFC00"), ("inflammatory", "#ffffff"),
                             ("others", "#ffff00")):
             pts = nuclei[image][cls]
@@ -508,7 +510,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         report["attention"] = crc_attention(table, datasets["crc"], args.work)
         image = attention_figure(datasets["crc"], args.work, 0, args.figure)
         if image:
-            report["figure"], report["figure_image"] = str(args.figure.relative_to(Path(__file__).parents[1])), image
+            root = Path(__file__).resolve().parents[1]
+            shown = args.figure.resolve()
+            report["figure"] = str(shown.relative_to(root) if shown.is_relative_to(root) else shown)
+            report["figure_image"] = image
     if "generated" in datasets:
         report["border"] = border_check(table, datasets["generated"], args.work)
     report["seconds"] = time.perf_counter() - started
