@@ -459,8 +459,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--folds-generated", type=int, default=4, help="folds for the 16-slide demo cohort")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of cached fits (the fit default)")
-    parser.add_argument("--e2e-seeds", type=int, default=3, help="seeds of the end-to-end fits (0: none)")
-    parser.add_argument("--e2e-epochs", type=int, default=20)
+    parser.add_argument("--e2e-seeds", type=int, default=2, help="seeds of the end-to-end fits (0: none)")
+    parser.add_argument("--e2e-datasets", default="pcam",
+                        help="comma-separated data sets with end-to-end fits (crc: about 3 min per fold on 2 cores)")
+    parser.add_argument("--e2e-epochs", type=int, default=15)
     parser.add_argument("--e2e-lr", type=float, default=1e-3)
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names of the tables")
     parser.add_argument("--workers", type=int, default=2, help="fits run in this many processes (1 thread each)")
@@ -485,7 +487,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     names = [d for d in args.datasets.split(",") if d]
     models = [m for m in args.models.split(",") if m]
-    datasets = {name: prepare(name, args.work, e2e=args.e2e_seeds > 0 and name != "generated") for name in names}
+    e2e = [d for d in args.e2e_datasets.split(",") if d and d != "generated"] if args.e2e_seeds > 0 else []
+    datasets = {name: prepare(name, args.work, e2e=name in e2e) for name in names}
     folds = {"crc": args.folds_crc, "pcam": args.folds, "generated": args.folds_generated}
     jobs = [Job(d, "cache", m, s, folds[d], args.epochs, args.lr) for d in names for s in range(args.seeds)
             for m in models]

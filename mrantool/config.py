@@ -139,7 +139,7 @@ class FitConfig(StageConfig):
     weight_decay: float = 1e-4
     optimizer: str = "adam"  # adam | adamw | sgd
     momentum: float = 0.9  # sgd only
-    patience: int = 10
+    patience: int = 20
     min_epochs: int = 5
     monitor: str = "loss"  # validation loss or "auc" picks the best epoch
     smoothing: float = 0.0  # weight of past epochs in an exponential moving average of the monitored value
