@@ -87,7 +87,9 @@ def build_demo_store(root: Path, baseline: Path, slides: int, size: int) -> tupl
                 f"make_cohort({str(folder / 'slides')!r}, n_slides={slides}, seed=0, size=({size}, {size})); "
                 f"extract(ExtractConfig(slides=[{str(folder / 'slides')!r}], store={str(store)!r}, preset='mran', "
                 "workers=1, quiet=True))")
-        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(baseline)}, check=True)
+        # cwd outside the project: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(baseline)}, check=True,
+                       cwd=root)
         (folder / "done").write_text("ok")
     return store, labels
 
