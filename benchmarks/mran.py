@@ -207,9 +207,9 @@ def paired(table: dict[str, Any], dataset: str, mode: str, a: str, b: str, metri
         return {}
     nonzero = [d for d in diffs if d != 0]
     p = float(wilcoxon(nonzero).pvalue) if len(nonzero) >= 2 else math.nan
-    return {"dataset": dataset, "mode": mode, "a": a, "b": b, "metric": metric, "n_pairs": len(diffs), "mean_diff": float(np.mean(diffs)),
-            "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
-            "p": p}
+    return {"dataset": dataset, "mode": mode, "a": a, "b": b, "metric": metric, "n_pairs": len(diffs),
+            "mean_diff": float(np.mean(diffs)), "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs), "p": p}
 
 
 # --- attention against ground truth -----------------------------------------------------------------------------
