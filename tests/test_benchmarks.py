@@ -35,7 +35,7 @@ RERUN = {
 }
 OLD_COLUMNS = {"musk"}  # written by older versions of their scripts (other columns)
 NO_RESULTS = {"gpu", "end_to_end"}  # never run on a quiet machine (or a GPU)
-RERUN_DONE = {"decode", "fit", "mran", "retrieval", "scale", "viewer"}  # re-run by their committed scripts: must pass
+RERUN_DONE = {"decode", "finetune", "fit", "mran", "retrieval", "scale", "sweep", "viewer"}  # re-run by their committed scripts: must pass
 
 
 def stale(name: str, why: str):
