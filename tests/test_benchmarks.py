@@ -35,7 +35,8 @@ RERUN = {
 }
 OLD_COLUMNS = {"musk"}  # written by older versions of their scripts (other columns)
 NO_RESULTS = {"gpu", "end_to_end"}  # never run on a quiet machine (or a GPU)
-RERUN_DONE = {"decode", "finetune", "fit", "mran", "retrieval", "scale", "sweep", "viewer"}  # re-run by their committed scripts: must pass
+# re-run by their committed scripts: must pass
+RERUN_DONE = {"decode", "finetune", "fit", "mran", "retrieval", "scale", "sweep", "viewer"}
 
 
 def stale(name: str, why: str):
