@@ -33,10 +33,11 @@ RERUN = {
     "sweep": "nice python benchmarks/sweep.py --repeats 3",
     "viewer": "python benchmarks/viewer.py",
 }
-OLD_COLUMNS = {"musk"}  # written by older versions of their scripts (other columns)
+OLD_COLUMNS: set[str] = set()  # written by older versions of their scripts (other columns)
 NO_RESULTS = {"gpu"}  # never run on a quiet machine (or a GPU)
 # re-run by their committed scripts: must pass
-RERUN_DONE = {"decode", "end_to_end", "finetune", "fit", "mran", "retrieval", "scale", "sweep", "viewer"}
+RERUN_DONE = {"decode", "end_to_end", "finetune", "fit", "fit_defaults", "mran", "musk", "retrieval", "scale", "sweep",
+              "viewer"}
 
 
 def stale(name: str, why: str):
