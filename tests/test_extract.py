@@ -61,6 +61,12 @@ def test_generated_slides_shapes_coords_provenance(slides, tmp_path):
     assert check_store(tmp_path / "s.zarr") == []
     # Cells were pooled from the same map as the patch embedding: their mean is the patch embedding.
     np.testing.assert_allclose(s.cell_emb[:].astype(np.float32).mean(2), s.patch_emb[:].astype(np.float32), atol=2e-2)
+    # Each cell's tissue fraction: a disc's edge runs through some patches, so their cells differ; a patch's
+    # fraction is the mean of its cells'.
+    cell_tissue = s.cell_tissue[:].astype(np.float32)
+    assert cell_tissue.shape == (s.n_bags, 16, 4) and 0 <= cell_tissue.min() and cell_tissue.max() <= 1
+    np.testing.assert_allclose(cell_tissue.mean(2), s.patch_tissue[:].astype(np.float32), atol=0.05)
+    assert (np.ptp(cell_tissue, axis=2) > 0.5).any()
 
 
 def test_features_match_the_plain_encoder(slides, tmp_path):

@@ -260,6 +260,35 @@ def test_store_without_cells(tmp_path: Path) -> None:
     assert store.summary()[0]["cells"] is None
 
 
+def test_cell_tissue_is_kept_or_taken_from_the_patch(store: FeatureStore) -> None:
+    data = features(3)
+    cell_tissue = np.random.default_rng(1).random((3, P, C))
+    writer = store.begin_slide("given", 3, provenance())
+    writer.write(0, **data, cell_tissue=cell_tissue)
+    writer.commit()
+    np.testing.assert_allclose(store.slide("given").cell_tissue[:], cell_tissue, atol=1e-3)
+    write_slide(store, "unknown", n=4)  # a writer that knows only patch fractions: each cell gets its patch's
+    slide = store.slide("unknown")
+    np.testing.assert_allclose(slide.cell_tissue[:], np.repeat(slide.patch_tissue[:][..., None], C, -1))
+    assert check_store(store.path) == []
+
+
+def test_slides_written_before_cell_tissue_read_as_none_and_check_clean(store: FeatureStore) -> None:
+    write_slide(store, "old", n=2)
+    shutil.rmtree(store.path / "slides" / "old" / "cell_tissue")  # as written before cell tissue was kept
+    assert store.slide("old").cell_tissue is None
+    assert check_store(store.path) == [] and check_store(store.path, deep=True) == []
+
+
+def test_check_names_cell_tissue_out_of_range(store: FeatureStore) -> None:
+    data = features(2)
+    writer = store.begin_slide("bad", 2, provenance())
+    writer.write(0, **data, cell_tissue=np.full((2, P, C), 1.5))
+    writer.commit()
+    problems = check_store(store.path, deep=True)
+    assert len(problems) == 1 and "bad" in problems[0] and "cell_tissue" in problems[0] and "[0, 1]" in problems[0]
+
+
 # --- locks ---------------------------------------------------------------------------------------------------
 
 

@@ -50,6 +50,28 @@ def test_plan_counts_and_tissue_fractions():
     assert pc.shape == (2, 16, 2) and pc[0, 1].tolist() == [128, 0] and pc[0, 4].tolist() == [0, 128]
 
 
+def test_cells_get_their_own_tissue_fractions():
+    """A bag of 2 x 2 patches of 2 x 2 cells, one mask pixel per level-0 pixel, tissue in its left 3 of 8 columns:
+    counted by hand, a patch's cells in x 0-2 are all tissue, in x 2-4 half, the right patch none."""
+    g = Geometry(8, 1.0, 2, 2)
+    mask = np.zeros((8, 8), bool)
+    mask[:, :3] = True
+    plan = plan_bags((8, 8), 1.0, g, mask, 1.0, min_tissue=0.0)
+    assert plan.cell_tissue.shape == (1, 4, 4)  # (bags, patches, cells), both row-major
+    assert plan.cell_tissue[0].tolist() == [[1.0, 0.5, 1.0, 0.5], [0.0] * 4, [1.0, 0.5, 1.0, 0.5], [0.0] * 4]
+    assert plan.patch_tissue[0].tolist() == [0.75, 0.0, 0.75, 0.0]
+
+
+def test_cells_past_the_slide_edge_are_no_tissue():
+    g = Geometry(256, 1.0, 4, 2)
+    mask = np.ones((100, 150), bool)  # slide 1500 x 1000 level-0 px, all tissue, downsample 10
+    plan = plan_bags((1500, 1000), 0.5, g, mask, 10.0, min_tissue=0.1)
+    assert plan.coords[3].tolist() == [0, 512]
+    last_row = plan.cell_tissue[3].reshape(4, 4, 2, 2)[-1]  # bag y 512..1024: its last patch row y 896..1024
+    assert np.all(last_row[:, 0] == 1.0)  # upper cells (y 896..960) inside the slide
+    assert np.all(last_row[:, 1] == pytest.approx(40 / 64, abs=0.1))  # lower cells y 960..1024: 40 px inside
+
+
 def test_cmu_tiling_counts_and_coordinates(cmu_svs):
     g = get_preset("mran").geometry
     with open_slide(cmu_svs) as s:

@@ -24,9 +24,10 @@ from mrantool.errors import StoreError
 from mrantool.store.schema import (
     ARRAY_DTYPES,
     COORDS,
-    PATCH_TISSUE,
+    OPTIONAL_ARRAYS,
     PROVENANCE_KEYS,
     STORE_PROVENANCE_KEYS,
+    TISSUE_ARRAYS,
     Dims,
     identity_differences,
 )
@@ -80,6 +81,8 @@ def group_defects(group: Any, prov: dict[str, Any], identity: dict[str, Any], *,
     expected = Dims.from_identity(identity).shapes(n_bags)
     defects.extend(f"unexpected array {name}" for name in sorted(set(present) - set(expected)))
     for name, shape in expected.items():
+        if name not in present and name in OPTIONAL_ARRAYS:
+            continue
         if name not in present:
             defects.append(f"array {name} is missing")
             continue
@@ -111,7 +114,7 @@ def _scan_values(name: str, array: Any) -> list[str]:
     for start in range(0, array.shape[0], step):
         block = array[start:start + step]
         bad = ~np.isfinite(block)
-        if name == PATCH_TISSUE:
+        if name in TISSUE_ARRAYS:
             out_of_range += int(((block < 0) | (block > 1)).sum())
         count = int(bad.sum())
         if count and first_bad is None:

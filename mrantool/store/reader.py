@@ -19,6 +19,7 @@ from mrantool.store.health import REDO, read_provenance
 from mrantool.store.locks import DEFAULT_TTL_S, SlideLock
 from mrantool.store.schema import (
     CELL_EMB,
+    CELL_TISSUE,
     COORDS,
     PATCH_EMB,
     PATCH_TISSUE,
@@ -43,7 +44,7 @@ class SlideFeatures:
         try:
             self.provenance: dict[str, Any] = dict(group.attrs)
             missing = [name for name in (COORDS, PATCH_TISSUE, PATCH_EMB) if name not in group]
-            arrays = {name: group.get(name) for name in (COORDS, PATCH_TISSUE, PATCH_EMB, CELL_EMB)}
+            arrays = {name: group.get(name) for name in (COORDS, PATCH_TISSUE, PATCH_EMB, CELL_EMB, CELL_TISSUE)}
         except Exception as exc:  # zarr raises many types for damaged metadata
             raise StoreError(f"Slide '{slide_id}' at {location} has unreadable metadata ({type(exc).__name__}); "
                              f"{REDO}.") from None
@@ -53,6 +54,7 @@ class SlideFeatures:
         self.patch_tissue = arrays[PATCH_TISSUE]
         self.patch_emb = arrays[PATCH_EMB]
         self.cell_emb = arrays[CELL_EMB]
+        self.cell_tissue = arrays[CELL_TISSUE]  # (n_bags, P, C) fractions; None in slides written before it was kept
 
     @property
     def n_bags(self) -> int:

@@ -31,12 +31,16 @@ COORDS = "coords"
 PATCH_TISSUE = "patch_tissue"
 PATCH_EMB = "patch_emb"
 CELL_EMB = "cell_emb"
-ARRAY_DTYPES = {COORDS: "int64", PATCH_TISSUE: "float16", PATCH_EMB: "float16", CELL_EMB: "float16"}
+CELL_TISSUE = "cell_tissue"
+ARRAY_DTYPES = {COORDS: "int64", PATCH_TISSUE: "float16", PATCH_EMB: "float16", CELL_EMB: "float16",
+                CELL_TISSUE: "float16"}
+TISSUE_ARRAYS = (PATCH_TISSUE, CELL_TISSUE)  # fractions in [0, 1]
+OPTIONAL_ARRAYS = (CELL_TISSUE,)  # absent from slides written before it was recorded: read as None, not a defect
 
 ZSTD_LEVEL = 1  # measured: same ratio as level 3 on fp16 features, ~3x faster to encode
 PATCH_CHUNK_INSTANCES = 256  # a patch_emb chunk holds max(1, 256 // P) bags
 CELL_CHUNK_BYTES = 4 * 2**20  # a cell_emb chunk holds max(1, 4 MiB // float16 bytes per bag) bags
-TABLE_CHUNK_BAGS = 4096  # coords and patch_tissue are small: many bags per chunk
+TABLE_CHUNK_BAGS = 4096  # coords and the tissue fractions are small: many bags per chunk
 
 IDENTITY_KEYS = ("encoder", "weights", "transforms", "embed_dim", "geometry", "preset", "has_cells")
 PROVENANCE_KEYS = ("source", "fingerprint", "mpp", "level0_size", "bag_size_l0")
@@ -127,6 +131,7 @@ class Dims:
                   PATCH_EMB: (n_bags, self.n_patches, self.dim)}
         if self.n_cells:
             shapes[CELL_EMB] = (n_bags, self.n_patches, self.n_cells, self.dim)
+            shapes[CELL_TISSUE] = (n_bags, self.n_patches, self.n_cells)
         return shapes
 
     def chunks(self, n_bags: int) -> dict[str, tuple[int, ...]]:

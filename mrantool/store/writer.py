@@ -20,6 +20,7 @@ from mrantool.store.locks import SlideLock
 from mrantool.store.schema import (
     ARRAY_DTYPES,
     CELL_EMB,
+    CELL_TISSUE,
     COORDS,
     PATCH_EMB,
     PATCH_TISSUE,
@@ -149,8 +150,9 @@ class SlideWriter:
         return value.astype(ARRAY_DTYPES[name], copy=False)
 
     def write(self, start: int, coords: np.ndarray, patch_tissue: np.ndarray, patch_emb: np.ndarray,
-              cell_emb: np.ndarray | None = None) -> None:
-        """Write bags [start, start + len(coords)); floats are stored as float16."""
+              cell_emb: np.ndarray | None = None, cell_tissue: np.ndarray | None = None) -> None:
+        """Write bags [start, start + len(coords)); floats are stored as float16. `cell_tissue` (n, P, C) is
+        kept by stores with cells (each cell gets its patch's fraction when None) and ignored by others."""
         if self.committed:
             raise StoreError(f"Slide '{self.slide_id}' is already committed; begin a new slide to rewrite it.")
         coords = np.asarray(coords)
@@ -164,7 +166,11 @@ class SlideWriter:
             state = "has no cells" if cell_emb is not None else "stores cells"
             raise StoreError(f"Store {self.backend.root} {state}; pass cell_emb only to stores whose identity "
                              "has has_cells=True.")
-        values = {COORDS: coords, PATCH_TISSUE: patch_tissue, PATCH_EMB: patch_emb, CELL_EMB: cell_emb}
+        if cell_tissue is None and CELL_TISSUE in self._arrays:
+            cells = self._arrays[CELL_TISSUE].array.shape[2]
+            cell_tissue = np.repeat(np.asarray(patch_tissue)[..., None], cells, axis=-1)
+        values = {COORDS: coords, PATCH_TISSUE: patch_tissue, PATCH_EMB: patch_emb, CELL_EMB: cell_emb,
+                  CELL_TISSUE: cell_tissue}
         checked = {name: self._check(name, np.asarray(values[name]), n) for name in self._arrays}
         for name, value in checked.items():
             self._arrays[name].write(start, value)

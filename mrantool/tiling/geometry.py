@@ -4,7 +4,8 @@ Edge behaviour: bags start at level-0 (0, 0) and step by the bag's level-0 size 
 the right or bottom edge is kept when enough of it is tissue; its pixels outside the slide read as white and its
 patches there have tissue fraction 0 (masked out by the models). On a slide narrower or shorter than one bag (a small
 image: a tile, ROI or TMA core) a bag's tissue fraction is taken over the part of the bag the slide can fill, so
-such an image is judged by its own tissue, not dropped for being small.
+such an image is judged by its own tissue, not dropped for being small. Cells get their own fractions, measured the
+same way on the same mask (at the thumbnail's resolution, so a cell spans fewer mask pixels than a patch).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class BagPlan:
     patch_tissue: np.ndarray  # (n_bags, grid*grid) float32, row-major patches
     bag_tissue: np.ndarray  # (n_bags,) float32
     n_candidates: int  # bags on the grid before the tissue filter
+    cell_tissue: np.ndarray  # (n_bags, grid*grid, cells*cells) float32, row-major cells inside row-major patches
 
     @property
     def n_bags(self) -> int:
@@ -60,20 +62,12 @@ def plan_bags(
     w, h = dimensions
     size = bag_size_l0(geometry, slide_mpp)
     nx, ny = math.ceil(w / size - 1e-9), math.ceil(h / size - 1e-9)
-    g = geometry.grid
-    # Patch boundaries along each axis in mask pixels, for all bags at once.
-    edges_x = _edges(nx, g, size, mask_downsample)
-    edges_y = _edges(ny, g, size, mask_downsample)
+    g, c = geometry.grid, geometry.cells
     integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
     integral[1:, 1:] = np.cumsum(np.cumsum(mask.astype(np.int64), axis=0), axis=1)
-    ex = np.clip(edges_x, 0, mask.shape[1])
-    ey = np.clip(edges_y, 0, mask.shape[0])
-    # counts[j, i] = tissue pixels in the patch cell between y-edges j, j+1 and x-edges i, i+1.
-    s = integral[np.ix_(ey, ex)]
-    counts = s[1:, 1:] - s[:-1, 1:] - s[1:, :-1] + s[:-1, :-1]
-    area = np.outer(np.diff(edges_y), np.diff(edges_x)).astype(np.float64)
-    frac = np.where(area > 0, counts / np.maximum(area, 1), 0.0)  # (ny*g, nx*g)
-    per_bag = frac.reshape(ny, g, nx, g).transpose(0, 2, 1, 3).reshape(ny * nx, g * g)
+    per_bag = _fractions(integral, nx, ny, g, size, mask_downsample).reshape(ny * nx, g * g)
+    cells = _fractions(integral, nx, ny, g * c, size, mask_downsample)  # (ny, nx, g*c, g*c)
+    per_cell = cells.reshape(ny * nx, g, c, g, c).transpose(0, 1, 3, 2, 4).reshape(ny * nx, g * g, c * c)
     fillable = min(size, w) * min(size, h) / (size * size)  # 1 unless the slide is smaller than a bag
     bag_tissue = np.minimum(per_bag.mean(axis=1) / fillable, 1.0)
     keep = bag_tissue >= min_tissue
@@ -85,7 +79,20 @@ def plan_bags(
         patch_tissue=per_bag[keep].astype(np.float32),
         bag_tissue=bag_tissue[keep].astype(np.float32),
         n_candidates=int(ny * nx),
+        cell_tissue=per_cell[keep].astype(np.float32),
     )
+
+
+def _fractions(integral: np.ndarray, nx: int, ny: int, per_side: int, bag_l0: float,
+               downsample: float) -> np.ndarray:
+    """Tissue fraction of each of `per_side` x `per_side` squares of every bag: (ny, nx, per_side, per_side),
+    from the integral image of the mask (squares outside the mask are no tissue)."""
+    edges_x, edges_y = _edges(nx, per_side, bag_l0, downsample), _edges(ny, per_side, bag_l0, downsample)
+    s = integral[np.ix_(np.clip(edges_y, 0, integral.shape[0] - 1), np.clip(edges_x, 0, integral.shape[1] - 1))]
+    counts = s[1:, 1:] - s[:-1, 1:] - s[1:, :-1] + s[:-1, :-1]  # tissue pixels between neighbouring edges
+    area = np.outer(np.diff(edges_y), np.diff(edges_x)).astype(np.float64)
+    frac = np.where(area > 0, counts / np.maximum(area, 1), 0.0)  # (ny*per_side, nx*per_side)
+    return frac.reshape(ny, per_side, nx, per_side).transpose(0, 2, 1, 3)
 
 
 def _edges(n_bags: int, grid: int, bag_l0: float, downsample: float) -> np.ndarray:

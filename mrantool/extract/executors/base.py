@@ -95,6 +95,7 @@ class Plan:
     slide_mpp: float
     coords: np.ndarray
     patch_tissue: np.ndarray
+    cell_tissue: np.ndarray
     provenance: dict[str, Any]
 
 
@@ -149,7 +150,7 @@ def plan_source(slide: SlideInput, fingerprint: dict[str, Any], geometry: Geomet
             "read_level": sp.read_level, "n_candidate_bags": sp.plan.n_candidates, "min_tissue": min_tissue,
             "host": hostname(), **(extra or {}), "timings": {"plan_s": round(time.perf_counter() - started, 3)},
         }
-        return Plan(opened.mpp, sp.plan.coords, sp.plan.patch_tissue, provenance)
+        return Plan(opened.mpp, sp.plan.coords, sp.plan.patch_tissue, sp.plan.cell_tissue, provenance)
 
 
 class Ledger:

@@ -167,7 +167,7 @@ class LocalExecutor:
                 with uninterrupted():  # the first submit starts the write thread: interrupted, it is never joined
                     pending.append(write_pool.submit(
                         writers[index].write, start, plan.coords[start:start + n],
-                        plan.patch_tissue[start:start + n], patch_emb, cell_emb))
+                        plan.patch_tissue[start:start + n], patch_emb, cell_emb, plan.cell_tissue[start:start + n]))
                 pending = self._drain(pending, MAX_PENDING_WRITES)
                 written[index] += n
                 report.n_patches += n * self.geometry.n_patches

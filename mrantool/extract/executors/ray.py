@@ -108,7 +108,7 @@ class EncoderActor:
         except OSError as exc:
             raise store_write_error(exc, self.store) from None
 
-    def write(self, slide_id: str, start: int, coords: np.ndarray, tissue: np.ndarray,
+    def write(self, slide_id: str, start: int, coords: np.ndarray, tissue: np.ndarray, cell_tissue: np.ndarray,
               batch: dict[str, Any]) -> dict[str, Any]:
         import torch
 
@@ -119,7 +119,7 @@ class EncoderActor:
             raise SlideError(batch["error"])
         patch_emb, cell_emb = self.encode(torch.from_numpy(batch["patches"]))
         try:
-            self.writers[slide_id].write(start, coords, tissue, patch_emb, cell_emb)
+            self.writers[slide_id].write(start, coords, tissue, patch_emb, cell_emb, cell_tissue)
         except OSError as exc:
             raise store_write_error(exc, self.store) from None
         return {"node": hostname(), "n": len(coords)}
@@ -297,7 +297,8 @@ class RayExecutor:
         batch = _REMOTE["read"].remote(str(slide.claim.slide.path), slide.claim.fingerprint, self.cache,
                                        slide.plan.slide_mpp, self.geometry, coords)
         return self._actors[slide.actor].write.remote(slide.claim.slide.slide_id, start, coords,
-                                                      slide.plan.patch_tissue[start:stop], batch)
+                                                      slide.plan.patch_tissue[start:stop],
+                                                      slide.plan.cell_tissue[start:stop], batch)
 
     def _planned(self, ray: Any, ref: Any, claim: Claim, planned: deque, ledger: Ledger) -> None:
         try:
