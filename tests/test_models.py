@@ -304,6 +304,38 @@ def test_mran_variants_run(options):
         assert torch.allclose(out.attention["patch"][0][mask[0]], out.attention["bag"][0] / mask[0].sum())
 
 
+def test_mran_cells_outside_the_cell_mask_get_no_attention_and_do_not_matter():
+    # The hand-computed bag above, with its second cell of patch 0 masked: patch 0 is then its first cell alone.
+    cells = torch.tensor([[[[3.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]], [[100.0, 0.0], [0.0, 100.0]]]])
+    mask = torch.tensor([[True, True, False]])
+    cell_mask = torch.tensor([[[True, False], [True, True], [True, True]]])
+    out = _identity_mran()(cells.mean(2), cells, mask, cell_mask=cell_mask)
+    assert torch.allclose(out.aux["beta"][0, 0], torch.tensor([1.0, 0.0]))
+    # h0 = [3, 0], h1 = [0, 1]: shares 3/4, 1/4, minus 0.05 -> alpha = 0.70 / 0.90, 0.20 / 0.90.
+    assert torch.allclose(out.aux["alpha"][0], torch.tensor([7 / 9, 2 / 9, 0.0]))
+    cells[0, 0, 1] = torch.tensor([-50.0, 80.0])  # a masked cell's features change nothing
+    again = _identity_mran()(cells.mean(2), cells, mask, cell_mask=cell_mask)
+    assert torch.allclose(again.logits, out.logits) and again.attention["cell"][0, 0, 1] == 0
+
+
+@pytest.mark.parametrize("name", ["mran", "mran-reference"])
+def test_mran_cell_mask_batched_equals_one_slide_at_a_time(name):
+    torch.manual_seed(0)
+    head = create_head(name, D, K).eval()
+    slides = [_slide(seed) for seed in (1, 2)]
+    cell_masks = [torch.rand(N_BAGS, P, C, generator=torch.Generator().manual_seed(s)) > 0.4 for s in (1, 2)]
+    for m in cell_masks:
+        m[..., 0] = True
+    batched = head(torch.stack([s[0] for s in slides]), torch.stack([s[1] for s in slides]),
+                   torch.stack([s[2] for s in slides]), cell_mask=torch.stack(cell_masks))
+    for i, ((patches, cells, mask), cell_mask) in enumerate(zip(slides, cell_masks, strict=True)):
+        alone = head(patches, cells, mask, cell_mask=cell_mask)
+        assert torch.allclose(batched.logits[i], alone.logits, atol=1e-6)
+        assert torch.all(alone.attention["cell"][~cell_mask] == 0)
+    with pytest.raises(ConfigError, match="cell_mask must be"):
+        head(*slides[0], cell_mask=cell_masks[0][:, :, :2])
+
+
 def test_mran_needs_cells_unless_turned_off():
     patches, _, mask = _slide()
     with pytest.raises(ConfigError, match=r"no cell embeddings.*cells=false"):

@@ -18,7 +18,7 @@ from mrantool.errors import ConfigError, LabelsError, StoreError
 from mrantool.models.registry import create_head
 from mrantool.store import FeatureStore, make_identity
 from mrantool.training.api import fit, fit_data, load_fold_models, predict
-from mrantool.training.data import ArrayData, LRUCache, StoreData, tissue_mask
+from mrantool.training.data import ArrayData, LRUCache, StoreData, cell_tissue_mask, tissue_mask
 from mrantool.training.labels import make_labels, read_labels
 from mrantool.training.loop import torch_settings, train_fold
 from mrantool.training.metrics import auc, mean_sd, slide_metrics
@@ -238,6 +238,34 @@ def test_best_checkpoint_is_a_copy_not_the_live_weights() -> None:
     for name, tensor in result.state.items():
         assert torch.equal(tensor, best[name]), name
     assert any(not torch.equal(result.state[n], t) for n, t in head.state_dict().items())
+
+
+def test_cells_with_little_tissue_get_no_attention_in_fit_and_predict(tmp_path: Path, cohort: dict) -> None:
+    """A store whose slides record cell tissue: cell 3 of every patch is 10% tissue (a tissue border)."""
+    store = FeatureStore.create(tmp_path / "c.zarr", identity())
+    rng = np.random.default_rng(0)
+    cell_tissue = np.ones((N_BAGS, P, C), np.float32)
+    cell_tissue[..., 3] = 0.1
+    for i in range(N_SLIDES):
+        coords, tissue, patches, cells = slide_features(i % 2 == 1, rng)
+        writer = store.begin_slide(f"s{i:02d}", N_BAGS, provenance())
+        writer.write(0, coords, tissue, patches, cells, cell_tissue * tissue[..., None])
+        writer.commit()
+    cfg = FitConfig(store=str(store.path), labels=str(cohort["labels"]), out=str(tmp_path / "run"), folds=2,
+                    **FAST)
+    assert cfg.cell_min_tissue == 0.5
+    report = fit(cfg)
+    with np.load(report.out / "attention" / "s01.npz") as att:
+        assert np.all(att["cell"][..., 3] == 0) and att["cell"][..., :3].sum() == pytest.approx(1, rel=1e-5)
+    data = StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0, cell_min_tissue=0.5)
+    assert data.bags("s01").cell_mask[:, :-2, :3].all() and not data.bags("s01").cell_mask[:, :-2, 3].any()
+    assert StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0).cell_mask("s01") is None
+    everything = fit(cfg.model_copy(update={"out": str(tmp_path / "all"), "cell_min_tissue": 0.0}))
+    with np.load(everything.out / "attention" / "s01.npz") as att:
+        assert att["cell"][:, :-2, 3].sum() > 0
+    mask = cell_tissue_mask(np.array([[[0.2, 0.6], [0.1, 0.3]]]), 0.5)
+    assert mask.tolist() == [[[False, True], [False, True]]]  # a patch without such a cell keeps its best one
+    assert len(predict(report.out, store.path, tmp_path / "p.csv")) == N_SLIDES
 
 
 def test_data_cache_mask_and_sampling(cohort: dict) -> None:

@@ -34,8 +34,10 @@ class MILOutput:
 
 
 class MILHead(nn.Module):
-    """Base class: `forward(patches (n_bags, P, D), cells (n_bags, P, C, D) | None, mask (n_bags, P) | None)`;
-    with `batched = True` also a leading slide dimension on all three (see docs/architecture.md)."""
+    """Base class: `forward(patches (n_bags, P, D), cells (n_bags, P, C, D) | None, mask (n_bags, P) | None,
+    cell_mask=(n_bags, P, C) | None)`; with `batched = True` also a leading slide dimension on all of them (see
+    docs/architecture.md). Heads with a cell level also take `cell_mask` (cells with enough tissue; None: all),
+    passed by `call_head` only when there is one."""
 
     needs_cells: bool = False
     batched: bool = False
@@ -97,6 +99,13 @@ class MILHead(nn.Module):
                 "pass the store's per-patch tissue mask for the same slide."
             )
         return mask.bool()
+
+
+def call_head(head: nn.Module, patches: Tensor, cells: Tensor | None, mask: Tensor,
+              cell_mask: Tensor | None = None) -> MILOutput:
+    """`head(patches, cells, mask)`, passing `cell_mask` only when there is one (so heads without a cell level, or
+    written before it, need not take it)."""
+    return head(patches, cells, mask) if cell_mask is None else head(patches, cells, mask, cell_mask=cell_mask)
 
 
 class InstanceHead(MILHead):

@@ -134,22 +134,32 @@ class MRAN(MILHead):
         cells: Tensor | None = None,
         mask: Tensor | None = None,
         bag_weights: Tensor | None = None,
+        cell_mask: Tensor | None = None,
     ) -> MILOutput:
         mask = self.check_inputs(patches, cells, mask)
+        if cell_mask is not None and (cells is None or cell_mask.shape != cells.shape[:-1]):
+            raise ConfigError(f"cell_mask must be {tuple(cells.shape[:-1]) if cells is not None else 'None'} (one "
+                              f"flag per cell), got {tuple(cell_mask.shape)}; pass the store's cell tissue mask.")
         single = patches.dim() == 3
         if single:  # one slide: add the slide dimension, drop it on the way out
             patches, mask = patches.unsqueeze(0), mask.unsqueeze(0)
             cells = None if cells is None else cells.unsqueeze(0)
             bag_weights = None if bag_weights is None else bag_weights.unsqueeze(0)
-        out = self._forward(patches, cells, mask, bag_weights)
+            cell_mask = None if cell_mask is None else cell_mask.unsqueeze(0)
+        out = self._forward(patches, cells, mask, bag_weights, cell_mask)
         return out.slide(0) if single else out
 
-    def _forward(self, patches: Tensor, cells: Tensor | None, mask: Tensor, bag_weights: Tensor | None) -> MILOutput:
-        """Slides (S, n_bags, P, D), cells (S, n_bags, P, C, D), mask (S, n_bags, P) -> batched MILOutput."""
+    def _forward(self, patches: Tensor, cells: Tensor | None, mask: Tensor, bag_weights: Tensor | None,
+                 cell_mask: Tensor | None) -> MILOutput:
+        """Slides (S, n_bags, P, D), cells (S, n_bags, P, C, D), mask (S, n_bags, P), cell_mask (S, n_bags, P, C)
+        | None -> batched MILOutput. Cells outside `cell_mask` (too little tissue) get no attention."""
         aux: dict[str, Tensor] = {}
         if self.cells:
             u = self.dropout(self.adapter(cells.float()))
-            beta = self._weights("cell", u, u.norm(dim=-1), mask.unsqueeze(-1).expand(u.shape[:-1]))
+            valid = mask.unsqueeze(-1).expand(u.shape[:-1])
+            if cell_mask is not None:
+                valid = valid & cell_mask.bool()
+            beta = self._weights("cell", u, u.norm(dim=-1), valid)
             h = torch.einsum("sbpc,sbpcd->sbpd", beta, u)
             aux["cell_logits"], aux["beta"] = self.classifier(u), beta
         else:

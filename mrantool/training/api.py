@@ -19,6 +19,7 @@ from mrantool import __version__
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, StoreError
 from mrantool.files import output_file
+from mrantool.models.base import call_head
 from mrantool.models.registry import create_head
 from mrantool.models.standardize import Standardized
 from mrantool.store import FeatureStore
@@ -74,7 +75,7 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
                             "docs/finetune.md).")
     probe = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options)
     data = StoreData(store, labels.slide_ids, cells=probe.needs_cells, patch_min_tissue=cfg.patch_min_tissue,
-                     cache_gb=cfg.cache_gb)
+                     cache_gb=cfg.cache_gb, cell_min_tissue=cfg.cell_min_tissue)
     return fit_data(cfg, data, labels, identity=store.identity, progress=progress)
 
 
@@ -292,13 +293,16 @@ def predict(run_dir: str | Path, store_path: str | Path, out_csv: str | Path, *,
     with torch_settings(settings.get("threads"), dev), torch.no_grad():
         models = load_fold_models(run_dir, folds, dev)
         data = StoreData(store, ids, cells=any(h.needs_cells for _, h, _ in models),
-                         patch_min_tissue=settings["patch_min_tissue"], cache_gb=settings["cache_gb"])
+                         patch_min_tissue=settings["patch_min_tissue"], cache_gb=settings["cache_gb"],
+                         cell_min_tissue=settings.get("cell_min_tissue", 0.0))  # runs from before: no cell mask
         probs = np.zeros((len(ids), run["n_classes"]))
         emit("start", {"n_slides": len(ids), "n_models": len(models)})
         for i, slide_id in enumerate(ids):
             bags = data.bags(slide_id, None, dev)
             for _, head, _ in models:
-                out = head(bags.patches, bags.cells if head.needs_cells else None, bags.mask)
+                cells = head.needs_cells
+                out = call_head(head, bags.patches, bags.cells if cells else None, bags.mask,
+                                bags.cell_mask if cells else None)
                 probs[i] += out.logits.float().softmax(-1).cpu().numpy() / len(models)
             emit("slide", {"index": i, "n_slides": len(ids), "slide_id": slide_id})
     return write_predictions(out_csv, ids, probs, run["classes"])

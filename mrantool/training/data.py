@@ -1,7 +1,8 @@
 """Bags for training and evaluation: slides stream from a store through a RAM cache, or come from arrays.
 
 The trainer sees only `MILData`: slide ids, bag counts, `read(slide_id, index)` -> arrays in the source's
-float dtype (float16 from a store: converted to float32 only on the device) and the tissue mask. Nothing here
+float dtype (float16 from a store: converted to float32 only on the device), the tissue mask and, for heads that
+use cells, the cells' tissue mask. Nothing here
 assumes coordinates or a geometry, so Musk-style bags (one bag of N instances per "slide", N varying) work
 through `ArrayData`.
 """
@@ -29,12 +30,14 @@ Entry = tuple[np.ndarray, np.ndarray | None]
 
 @dataclass
 class Bags:
-    """Some or all bags of one slide as tensors: patches (n, P, D), cells (n, P, C, D) | None, mask (n, P)."""
+    """Some or all bags of one slide as tensors: patches (n, P, D), cells (n, P, C, D) | None, mask (n, P),
+    cell_mask (n, P, C) | None (None: every cell of a valid patch counts)."""
 
     patches: Tensor
     cells: Tensor | None
     mask: Tensor
     index: np.ndarray  # which bags of the slide, in order
+    cell_mask: Tensor | None = None
 
 
 def tissue_mask(patch_tissue: np.ndarray, threshold: float) -> np.ndarray:
@@ -43,6 +46,14 @@ def tissue_mask(patch_tissue: np.ndarray, threshold: float) -> np.ndarray:
     mask = tissue >= threshold
     empty = ~mask.any(axis=1)
     mask[np.flatnonzero(empty), tissue[empty].argmax(axis=1)] = True
+    return mask
+
+
+def cell_tissue_mask(cell_tissue: np.ndarray, threshold: float) -> np.ndarray:
+    """(n_bags, P, C) cells with at least `threshold` tissue; a patch with none keeps its most-tissue cell."""
+    tissue = np.nan_to_num(np.asarray(cell_tissue, dtype=np.float32), nan=0.0)
+    mask = tissue >= threshold
+    np.put_along_axis(mask, tissue.argmax(-1)[..., None], True, axis=-1)
     return mask
 
 
@@ -107,6 +118,10 @@ class MILData(ABC):
     def mask(self, slide_id: str) -> np.ndarray:
         """(n_bags, P) bool tissue mask of a slide."""
 
+    def cell_mask(self, slide_id: str) -> np.ndarray | None:
+        """(n_bags, P, C) bool: the cells with enough tissue to count, or None when every cell counts."""
+        return None
+
     @abstractmethod
     def read(self, slide_id: str, index: np.ndarray, cells: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(patches (n, P, D), cells (n, P, C, D) | None) of the bags `index` as float16 or float32 arrays;
@@ -135,11 +150,13 @@ class MILData(ABC):
         """Bags `index` (all when None) of a slide as float32 tensors on `device` (converted there)."""
         index = np.arange(self.n_bags(slide_id)) if index is None else np.asarray(index, dtype=np.int64)
         patches, cells = self.read(slide_id, index)
+        cell_mask = None if cells is None else self.cell_mask(slide_id)
         return Bags(
             patches=torch.from_numpy(patches).to(device).float(),
             cells=None if cells is None else torch.from_numpy(cells).to(device).float(),
             mask=torch.from_numpy(self.mask(slide_id)[index]).to(device),
             index=index,
+            cell_mask=None if cell_mask is None else torch.from_numpy(cell_mask[index]).to(device),
         )
 
 
@@ -152,16 +169,17 @@ class StoreData(MILData):
     """
 
     def __init__(self, store: FeatureStore, slide_ids: Sequence[str], *, cells: bool, patch_min_tissue: float,
-                 cache_gb: float) -> None:
+                 cache_gb: float, cell_min_tissue: float = 0.0) -> None:
         self.store = store
         self.slide_ids = list(slide_ids)
         self.in_dim = store.dims.dim
         self.has_cells = store.dims.n_cells > 0
         self.cells = cells and self.has_cells
-        self.patch_min_tissue = patch_min_tissue
+        self.patch_min_tissue, self.cell_min_tissue = patch_min_tissue, cell_min_tissue
         self.cache = LRUCache(int(cache_gb * 2**30))
         self._slides: dict[str, SlideFeatures] = {}
         self._masks: dict[str, np.ndarray] = {}
+        self._cell_masks: dict[str, np.ndarray | None] = {}
         self._bags_total: int | None = None
 
     def _slide(self, slide_id: str) -> SlideFeatures:
@@ -176,6 +194,14 @@ class StoreData(MILData):
         if slide_id not in self._masks:
             self._masks[slide_id] = tissue_mask(self._slide(slide_id).patch_tissue[:], self.patch_min_tissue)
         return self._masks[slide_id]
+
+    def cell_mask(self, slide_id: str) -> np.ndarray | None:
+        """From the slide's cell tissue fractions (`cell_min_tissue`); None when 0 or the slide has none."""
+        if slide_id not in self._cell_masks:
+            tissue = self._slide(slide_id).cell_tissue
+            use = self.cells and self.cell_min_tissue > 0 and tissue is not None
+            self._cell_masks[slide_id] = cell_tissue_mask(tissue[:], self.cell_min_tissue) if use else None
+        return self._cell_masks[slide_id]
 
     def bag_values(self, slide_id: str) -> int:
         slide = self._slide(slide_id)

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError
-from mrantool.models.base import MILHead, MILOutput, weighted_ce
+from mrantool.models.base import MILHead, MILOutput, call_head, weighted_ce
 from mrantool.training.batched.batches import Batch, Pick, Prefetcher, collate, fill
 from mrantool.training.batched.stack import MemberStack, is_batched
 from mrantool.training.data import MILData, sample_bags
@@ -204,10 +204,12 @@ def evaluate(head: MILHead, data: MILData, slide_ids: Sequence[str], y: np.ndarr
             index = [pick.position for pick in batch.picks[0]]
             patches, mask = batch.patches[0], batch.mask[0]
             cell_values = None if batch.cells is None else batch.cells[0]
+            cell_mask = None if batch.cell_mask is None else batch.cell_mask[0]
             if is_batched(head):
-                out = head(patches, cell_values, mask)
+                out = call_head(head, patches, cell_values, mask, cell_mask)
             else:
-                out = head(patches[0], None if cell_values is None else cell_values[0], mask[0])
+                out = call_head(head, patches[0], None if cell_values is None else cell_values[0], mask[0],
+                                None if cell_mask is None else cell_mask[0])
                 out = MILOutput(out.logits[None], {k: v[None] for k, v in out.attention.items()},
                                 {k: v[None] for k, v in out.aux.items()})
             logits = out.logits.float()
@@ -309,7 +311,7 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
             bag_weights = _bag_weights(states, chosen, batch, device)
             weights = class_w if len(chosen) == len(states) else class_w[chosen]
             loss, logits, bag = stack(chosen, batch.patches, batch.cells, batch.mask, batch.labels, weights,
-                                      bag_weights, epoch, cfg0.epochs)
+                                      bag_weights, epoch, cfg0.epochs, cell_mask=batch.cell_mask)
             w = batch.weights
             per_member = loss.mean(1) if batch.full else (loss * w).sum(1) / w.sum(1)
             optimizer.zero_grad(set_to_none=True)

@@ -205,6 +205,7 @@ def check_config(cfg: FitConfig) -> None:
         (cfg.batch_size >= 1, f"batch_size {cfg.batch_size} (use 1 or more)"),
         (cfg.parallel_folds >= 0, f"parallel_folds {cfg.parallel_folds} (use 0 for all, or 1 or more)"),
         (0 <= cfg.patch_min_tissue <= 1, f"patch_min_tissue {cfg.patch_min_tissue} (use 0..1)"),
+        (0 <= cfg.cell_min_tissue <= 1, f"cell_min_tissue {cfg.cell_min_tissue} (use 0..1)"),
         (0 <= cfg.cache_gb < math.inf, f"cache_gb {cfg.cache_gb} (use a finite value >= 0)"),
         (cfg.threads is None or cfg.threads >= 1, f"threads {cfg.threads} (use 1 or more)"),
         (cfg.end_to_end or (cfg.weights is None and cfg.encoder_from is None and cfg.encoder_lr is None

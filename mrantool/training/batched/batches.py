@@ -43,6 +43,7 @@ class Batch:
     patches: Tensor  # (G, S, n_bags, P, D) float32 (or the source's own values, e.g. uint8 pixels (..., h, w, 3))
     cells: Tensor | None  # (G, S, n_bags, P, C, D) float32
     mask: Tensor  # (G, S, n_bags, P) bool; padding False
+    cell_mask: Tensor | None  # (G, S, n_bags, P, C) bool when cells are loaded and some slide masks cells
     labels: Tensor  # (G, S) int64
     weights: Tensor  # (G, S) 1 for real slides, 0 for fillers
     full: bool  # no fillers: every weight is 1
@@ -68,29 +69,37 @@ def collate(data: MILData, picks: Sequence[Sequence[Pick]], device: torch.device
     pin = device.type == "cuda"
     patches = _zeros((g, s, int(n_bags.max()), int(n_patches.max()), *item), dtype, pin)
     mask = _zeros(patches.shape[:4], np.bool_, pin)
-    cell_array = None
+    cell_array = cell_mask = None
     if reads[0][0][1] is not None:
         cell_array = _zeros((*patches.shape[:4], *reads[0][0][1].shape[2:]), dtype, pin)
+        if any(r[3] is not None for row in reads for r in row):
+            cell_mask = _zeros(cell_array.shape[:5], np.bool_, pin)
     for i, row in enumerate(reads):
-        for j, (x, c, m) in enumerate(row):
+        for j, (x, c, m, cm) in enumerate(row):
             n, p = x.shape[:2]
             patches.numpy()[i, j, :n, :p] = x
             mask.numpy()[i, j, :n, :p] = m
             if cell_array is not None:
                 cell_array.numpy()[i, j, :n, :p] = c
+            if cell_mask is not None:
+                cell_mask.numpy()[i, j, :n, :p] = True if cm is None else cm
     labels, weights = _zeros((g, s), np.int64, pin), _zeros((g, s), np.float32, pin)
     labels.numpy()[:] = [[pick.label for pick in row] for row in picks]
     weights.numpy()[:] = [[pick.real for pick in row] for row in picks]
     return Batch(patches=_to(patches, device), cells=None if cell_array is None else _to(cell_array, device),
-                 mask=mask.to(device, non_blocking=pin), labels=labels.to(device, non_blocking=pin),
+                 mask=mask.to(device, non_blocking=pin),
+                 cell_mask=None if cell_mask is None else cell_mask.to(device, non_blocking=pin),
+                 labels=labels.to(device, non_blocking=pin),
                  weights=weights.to(device, non_blocking=pin), full=all(p.real for row in picks for p in row),
                  picks=[list(row) for row in picks], n_bags=n_bags, n_patches=n_patches)
 
 
-def _read(data: MILData, pick: Pick, cells: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+def _read(data: MILData, pick: Pick,
+          cells: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
     index = np.arange(data.n_bags(pick.slide_id)) if pick.index is None else pick.index
     patches, cell_values = data.read(pick.slide_id, index, cells=cells)
-    return patches, cell_values, data.mask(pick.slide_id)[index]
+    cell_mask = None if cell_values is None else data.cell_mask(pick.slide_id)
+    return patches, cell_values, data.mask(pick.slide_id)[index], None if cell_mask is None else cell_mask[index]
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from mrantool.models.base import MILHead
+from mrantool.models.base import MILHead, call_head
 
 
 def is_batched(head: nn.Module) -> bool:
@@ -38,17 +38,20 @@ class Objective(nn.Module):
         self.batched = is_batched(head)
 
     def forward(self, patches: Tensor, cells: Tensor | None, mask: Tensor, labels: Tensor, class_weights: Tensor,
-                bag_weights: Tensor | None, epoch: int, n_epochs: int) -> tuple[Tensor, Tensor, Tensor]:
+                bag_weights: Tensor | None, cell_mask: Tensor | None, epoch: int,
+                n_epochs: int) -> tuple[Tensor, Tensor, Tensor]:
         head = self.head
         cells = cells if head.needs_cells else None
+        cell_mask = cell_mask if cells is not None else None
         extra = {} if bag_weights is None else {"bag_weights": bag_weights if self.batched else bag_weights[0]}
         if self.batched:
-            out = head(patches, cells, mask)
+            out = call_head(head, patches, cells, mask, cell_mask)
             loss, _ = head.compute_loss(out, labels, epoch=epoch, n_epochs=n_epochs, class_weights=class_weights,
                                         **extra)
             logits, bag = out.logits, out.attention.get("bag")
         else:
-            out = head(patches[0], None if cells is None else cells[0], mask[0])
+            out = call_head(head, patches[0], None if cells is None else cells[0], mask[0],
+                            None if cell_mask is None else cell_mask[0])
             loss, _ = head.compute_loss(out, labels[0], epoch=epoch, n_epochs=n_epochs,
                                         class_weights=class_weights, **extra)
             loss, logits = loss.reshape(1), out.logits.unsqueeze(0)
@@ -91,14 +94,15 @@ class MemberStack:
         self.template.train(mode)
 
     def __call__(self, members: Sequence[int], patches: Tensor, cells: Tensor | None, mask: Tensor, labels: Tensor,
-                 class_weights: Tensor, bag_weights: Tensor | None, epoch: int,
-                 n_epochs: int) -> tuple[Tensor, Tensor, Tensor]:
+                 class_weights: Tensor, bag_weights: Tensor | None, epoch: int, n_epochs: int,
+                 cell_mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Run `members` on their batches (leading member dimension on every tensor): loss (G, S), logits
         (G, S, K), bag attention (G, S, n_bags)."""
         if len(members) == 1:
             results = self.objectives[members[0]](
                 patches[0], None if cells is None else cells[0], mask[0], labels[0], class_weights[0],
-                None if bag_weights is None else bag_weights[0], epoch, n_epochs)
+                None if bag_weights is None else bag_weights[0], None if cell_mask is None else cell_mask[0],
+                epoch, n_epochs)
             return tuple(r.unsqueeze(0) for r in results)  # type: ignore[return-value]
         tensors = [self._member_tensors(m) for m in members]
         params = {name: torch.stack(group) for name, group in
@@ -109,6 +113,6 @@ class MemberStack:
         def one(p: dict[str, Tensor], b: dict[str, Tensor], *args: Tensor | None) -> tuple[Tensor, ...]:
             return functional_call(self.template, (p, b), (*args, epoch, n_epochs))
 
-        args = (patches, cells, mask, labels, class_weights, bag_weights)
+        args = (patches, cells, mask, labels, class_weights, bag_weights, cell_mask)
         in_dims = (0, 0, *(None if a is None else 0 for a in args))
         return vmap(one, in_dims=in_dims, randomness="different")(params, buffers, *args)
