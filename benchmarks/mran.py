@@ -18,6 +18,7 @@ slides, against tissue borders. Everything is resumable: finished runs in --work
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -308,8 +309,11 @@ def attention_figure(data: Dataset, work: Path, seed: int, path: Path) -> str | 
     axes[0].legend(loc="lower left", fontsize=7, markerscale=2, framealpha=0.7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    # a 256-colour palette keeps the committed figure near 0.5 MB instead of 1.3 MB
+    Image.open(buffer).convert("RGB").quantize(256).save(path, optimize=True)
     return image
 
 
