@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import hardware, load_average, markdown_table, write_results
+from benchmarks.common import hardware, load_average, markdown_table, run_provenance, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRC_ROOT = SHARED / "real" / "crchistophenotypes"
@@ -370,7 +370,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"Seeds {args['seeds']}; folds: crc {args['folds_crc']}, pcam {args['folds']}, generated "
              f"{args['folds_generated']}; {args['epochs']} epochs at most (early stopping on the validation split); "
              "identical folds for every model of a data set and seed. Mean ± sd over seeds of the CV mean test "
-             "metric; random-init encoders everywhere (no pretrained weights are reachable here).", "",
+             "metric; random-init encoders everywhere (no pretrained weights are reachable here)."
+             + (f" Every fit with {', '.join(args['fit'])}." if args.get("fit") else ""), "",
              "## Test AUC and accuracy", ""]
     rows = []
     for entry in table.values():
@@ -475,6 +476,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--figure", type=Path, default=Path(__file__).parents[1] / "docs" / "images" /
                         "mran_attention_crc.png")
+    parser.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
+                        help="a FitConfig value for every fit, e.g. --fit cell_min_tissue=0.5 (repeatable)")
+    parser.add_argument("--name", default="mran", help="results are written to NAME.json and NAME.md in --out")
     args = parser.parse_args(argv)
     if args.smoke:
         args.seeds, args.folds, args.folds_crc, args.folds_generated, args.epochs = 1, 2, 2, 2, 3
@@ -487,12 +491,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if not SHARED.exists():
         raise SystemExit(f"{SHARED} is absent: this benchmark needs the real data beside the project.")
+    from mrantool.config import parse_options
+
+    provenance = run_provenance()  # the tree as the run starts (the figure it draws is a tracked file)
+    extra_fit = parse_options(args.fit)
     started, load_before = time.perf_counter(), load_average()
     args.work.mkdir(parents=True, exist_ok=True)
     names = [d for d in args.datasets.split(",") if d]
     models = [m for m in args.models.split(",") if m]
     e2e = [d for d in args.e2e_datasets.split(",") if d and d != "generated"] if args.e2e_seeds > 0 else []
     datasets = {name: prepare(name, args.work, e2e=name in e2e) for name in names}
+    for data in datasets.values():
+        data.fit.update(extra_fit)
     folds = {"crc": args.folds_crc, "pcam": args.folds, "generated": args.folds_generated}
     jobs = [Job(d, "cache", m, s, folds[d], args.epochs, args.lr) for d in names for s in range(args.seeds)
             for m in models]
@@ -526,7 +536,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report["seconds"] = time.perf_counter() - started
     report["load_before"], report["load_after"] = load_before, load_average()
     report["targets"] = targets(report)
-    json_path, md_path = write_results(args.out, "mran" if not args.smoke else "mran_smoke", report,
+    report.update(provenance)
+    json_path, md_path = write_results(args.out, args.name if not args.smoke else f"{args.name}_smoke", report,
                                        markdown(report))
     print(f"wrote {json_path} and {md_path}")
 

@@ -252,14 +252,14 @@ def test_cells_with_little_tissue_get_no_attention_in_fit_and_predict(tmp_path: 
         writer.write(0, coords, tissue, patches, cells, cell_tissue * tissue[..., None])
         writer.commit()
     cfg = FitConfig(store=str(store.path), labels=str(cohort["labels"]), out=str(tmp_path / "run"), folds=2,
-                    **FAST)
-    assert cfg.cell_min_tissue == 0.5
+                    cell_min_tissue=0.5, **FAST)
     report = fit(cfg)
     with np.load(report.out / "attention" / "s01.npz") as att:
         assert np.all(att["cell"][..., 3] == 0) and att["cell"][..., :3].sum() == pytest.approx(1, rel=1e-5)
     data = StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0, cell_min_tissue=0.5)
     assert data.bags("s01").cell_mask[:, :-2, :3].all() and not data.bags("s01").cell_mask[:, :-2, 3].any()
     assert StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0).cell_mask("s01") is None
+    assert FitConfig(store="s", labels="l", out="o").cell_min_tissue == 0.0  # off unless asked for (docs/fit.md)
     everything = fit(cfg.model_copy(update={"out": str(tmp_path / "all"), "cell_min_tissue": 0.0}))
     with np.load(everything.out / "attention" / "s01.npz") as att:
         assert att["cell"][:, :-2, 3].sum() > 0
