@@ -546,13 +546,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"torch {hw['torch']} ({hw['torch_threads']} threads), device {st['device']}"
         + (f" ({hw.get('gpu')})" if st["device"] == "cuda" else "") + f"; niceness {hw['niceness']}.",
         f"Whole run: {report['wall_seconds'] / 60:.1f} min wall, {report['cpu_seconds'] / 60:.1f} min CPU. "
-        f"1-minute load average {report['load_start']} at the start and {report['load_end']} at the end; the "
-        "machine was shared, so absolute numbers are pessimistic and noisy; measurements were interleaved "
-        "(order rotated every round) so the ratios are fairer than the absolute rates.",
+        f"1-minute load average {report['load_start']} at the start and {report['load_end']} at the end (on 2 "
+        "cores, 2 is this run alone); measurements were interleaved (order rotated every round), so the ratios "
+        "are fairer than the absolute rates.",
         f"Slides: generated H&E-like pyramidal JPEG TIFFs at {st['slide_mpp']} mpp (make_cohort seed "
         f"{st['seed']}); {st['rounds']} rounds, medians. Command: `{report['command']}`.",
         "",
-        "Methods: (a) our pipeline (Extractor into a new feature store, patch + cell embeddings, float16; "
+        "Methods: (a) our pipeline (LocalExecutor into a new feature store, patch + cell embeddings, float16; "
         "channels_last; end-to-end including tissue detection, planning and the store commit); (b) naive "
         "CLAM-style loop (per-patch read_region, PIL->tensor, fp32 NCHW, HDF5 append); (c) the plain fp32 "
         "NCHW encoder on pre-read, pre-normalised tensors; (d) LazySlide (find_tissues, tile_tissues, "
