@@ -19,8 +19,9 @@ from mrantool.models.abmil import ABMIL
 from mrantool.models.attention import masked_softmax, pool
 from mrantool.models.base import InstanceHead, MILOutput, weighted_ce
 from mrantool.store import FeatureStore
-from mrantool.sweep.runner import group_tasks, run_sweep
+from mrantool.sweep.runner import run_sweep
 from mrantool.sweep.spec import load_spec
+from mrantool.sweep.worker import group_tasks
 from mrantool.training.api import fit
 from mrantool.training.data import ArrayData, StoreData
 from mrantool.training.loop import Member, torch_settings, train_members, uses_bag_weights

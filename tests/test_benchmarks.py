@@ -36,8 +36,8 @@ RERUN = {
 OLD_COLUMNS: set[str] = set()  # written by older versions of their scripts (other columns)
 NO_RESULTS = {"gpu"}  # never run on a quiet machine (or a GPU)
 # re-run by their committed scripts: must pass
-RERUN_DONE = {"decode", "end_to_end", "extract", "finetune", "fit", "fit_defaults", "mran", "musk", "retrieval", "scale",
-              "sweep", "viewer"}
+RERUN_DONE = {"decode", "end_to_end", "extract", "finetune", "fit", "fit_defaults", "mran", "musk", "retrieval",
+              "scale", "sweep", "viewer"}
 
 
 def stale(name: str, why: str):

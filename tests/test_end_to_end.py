@@ -24,8 +24,9 @@ from mrantool.errors import ConfigError
 from mrantool.extract.api import extract
 from mrantool.models.registry import create_head
 from mrantool.slides.writer import write_pyramid_tiff
-from mrantool.sweep.runner import group_tasks, run_sweep
+from mrantool.sweep.runner import run_sweep
 from mrantool.sweep.spec import load_spec
+from mrantool.sweep.worker import group_tasks
 from mrantool.tiling.presets import get_preset
 from mrantool.training.api import predict
 from mrantool.training.labels import read_labels

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mrantool.errors import ConfigError
+from mrantool.sweep.worker import RunResult, Task, Worker, group_tasks, record_error
 
 
 @dataclass(frozen=True)
@@ -30,19 +31,16 @@ class _RayWorker:
     def __init__(self, threads: int) -> None:
         import torch
 
-        from mrantool.sweep.runner import Worker
-
         torch.set_num_threads(threads)
         self.worker = Worker()
 
-    def run(self, group: list[Any]) -> list[Any]:
+    def run(self, group: list[Task]) -> list[RunResult]:
         return self.worker.run(group)
 
 
-def execute_on_ray(tasks: list[Any], resources: RayResources) -> Iterator[Any]:
+def execute_on_ray(tasks: list[Task], resources: RayResources) -> Iterator[RunResult]:
     """RunResults as run groups finish on the Ray cluster."""
     from mrantool.extract.executors.ray import connect
-    from mrantool.sweep.runner import group_tasks
 
     if resources.cpus_per_run <= 0 or resources.gpus_per_run < 0:
         raise ConfigError("--cpus-per-run must be > 0 and --gpus-per-run >= 0 (e.g. --gpus-per-run 0.25 puts four "
@@ -81,10 +79,8 @@ def execute_on_ray(tasks: list[Any], resources: RayResources) -> Iterator[Any]:
             ray.shutdown()
 
 
-def _results(ray: Any, ref: Any, group: list[Any]) -> list[Any]:
-    from mrantool.sweep.runner import _record_error
-
+def _results(ray: Any, ref: Any, group: list[Task]) -> list[RunResult]:
     try:
         return ray.get(ref)
     except ray.exceptions.RayError as exc:  # the actor died: its runs are errors, the sweep goes on
-        return [_record_error(task, f"Ray worker failed: {type(exc).__name__}", str(exc), 0.0) for task in group]
+        return [record_error(task, f"Ray worker failed: {type(exc).__name__}", str(exc), 0.0) for task in group]
