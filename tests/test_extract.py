@@ -69,6 +69,30 @@ def test_generated_slides_shapes_coords_provenance(slides, tmp_path):
     assert (np.ptp(cell_tissue, axis=2) > 0.5).any()
 
 
+def test_a_glass_hole_inside_tissue_is_no_tissue_for_its_cell(tmp_path):
+    """The thumbnail mask fills holes in tissue (a lumen, a tear), so it calls a cell of glass inside tissue
+    tissue; the store's cell fraction is refined on the cell's own pixels. Tiny preset: 1024 level-0 px bags of
+    4 x 4 patches of 2 x 2 cells, so level-0 x, y 896..1024 is bag (0, 0), patch 15, cell 3."""
+    from mrantool.slides.reader import open_slide
+    from mrantool.slides.writer import write_pyramid_tiff
+    from mrantool.tiling.presets import get_preset
+    from mrantool.tiling.slide_plan import plan_slide
+
+    image = tissue_image(2048, seed=3)
+    image[896:1024, 896:1024] = 245  # glass, surrounded by the tissue disc
+    write_pyramid_tiff(tmp_path / "holed.tif", image, mpp=0.5)
+    run([tmp_path / "holed.tif"], tmp_path / "s.zarr")
+    s = FeatureStore.open(tmp_path / "s.zarr").slide("holed")
+    bag = s.coords[:].tolist().index([0, 0])
+    with open_slide(tmp_path / "holed.tif") as slide:
+        thumbnail = plan_slide(slide, get_preset("tiny").geometry).plan
+    stored = s.cell_tissue[:].astype(np.float32)
+    assert thumbnail.cell_tissue[bag, 15, 3] > 0.9  # the hole was filled in the thumbnail mask
+    assert stored[bag, 15, 3] < 0.05
+    assert stored[bag, 15, :3].min() > 0.9  # its neighbours are tissue
+    assert np.all(stored <= thumbnail.cell_tissue + 1e-3)  # pixels only ever lower a fraction
+
+
 def test_features_match_the_plain_encoder(slides, tmp_path):
     """The pipeline (channels_last, batched, fp16 storage) agrees with the fp32 model on the same pixels."""
     import torch

@@ -63,7 +63,7 @@ def assert_same_arrays(store: str | Path, reference: Path) -> None:
     assert a.slide_ids() == b.slide_ids()
     for slide_id in b.slide_ids():
         x, y = a.slide(slide_id), b.slide(slide_id)
-        for name in ("coords", "patch_tissue", "patch_emb", "cell_emb"):
+        for name in ("coords", "patch_tissue", "patch_emb", "cell_emb", "cell_tissue"):
             np.testing.assert_array_equal(getattr(x, name)[:], getattr(y, name)[:], err_msg=f"{slide_id} {name}")
 
 

@@ -5,7 +5,8 @@ the right or bottom edge is kept when enough of it is tissue; its pixels outside
 patches there have tissue fraction 0 (masked out by the models). On a slide narrower or shorter than one bag (a small
 image: a tile, ROI or TMA core) a bag's tissue fraction is taken over the part of the bag the slide can fill, so
 such an image is judged by its own tissue, not dropped for being small. Cells get their own fractions, measured the
-same way on the same mask (at the thumbnail's resolution, so a cell spans fewer mask pixels than a patch).
+same way on the same mask, then refined on the pixels the encoder reads (`refine_cell_tissue`): at the thumbnail's
+resolution a cell spans a few mask pixels, too coarse to see a gap of glass between tissue pieces.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mrantool.slides.tissue import WHITE_LEVEL
 from mrantool.tiling.presets import Geometry
 
 
@@ -108,3 +110,15 @@ def patch_coords(plan: BagPlan, geometry: Geometry) -> np.ndarray:
     rows, cols = np.divmod(np.arange(g * g), g)
     offsets = np.stack([cols * step, rows * step], axis=1)
     return np.round(plan.coords[:, None, :] + offsets[None]).astype(np.int64)
+
+
+def refine_cell_tissue(cell_tissue: np.ndarray, patches: np.ndarray, cells: int) -> np.ndarray:
+    """Each cell's thumbnail tissue fraction capped by the share of its own pixels that are not glass (mean RGB
+    under the tissue detector's white level): (n, P, C) fractions and (n, P, S, S, 3) uint8 patches ->
+    (n, P, C) float32. Only lowers a fraction, so a cell the thumbnail mask leaves out (ink, a dark background)
+    stays out."""
+    n, p, side = patches.shape[0], patches.shape[1], patches.shape[2] // cells
+    cut = patches[:, :, : side * cells, : side * cells].reshape(n, p, cells, side, cells, side, 3)
+    not_glass = cut.mean(axis=-1, dtype=np.float32) < WHITE_LEVEL  # (n, P, cells, side, cells, side)
+    share = not_glass.mean(axis=(3, 5), dtype=np.float32).reshape(n, p, cells * cells)
+    return np.minimum(np.asarray(cell_tissue, np.float32), share)

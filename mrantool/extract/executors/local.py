@@ -35,6 +35,7 @@ from mrantool.slides.cache import SlideCache
 from mrantool.slides.mpp_table import MppTable
 from mrantool.store.reader import FeatureStore
 from mrantool.store.schema import hostname
+from mrantool.tiling.geometry import refine_cell_tissue
 from mrantool.tiling.presets import Preset
 
 PLAN_AHEAD = 2  # slides planned ahead of the one being encoded
@@ -164,10 +165,12 @@ class LocalExecutor:
                     self.progress("slide_start", {"slide_id": claim.slide.slide_id, "n_bags": len(plan.coords)})
                 n = len(batch["items"])
                 start = batch["items"][0].bag_index
+                cell_tissue = refine_cell_tissue(plan.cell_tissue[start:start + n], batch["patches"].numpy(),
+                                                 self.geometry.cells)
                 with uninterrupted():  # the first submit starts the write thread: interrupted, it is never joined
                     pending.append(write_pool.submit(
                         writers[index].write, start, plan.coords[start:start + n],
-                        plan.patch_tissue[start:start + n], patch_emb, cell_emb, plan.cell_tissue[start:start + n]))
+                        plan.patch_tissue[start:start + n], patch_emb, cell_emb, cell_tissue))
                 pending = self._drain(pending, MAX_PENDING_WRITES)
                 written[index] += n
                 report.n_patches += n * self.geometry.n_patches

@@ -28,6 +28,7 @@ from mrantool.extract.inputs import SlideInput
 from mrantool.slides.cache import SlideCache
 from mrantool.slides.mpp_table import MppTable
 from mrantool.store.reader import FeatureStore
+from mrantool.tiling.geometry import refine_cell_tissue
 from mrantool.tiling.presets import Geometry, Preset
 
 MAX_ATTEMPTS = 3  # a slide whose actor dies is started over at most this many times
@@ -118,6 +119,7 @@ class EncoderActor:
         if "error" in batch:
             raise SlideError(batch["error"])
         patch_emb, cell_emb = self.encode(torch.from_numpy(batch["patches"]))
+        cell_tissue = refine_cell_tissue(cell_tissue, batch["patches"], self.encode.preset.geometry.cells)
         try:
             self.writers[slide_id].write(start, coords, tissue, patch_emb, cell_emb, cell_tissue)
         except OSError as exc:
