@@ -62,19 +62,19 @@ def test_cells_get_their_own_tissue_fractions():
     assert plan.patch_tissue[0].tolist() == [0.75, 0.0, 0.75, 0.0]
 
 
-def test_pixels_refine_cell_tissue():
-    """2 patches of 2 x 2 cells of 2 x 2 px: a glass cell (mean RGB 250 >= 225) gets 0, a cell with one glass
-    pixel of four at most 0.75, and no cell rises above its thumbnail fraction."""
-    from mrantool.tiling.geometry import refine_cell_tissue
+def test_cells_not_glass_share():
+    """2 patches of 2 x 2 cells of 2 x 2 px: a glass cell (mean RGB 250 >= 225) has no non-glass pixel, a cell
+    with one glass pixel of four 0.75; leading dimensions (bags) pass through."""
+    from mrantool.tiling.geometry import not_glass_share
 
     patches = np.full((1, 2, 4, 4, 3), 150, np.uint8)
     patches[0, 0, :2, :2] = 250  # patch 0, cell 0: glass
     patches[0, 1, 2, 3] = [230, 230, 230]  # patch 1, cell 3: one pixel of glass
     patches[0, 1, 0, 0] = [255, 255, 180]  # mean 230: glass too (patch 1, cell 0)
-    thumbnail = np.array([[[1.0, 1.0, 0.0, 0.4], [1.0, 1.0, 1.0, 1.0]]])
-    refined = refine_cell_tissue(thumbnail, patches, 2)
-    assert refined.dtype == np.float32
-    np.testing.assert_allclose(refined, [[[0.0, 1.0, 0.0, 0.4], [0.75, 1.0, 1.0, 0.75]]])
+    share = not_glass_share(patches, 2)
+    assert share.dtype == np.float32 and share.shape == (1, 2, 4)
+    np.testing.assert_allclose(share, [[[0.0, 1.0, 1.0, 1.0], [0.75, 1.0, 1.0, 0.75]]])
+    np.testing.assert_allclose(not_glass_share(patches[0], 2), share[0])  # one bag
 
 
 def test_cells_past_the_slide_edge_are_no_tissue():

@@ -1,4 +1,5 @@
-"""DataLoader side of extraction: read one bag region per item at the target mpp and cut it into patches."""
+"""DataLoader side of extraction: read one bag region per item at the target mpp, cut it into patches, and measure
+the share of each cell's pixels that are not glass."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch.utils.data import Dataset
 
 from mrantool.errors import SlideError
 from mrantool.slides.reader import Slide, open_slide
+from mrantool.tiling.geometry import not_glass_share
 from mrantool.tiling.presets import Geometry
 
 
@@ -55,7 +57,9 @@ class BagRegions(Dataset):
             region = self._slide(item.slide_index, item.slide_mpp).read_region_mpp(item.x0, item.y0, g.bag_px, g.mpp)
         except SlideError as exc:
             return {"item": item, "error": str(exc)}
-        return {"item": item, "patches": torch.from_numpy(np.ascontiguousarray(cut_patches(region, g.grid)))}
+        patches = cut_patches(region, g.grid)
+        return {"item": item, "patches": torch.from_numpy(np.ascontiguousarray(patches)),
+                "not_glass": torch.from_numpy(not_glass_share(patches, g.cells))}
 
 
 def collate_bags(samples: list[dict]) -> dict:
@@ -65,5 +69,6 @@ def collate_bags(samples: list[dict]) -> dict:
     return {
         "items": [s["item"] for s in good],
         "patches": torch.stack([s["patches"] for s in good]) if good else None,
+        "not_glass": torch.stack([s["not_glass"] for s in good]) if good else None,
         "errors": [(s["item"], s["error"]) for s in errors],
     }

@@ -5,7 +5,7 @@ the right or bottom edge is kept when enough of it is tissue; its pixels outside
 patches there have tissue fraction 0 (masked out by the models). On a slide narrower or shorter than one bag (a small
 image: a tile, ROI or TMA core) a bag's tissue fraction is taken over the part of the bag the slide can fill, so
 such an image is judged by its own tissue, not dropped for being small. Cells get their own fractions, measured the
-same way on the same mask, then refined on the pixels the encoder reads (`refine_cell_tissue`): at the thumbnail's
+same way on the same mask, then capped on the pixels the encoder reads (`not_glass_share`): at the thumbnail's
 resolution a cell spans a few mask pixels, too coarse to see a gap of glass between tissue pieces.
 """
 
@@ -112,13 +112,13 @@ def patch_coords(plan: BagPlan, geometry: Geometry) -> np.ndarray:
     return np.round(plan.coords[:, None, :] + offsets[None]).astype(np.int64)
 
 
-def refine_cell_tissue(cell_tissue: np.ndarray, patches: np.ndarray, cells: int) -> np.ndarray:
-    """Each cell's thumbnail tissue fraction capped by the share of its own pixels that are not glass (mean RGB
-    under the tissue detector's white level): (n, P, C) fractions and (n, P, S, S, 3) uint8 patches ->
-    (n, P, C) float32. Only lowers a fraction, so a cell the thumbnail mask leaves out (ink, a dark background)
-    stays out."""
-    n, p, side = patches.shape[0], patches.shape[1], patches.shape[2] // cells
-    cut = patches[:, :, : side * cells, : side * cells].reshape(n, p, cells, side, cells, side, 3)
-    not_glass = cut.mean(axis=-1, dtype=np.float32) < WHITE_LEVEL  # (n, P, cells, side, cells, side)
-    share = not_glass.mean(axis=(3, 5), dtype=np.float32).reshape(n, p, cells * cells)
-    return np.minimum(np.asarray(cell_tissue, np.float32), share)
+def not_glass_share(patches: np.ndarray, cells: int) -> np.ndarray:
+    """Share of each cell's pixels that are not glass (mean RGB under the tissue detector's white level):
+    (..., P, S, S, 3) uint8 patches -> (..., P, cells * cells) float32, cells row-major. Extraction caps each
+    cell's thumbnail tissue fraction by it (the thumbnail mask fills holes and gives a cell a few pixels)."""
+    p, size = patches.shape[-4], patches.shape[-3]
+    side = size // cells
+    cut = patches[..., : side * cells, : side * cells, :].reshape(-1, p, cells, side, cells, side, 3)
+    not_glass = cut.sum(axis=-1, dtype=np.uint16) < 3 * WHITE_LEVEL
+    share = np.count_nonzero(not_glass, axis=(3, 5)) / np.float32(side * side)
+    return share.astype(np.float32).reshape(*patches.shape[:-4], p, cells * cells)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from mrantool.encoders.registry import PatchEncoder
@@ -35,7 +36,6 @@ from mrantool.slides.cache import SlideCache
 from mrantool.slides.mpp_table import MppTable
 from mrantool.store.reader import FeatureStore
 from mrantool.store.schema import hostname
-from mrantool.tiling.geometry import refine_cell_tissue
 from mrantool.tiling.presets import Preset
 
 PLAN_AHEAD = 2  # slides planned ahead of the one being encoded
@@ -165,8 +165,7 @@ class LocalExecutor:
                     self.progress("slide_start", {"slide_id": claim.slide.slide_id, "n_bags": len(plan.coords)})
                 n = len(batch["items"])
                 start = batch["items"][0].bag_index
-                cell_tissue = refine_cell_tissue(plan.cell_tissue[start:start + n], batch["patches"].numpy(),
-                                                 self.geometry.cells)
+                cell_tissue = np.minimum(plan.cell_tissue[start:start + n], batch["not_glass"].numpy())
                 with uninterrupted():  # the first submit starts the write thread: interrupted, it is never joined
                     pending.append(write_pool.submit(
                         writers[index].write, start, plan.coords[start:start + n],

@@ -28,7 +28,7 @@ from mrantool.extract.inputs import SlideInput
 from mrantool.slides.cache import SlideCache
 from mrantool.slides.mpp_table import MppTable
 from mrantool.store.reader import FeatureStore
-from mrantool.tiling.geometry import refine_cell_tissue
+from mrantool.tiling.geometry import not_glass_share
 from mrantool.tiling.presets import Geometry, Preset
 
 MAX_ATTEMPTS = 3  # a slide whose actor dies is started over at most this many times
@@ -66,7 +66,8 @@ _HANDLE: dict[str, Any] = {}  # per worker process: the one slide it has open
 
 def _read_bags(source: str, fingerprint: dict[str, Any], cache: SlideCache, slide_mpp: float, geometry: Geometry,
                coords: np.ndarray) -> dict[str, Any]:
-    """(runs in a Ray task) The bag regions at `coords` cut into patches, or {'error': message}."""
+    """(runs in a Ray task) The bag regions at `coords` cut into patches and their cells' non-glass shares, or
+    {'error': message}."""
     from mrantool.extract.dataset import cut_patches
     from mrantool.slides.reader import open_slide
 
@@ -81,7 +82,8 @@ def _read_bags(source: str, fingerprint: dict[str, Any], cache: SlideCache, slid
                    for x, y in coords]
     except MrantoolError as exc:
         return {"error": str(exc)}
-    return {"patches": np.ascontiguousarray(np.stack(regions))}
+    patches = np.ascontiguousarray(np.stack(regions))
+    return {"patches": patches, "not_glass": not_glass_share(patches, geometry.cells)}
 
 
 class EncoderActor:
@@ -119,7 +121,7 @@ class EncoderActor:
         if "error" in batch:
             raise SlideError(batch["error"])
         patch_emb, cell_emb = self.encode(torch.from_numpy(batch["patches"]))
-        cell_tissue = refine_cell_tissue(cell_tissue, batch["patches"], self.encode.preset.geometry.cells)
+        cell_tissue = np.minimum(cell_tissue, batch["not_glass"])  # capped by the pixels the read task saw
         try:
             self.writers[slide_id].write(start, coords, tissue, patch_emb, cell_emb, cell_tissue)
         except OSError as exc:
