@@ -62,7 +62,6 @@ def _results(future: Future[list[RunResult]], group: list[Task]) -> list[RunResu
 _WORKER: Worker | None = None
 
 
-
 def _init_worker(threads: int) -> None:
     global _WORKER
     torch.set_num_threads(threads)

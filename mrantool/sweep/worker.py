@@ -26,7 +26,6 @@ Task = tuple[RunSpec, str, str]  # the run, its folder, its inputs key
 
 
 @dataclass
-@dataclass
 class RunResult:
     """What happened to one run in this call: "ran", "skipped" (finished before) or "error"."""
 
@@ -93,7 +92,7 @@ class Worker:
             if len(group) > 1:
                 return [result for task in group for result in self.run([task])]
             return [record_error(group[0], f"{type(exc).__name__}: {exc}", traceback.format_exc(),
-                                  time.perf_counter() - started)]
+                                 time.perf_counter() - started)]
         seconds = (time.perf_counter() - started) / len(group)
         return [RunResult(run.name, run.hash, "ran", seconds) for run, _, _ in group]
 
