@@ -402,6 +402,7 @@ def fit(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Slides per optimiser step, padded with masks.")] = None,
     parallel_folds: Annotated[int | None, typer.Option(help="Folds trained together (0: all, 1: one by one).")] = None,
+    ensemble: Annotated[int | None, typer.Option(help="Models per fold, averaged (own seeds, val slides).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="Log lines instead of progress bars.")] = False,
     config: Annotated[Path | None, typer.Option(help="TOML file with these options (flags override it).")] = None,
     finetune: Annotated[bool, typer.Option(help="Train encoder and MRAN head together on mined bags.")] = False,
@@ -430,7 +431,7 @@ def fit(
                              label_column=label_column, model=model, out=out, folds=folds,
                              repeats=repeats, epochs=epochs, lr=lr, seed=seed, cache_gb=cache_gb, device=device,
                              threads=threads, batch_size=batch_size, parallel_folds=parallel_folds,
-                             end_to_end=end_to_end, weights=weights, encoder_from=encoder_from)
+                             ensemble=ensemble, end_to_end=end_to_end, weights=weights, encoder_from=encoder_from)
         if option:
             cfg.options = {**cfg.options, **parse_options(option)}
         if finetune and cfg.end_to_end:

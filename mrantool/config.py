@@ -150,6 +150,7 @@ class FitConfig(StageConfig):
     max_bags: int = 64  # bags per slide per step when a slide has more (sampled; all bags at evaluation)
     batch_size: int = 1  # slides per optimiser step, padded with masks (1: the classic one-slide MIL step)
     parallel_folds: int = 0  # folds (and sweep variants of one architecture) trained together; 0 all, 1 one by one
+    ensemble: int = 1  # models per fold, each with its own seed and validation split; their probabilities averaged
     patch_min_tissue: float = 0.25  # patches with less tissue are masked out
     cell_min_tissue: float = 0.0  # cells with less tissue get no cell attention (0: none masked; docs/fit.md)
     cache_gb: float = 4.0

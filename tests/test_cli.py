@@ -109,6 +109,19 @@ def test_fit_merges_toml_flags_and_options(flow) -> None:
     assert "already holds a finished fit run" in again
 
 
+def test_fit_ensemble_writes_every_member_and_predict_averages_them(flow, tmp_path) -> None:
+    base = ("fit", "--store", flow["store"], "--labels", flow["labels"], "--config", flow["root"] / "fit.toml",
+            "--folds", "2", "--quiet")
+    ok(*base, "--out", tmp_path / "ens", "--ensemble", "2")
+    for name in ("fold_0/model.safetensors", "fold_0/member_1/model.safetensors", "fold_1/member_1/head.json"):
+        assert (tmp_path / "ens" / name).is_file(), name
+    assert not (tmp_path / "ens" / "fold_0" / "member_2").exists()
+    ok("predict", "--run", tmp_path / "ens", "--store", flow["store"], "--out", tmp_path / "p.csv")
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 5
+    assert "ensemble 0 (use 1 or more models per fold)" in one_line(refused(*base, "--out", tmp_path / "e0",
+                                                                            "--ensemble", "0"))
+
+
 def test_info_check_and_extract_resume(flow) -> None:
     table = ok("info", flow["store"])
     assert all(f"a-{i}" in table for i in range(4))

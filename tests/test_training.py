@@ -20,7 +20,7 @@ from mrantool.store import FeatureStore, make_identity
 from mrantool.training.api import fit, fit_data, load_fold_models, predict
 from mrantool.training.data import ArrayData, LRUCache, StoreData, cell_tissue_mask, tissue_mask
 from mrantool.training.labels import make_labels, read_labels
-from mrantool.training.loop import torch_settings, train_fold
+from mrantool.training.loop import evaluate, torch_settings, train_fold
 from mrantool.training.metrics import auc, mean_sd, slide_metrics
 from mrantool.training.splits import make_splits
 
@@ -167,6 +167,49 @@ def test_predict_reproduces_fold_probabilities_and_ensembles(cohort: dict, mran_
     assert len(every) == N_SLIDES and len(read_csv(cohort["root"] / "all.csv")) == N_SLIDES
     assert all(r["prob_normal"] + r["prob_tumour"] == pytest.approx(1) for r in every)
     assert [name for name, _, _ in load_fold_models(out)] == ["fold_0", "fold_1"]
+
+
+def test_ensemble_members_have_their_own_seeds_and_validation_slides_and_are_averaged(cohort: dict,
+                                                                                      mran_run: dict) -> None:
+    out = cohort["root"] / "ens"
+    report = fit(config(cohort, "ens", ensemble=3))
+    splits = {s["name"]: s for s in json.loads((out / "splits.json").read_text())}
+    preds = read_csv(out / "predictions.csv")
+    for fold, split in splits.items():
+        folders = [out / fold, out / fold / "member_1", out / fold / "member_2"]
+        heads = [json.loads((f / "head.json").read_text()) for f in folders]
+        assert [h["member"] for h in heads] == [0, 1, 2] and len({h["seed"] for h in heads}) == 3
+        assert heads[0]["val_slides"] == split["val"]  # member 0 is the fold's model of a run without ensemble
+        pool = set(split["train"]) | set(split["val"])
+        vals = [set(h["val_slides"]) for h in heads]
+        assert all(v and v <= pool and not v & set(split["test"]) for v in vals)
+        assert len({frozenset(v) for v in vals}) > 1  # different validation slides, so they train on different ones
+        weights = [load_file(str(f / "model.safetensors"))["head.classifier.weight"] for f in folders]
+        assert not torch.equal(weights[0], weights[1])
+        # the fold's test probabilities are the mean of its members' (each member evaluated on its own), and
+        # predict on that fold averages the same three models
+        mine = [r for r in preds if f"fold_{r['fold']}" == fold]
+        ids = [r["slide_id"] for r in mine]
+        models = load_fold_models(out, [fold])
+        assert [name for name, _, _ in models] == [fold, f"{fold}/member_1", f"{fold}/member_2"]
+        data = StoreData(FeatureStore.open(cohort["store"]), ids, cells=True, patch_min_tissue=0.25, cache_gb=1)
+        each = np.stack([evaluate(head, data, ids).probs[:, 1] for _, head, _ in models])
+        assert not np.allclose(each[0], each[1])
+        assert np.allclose(each.mean(0), [float(r["prob_tumour"]) for r in mine], atol=1e-6)
+        rows = predict(out, cohort["store"], cohort["root"] / f"ens_{fold}.csv", folds=[fold], slides=ids,
+                       device="cpu")
+        assert np.allclose([r["prob_tumour"] for r in rows], each.mean(0), atol=1e-6)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [len(f["members"]) for f in metrics["folds"]] == [3, 3]
+    assert report.mean["auc"] > 0.8
+    assert len(load_fold_models(out)) == 6 and not list(mran_run["out"].glob("fold_*/member_*"))
+
+
+def test_ensemble_must_be_positive_and_cache_only(cohort: dict) -> None:
+    with pytest.raises(ConfigError, match="ensemble 0"):
+        fit(config(cohort, "ens0", ensemble=0))
+    with pytest.raises(ConfigError, match="ensemble 2 with end_to_end"):
+        fit(config(cohort, "ens_e2e", ensemble=2, end_to_end=True))
 
 
 def test_predict_refuses_a_store_of_another_encoder(cohort: dict, mran_run: dict) -> None:

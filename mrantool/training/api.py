@@ -9,6 +9,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from mrantool import __version__
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, StoreError
 from mrantool.files import output_file
-from mrantool.models.base import call_head
+from mrantool.models.base import MILOutput, call_head
 from mrantool.models.registry import create_head
 from mrantool.models.standardize import Standardized
 from mrantool.store import FeatureStore
@@ -56,7 +57,7 @@ from mrantool.training.runs import (
     start_run,
     write_predictions,
 )
-from mrantool.training.splits import Split, derive_seed, make_splits
+from mrantool.training.splits import Split, derive_seed, make_splits, validation_split
 
 # --- fit ---
 
@@ -108,19 +109,24 @@ def fit_many(cfgs: Sequence[FitConfig], data: MILData, labels: Labels, *, identi
 
     Folds of runs that share a head, its options and the group settings train together as members of one
     group (`parallel_folds` at most; one at a time for `fold_dependent` data); each fold's result is the
-    same, within noise, as training it alone.
+    same, within noise, as training it alone. With `ensemble = K` each fold trains K models, which are
+    tested together once the last of them is trained.
     """
     emit = progress or (lambda event, info: None)
     runs = [_start_run(cfg, data, labels, identity, emit) for cfg in cfgs]
-    folds = [(run, index) for run in runs for index in range(len(run.splits))]
+    models = [(run, index, k) for run in runs for index in range(len(run.splits)) for k in range(run.cfg.ensemble)]
     moments: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]] = {}
-    for group in _fold_groups(folds, data):
+    trained: dict[tuple[int, int], list[tuple[Member, FoldResult]]] = {}
+    for group in _fold_groups(models, data):
         run0 = group[0][0]
         with torch_settings(run0.cfg.threads, run0.device):
-            members = [_member(run, index, data, labels, moments, emit) for run, index in group]
+            members = [_member(run, index, k, data, labels, moments, emit) for run, index, k in group]
             results = train_members(members, data, device=run0.device, progress=emit)
-            for (run, index), member, result in zip(group, members, results, strict=True):
-                _end_fold(run, index, member, result, data, labels, emit)
+            for (run, index, _), member, result in zip(group, members, results, strict=True):
+                done = trained.setdefault((id(run), index), [])
+                done.append((member, result))
+                if len(done) == run.cfg.ensemble:
+                    _end_fold(run, index, done, data, labels, emit)
     return [finish_run(run.cfg, Path(run.cfg.out), labels, run.reports, run.predictions, run.histories, run.rocs,
                        run.notes, run.started, emit) for run in runs]
 
@@ -152,17 +158,20 @@ def _start_run(cfg: FitConfig, data: MILData, labels: Labels, identity: dict[str
     return _Run(cfg, options, device, splits, fold_names(splits), notes, started)
 
 
-def _fold_groups(folds: list[tuple[_Run, int]], data: MILData) -> list[list[tuple[_Run, int]]]:
-    """Folds in groups that train together: same head, options and group settings, at most `parallel_folds`."""
-    groups: dict[str, list[list[tuple[_Run, int]]]] = {}
-    for run, index in folds:
+def _fold_groups(models: list[tuple[_Run, int, int]], data: MILData) -> list[list[tuple[_Run, int, int]]]:
+    """(run, fold, member) in groups that train together: same head, options and group settings, at most
+    `parallel_folds` models (one fold's members at a time for `fold_dependent` data)."""
+    groups: dict[str, list[list[tuple[_Run, int, int]]]] = {}
+    for run, index, k in models:
         cfg = run.cfg
         key = train_together_key(cfg)
-        limit = 1 if data.fold_dependent else cfg.parallel_folds or len(folds)
         chunks = groups.setdefault(key, [[]])
-        if len(chunks[-1]) >= limit:
+        last = chunks[-1]
+        full = (last and (last[-1][0], last[-1][1]) != (run, index)) if data.fold_dependent else \
+            len(last) >= (cfg.parallel_folds or len(models))
+        if full:
             chunks.append([])
-        chunks[-1].append((run, index))
+        chunks[-1].append((run, index, k))
     return [chunk for chunks in groups.values() for chunk in chunks]
 
 
@@ -172,49 +181,82 @@ def train_together_key(cfg: FitConfig) -> str:
                        cfg.device, cfg.threads], sort_keys=True, default=str)
 
 
-def _member(run: _Run, index: int, data: MILData, labels: Labels,
+def _member(run: _Run, index: int, k: int, data: MILData, labels: Labels,
             moments: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]], emit: Progress) -> Member:
-    """Announce a fold and build its seeded head (standardised with its training slides' statistics)."""
+    """Build the seeded head of member `k` of a fold (standardised with its training slides' statistics).
+
+    Member 0 is the fold's single model of a run without an ensemble; member k > 0 has its own seed and draws
+    its own validation slides from the fold's training slides, so together the members train on all of them.
+    """
     cfg, split, name = run.cfg, run.splits[index], run.names[index]
     ids, y = labels.slide_ids, labels.y
-    context = {"name": name, "repeat": split.repeat, "fold": split.fold, "index": index,
+    fit_rows, val_rows = split.train, split.val
+    if k:
+        rows = np.sort(np.concatenate([split.train, split.val]))
+        fit_rows, val_rows = validation_split(labels, rows, cfg.val_fraction,
+                                              derive_seed(cfg.seed, split.repeat, split.fold, 1, k))
+        name = f"{name}/member_{k}"
+    context = {"name": name, "repeat": split.repeat, "fold": split.fold, "index": index, "member": k,
                "n_folds": len(run.splits)}
-    emit("fold_start", {**context, "n_train": len(split.train), "n_val": len(split.val),
-                        "n_test": len(split.test)})
-    seed = derive_seed(cfg.seed, split.repeat, split.fold, 2)
+    if k == 0:  # fold-dependent data (e.g. FoldStandardised) refits its statistics on this event
+        emit("fold_start", {**context, "n_train": len(split.train), "n_val": len(split.val),
+                            "n_test": len(split.test)})
+    seed = derive_seed(cfg.seed, split.repeat, split.fold, 2, *([k] if k else []))
     seed_everything(seed)
     head = create_head(cfg.model, data.in_dim, labels.n_classes, **cfg.options)
     if cfg.standardize:
         head = Standardized(head, data.in_dim)
-        train_ids = [ids[i] for i in split.train]
+        train_ids = [ids[i] for i in fit_rows]
         head.set_stats(**feature_stats(data, train_ids, None if data.fold_dependent else moments))
-    return Member(head, [ids[i] for i in split.train], y[split.train], [ids[i] for i in split.val], y[split.val],
+    return Member(head, [ids[i] for i in fit_rows], y[fit_rows], [ids[i] for i in val_rows], y[val_rows],
                   cfg, seed, context)
 
 
-def _end_fold(run: _Run, index: int, member: Member, result: FoldResult, data: MILData, labels: Labels,
+def _end_fold(run: _Run, index: int, trained: list[tuple[Member, FoldResult]], data: MILData, labels: Labels,
               emit: Progress) -> None:
-    """Checkpoint and test a trained fold; attention files for the test slides of repeat 0."""
+    """Checkpoint and test a fold's trained model(s): with an ensemble the members' probabilities and attention
+    are averaged; attention files for the test slides of repeat 0."""
     cfg, split, name = run.cfg, run.splits[index], run.names[index]
     out, ids, y = Path(cfg.out), labels.slide_ids, labels.y
-    head = member.head
-    head.load_state_dict(result.state)
-    save_checkpoint(out / name, head, {
-        "model": cfg.model, "options": run.options, "in_dim": data.in_dim, "n_classes": labels.n_classes,
-        "classes": labels.classes, "repeat": split.repeat, "fold": split.fold,
-        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
-        "standardize": cfg.standardize, "mrantool_version": __version__})
     test_ids = [ids[i] for i in split.test]
-    saver = attention_saver(out / "attention") if cfg.save_attention and split.repeat == 0 else None
-    test = evaluate(head, data, test_ids, device=run.device, on_output=saver)
-    metrics = slide_metrics(y[split.test], test.probs)
-    run.reports.append(FoldReport(name, split.repeat, split.fold, result.best_epoch, result.epochs_run,
-                                  result.monitor, len(split.train), len(split.val), len(split.test), metrics,
-                                  result.seconds))
-    emit("fold_end", {**member.context, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+    outputs: dict[str, list[MILOutput]] = {}
+    probs = np.zeros((len(test_ids), labels.n_classes))
+    trained = sorted(trained, key=lambda t: t[0].context["member"])
+    keep = cfg.save_attention and split.repeat == 0
+    for member, result in trained:
+        head = member.head
+        head.load_state_dict(result.state)
+        k = member.context["member"]
+        save_checkpoint(out / name / (f"member_{k}" if k else ""), head, {
+            "model": cfg.model, "options": run.options, "in_dim": data.in_dim, "n_classes": labels.n_classes,
+            "classes": labels.classes, "repeat": split.repeat, "fold": split.fold,
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "monitor": result.monitor,
+            "standardize": cfg.standardize, "mrantool_version": __version__,
+            **({"member": k, "seed": member.seed, "val_slides": list(member.val_ids)} if cfg.ensemble > 1 else {})})
+        probs += evaluate(head, data, test_ids, device=run.device,
+                          on_output=partial(_keep_attention, outputs) if keep else None).probs / len(trained)
+        run.histories[member.context["name"]] = result.history
+    if outputs:
+        save = attention_saver(out / "attention")
+        for slide_id, outs in outputs.items():
+            save(slide_id, MILOutput(outs[0].logits, {level: torch.stack([o.attention[level] for o in outs]).mean(0)
+                                                      for level in outs[0].attention}, {}))
+    first = trained[0][1]  # member 0: the fold's model without an ensemble; its epochs and history stand for it
+    members = [{"name": m.context["name"], "best_epoch": r.best_epoch, "epochs_run": r.epochs_run}
+               for m, r in trained] if cfg.ensemble > 1 else []
+    metrics = slide_metrics(y[split.test], probs)
+    run.reports.append(FoldReport(name, split.repeat, split.fold, first.best_epoch, first.epochs_run, first.monitor,
+                                  len(split.train), len(split.val), len(split.test), metrics,
+                                  sum(r.seconds for _, r in trained), members))
+    emit("fold_end", {**trained[0][0].context, "best_epoch": first.best_epoch, "epochs_run": first.epochs_run,
                       **metrics})
-    run.predictions += prediction_rows(labels, split, test.probs)
-    run.histories[name], run.rocs[name] = result.history, (y[split.test], test.probs)
+    run.predictions += prediction_rows(labels, split, probs)
+    run.rocs[name] = (y[split.test], probs)
+
+
+def _keep_attention(outputs: dict[str, list[MILOutput]], slide_id: str, out: MILOutput) -> None:
+    outputs.setdefault(slide_id, []).append(MILOutput(out.logits, {k: v.detach().cpu() for k, v in
+                                                                    out.attention.items()}))
 
 
 def feature_stats(data: MILData, slide_ids: Sequence[str],

@@ -54,6 +54,7 @@ class FoldReport:
     n_test: int
     metrics: dict[str, float]
     seconds: float = 0.0
+    members: list[dict[str, Any]] = field(default_factory=list)  # ensemble: name, best_epoch, epochs_run each
 
 
 @dataclass
@@ -172,7 +173,8 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
 
 def load_fold_models(run_dir: str | Path, folds: Sequence[str] | None = None,
                      device: torch.device | str = "cpu") -> list[tuple[str, MILHead, dict[str, Any]]]:
-    """(fold name, head, head.json) of every fold of a run, or of the named `folds` (e.g. "fold_0")."""
+    """(name, head, head.json) of every model of a run's folds, or of the named `folds` (e.g. "fold_0"): one per
+    fold, or with `ensemble = K` its K members (fold_0, fold_0/member_1, ...)."""
     run_dir = Path(run_dir)
     names = read_run(run_dir)["folds"]
     if folds is not None:
@@ -181,7 +183,12 @@ def load_fold_models(run_dir: str | Path, folds: Sequence[str] | None = None,
             raise ConfigError(f"Run {run_dir} has no fold(s) {', '.join(unknown)}; choose from "
                               f"{', '.join(names)}.")
         names = list(folds)
-    return [(name, *load_checkpoint(run_dir / name, device)) for name in names]
+    models = []
+    for name in names:
+        members = sorted((run_dir / name).glob("member_*"), key=lambda p: int(p.name.split("_")[1]))
+        for folder in [run_dir / name, *members]:
+            models.append((str(folder.relative_to(run_dir)), *load_checkpoint(folder, device)))
+    return models
 
 
 def check_config(cfg: FitConfig) -> None:
@@ -203,6 +210,7 @@ def check_config(cfg: FitConfig) -> None:
         (cfg.min_epochs >= 0, f"min_epochs {cfg.min_epochs} (use 0 or more)"),
         (cfg.max_bags >= 1, f"max_bags {cfg.max_bags} (use 1 or more)"),
         (cfg.batch_size >= 1, f"batch_size {cfg.batch_size} (use 1 or more)"),
+        (cfg.ensemble >= 1, f"ensemble {cfg.ensemble} (use 1 or more models per fold)"),
         (cfg.parallel_folds >= 0, f"parallel_folds {cfg.parallel_folds} (use 0 for all, or 1 or more)"),
         (0 <= cfg.patch_min_tissue <= 1, f"patch_min_tissue {cfg.patch_min_tissue} (use 0..1)"),
         (0 <= cfg.cell_min_tissue <= 1, f"cell_min_tissue {cfg.cell_min_tissue} (use 0..1)"),
@@ -212,6 +220,8 @@ def check_config(cfg: FitConfig) -> None:
                             and cfg.color_jitter == 0 and cfg.augment and cfg.batchnorm == "batch"),
          "weights, encoder_from, encoder_lr, color_jitter, augment or batchnorm (they apply only with "
          "end_to_end = true; weights and encoder_lr also with --finetune)"),
+        (cfg.ensemble == 1 or not cfg.end_to_end, f"ensemble {cfg.ensemble} with end_to_end (training from pixels "
+                                                  "keeps one model per fold; use ensemble = 1)"),
         (cfg.weights is None or cfg.encoder_from is None, "both weights and encoder_from (pass one of them)"),
         (cfg.encoder_lr is None or cfg.encoder_lr >= 0, f"encoder_lr {cfg.encoder_lr} (use 0 or more)"),
         (0 <= cfg.color_jitter < 1, f"color_jitter {cfg.color_jitter} (use 0 <= color_jitter < 1)"),
@@ -254,14 +264,16 @@ def finish_run(cfg: FitConfig, out: Path, labels: Labels, reports: list[FoldRepo
     pooled = slide_metrics(y_all, np.concatenate([p for _, p in rocs.values()]))
     columns = ["slide_id", "fold", "repeat", "label", *[f"prob_{c}" for c in labels.classes], "predicted"]
     write_csv(out / "predictions.csv", predictions, columns)
-    plot_curves(histories, {r.name: r.best_epoch for r in reports}, out / "curves.png")
+    best = {r.name: r.best_epoch for r in reports} | {m["name"]: m["best_epoch"] for r in reports for m in r.members}
+    plot_curves(histories, best, out / "curves.png")
     plot_roc(rocs, labels.classes, out / "roc.png")
     write_json(out / "metrics.json", {
         "model": cfg.model, "classes": labels.classes, "seed": cfg.seed,
         "folds": [{"name": r.name, "repeat": r.repeat, "fold": r.fold, "best_epoch": r.best_epoch,
                    "epochs_run": r.epochs_run, "monitor": r.monitor, "n_train": r.n_train, "n_val": r.n_val,
                    "n_test": r.n_test, **r.metrics,
-                   "history": [{k: v for k, v in row.items() if k != "seconds"} for row in histories[r.name]]}
+                   "history": [{k: v for k, v in row.items() if k != "seconds"} for row in histories[r.name]],
+                   **({"members": r.members} if r.members else {})}
                   for r in reports],
         "mean": mean, "sd": sd, "n_folds_used": n_used, "pooled": pooled})
     report = FitReport(out, cfg.model, labels.classes, reports, mean, sd, pooled, notes,
