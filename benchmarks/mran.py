@@ -7,11 +7,12 @@ Data (../shared/data, see SOURCES.md):
              tiles; `mran-10x` geometry: a patch is a tile, 3x3 cells of 32 px (PCam's labelled centre).
   generated  the demo cohort (`mrantool demo`: 16 generated slides, `mran` preset).
 Every model of a data set and seed sees identical folds (splits depend on the labels, folds and seed only); the
-paired tests compare the default `mran` with each other model over the (seed, fold) pairs (Wilcoxon signed-rank,
-two-sided). Attention is checked against CRCHistoPhenotypes' annotated epithelial nuclei, and, on the generated
-slides, against tissue borders. Everything is resumable: finished runs in --work are reused.
+paired tests compare the default `mran` with each other model, and `mran ens5` (`fit --ensemble 5`, on crc and
+pcam) with the other ensembles, over the (seed, fold) pairs (Wilcoxon signed-rank, two-sided). Attention is
+checked against CRCHistoPhenotypes' annotated epithelial nuclei, and, on the generated slides, against tissue
+borders. Everything is resumable: finished runs in --work are reused.
 
-    python benchmarks/mran.py                 # the full run, about an hour on 2 CPU cores
+    python benchmarks/mran.py                 # the full run, about 100 min on 2 CPU cores (40 of them ensembles)
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
 """
 
