@@ -167,8 +167,10 @@ def _fold_groups(models: list[tuple[_Run, int, int]], data: MILData) -> list[lis
         key = train_together_key(cfg)
         chunks = groups.setdefault(key, [[]])
         last = chunks[-1]
-        full = (last and (last[-1][0], last[-1][1]) != (run, index)) if data.fold_dependent else \
-            len(last) >= (cfg.parallel_folds or len(models))
+        if data.fold_dependent:  # a new fold starts a new group (runs compared by identity, not field by field)
+            full = bool(last) and (last[-1][0] is not run or last[-1][1] != index)
+        else:
+            full = len(last) >= (cfg.parallel_folds or len(models))
         if full:
             chunks.append([])
         chunks[-1].append((run, index, k))
