@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mrantool.evaluation.attention_truth import near_points, top_k_hits
+from mrantool.evaluation.attention_truth import in_discs, near_points, top_k_hits
 from mrantool.store.geometry import cell_centres
 
 
@@ -24,6 +24,13 @@ def test_near_points_uses_the_radius():
     assert near_points(centres, np.array([[0.0, 7.0]]), 8.0).tolist() == [True, False, False]  # 7 and 12.2 away
     assert near_points(centres, np.array([[0.0, 7.0], [29.0, 1.0]]), 8.0).tolist() == [True, False, True]
     assert near_points(centres, np.empty((0, 2)), 8.0).tolist() == [False, False, False]
+
+
+def test_in_discs_uses_each_disc_radius():
+    centres = np.array([[[0.0, 0.0], [10.0, 0.0]], [[50.0, 50.0], [58.0, 50.0]]])
+    discs = np.array([[0, 3, 5], [50, 56, 9]])  # (x, y, radius): 3 from the first, 6 and 10 from the second
+    assert in_discs(centres, discs).tolist() == [[True, False], [True, False]]
+    assert in_discs(centres, np.empty((0, 3))).tolist() == [[False, False], [False, False]]
 
 
 def test_top_k_hits_counts_the_most_attended_cells():

@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from mrantool.cohorts import synthetic
-from mrantool.cohorts.synthetic import cohort_design, make_cohort, render_slide
+from mrantool.cohorts.synthetic import cohort_design, make_cohort, read_foci, render_slide
 from mrantool.errors import ConfigError, SlideError
 from mrantool.slides.writer import write_pyramid_tiff
 
@@ -85,6 +85,10 @@ def test_cohort_files_and_labels(cohort: Path) -> None:
     foci = _rows(out / "foci.csv")
     tumour = {r["slide_id"] for r in rows if r["label"] == "tumor"}
     assert {f["slide_id"] for f in foci} == tumour
+    discs = read_foci(out)
+    assert set(discs) == tumour and sum(len(d) for d in discs.values()) == len(foci)
+    first = foci[0]
+    assert discs[first["slide_id"]][0].tolist() == [int(first["x"]), int(first["y"]), int(first["radius"])]
 
 
 def test_openslide_opens_every_slide_at_half_micron(cohort: Path) -> None:
@@ -210,3 +214,8 @@ def test_make_cohort_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="256"):
         make_cohort(tmp_path, n_slides=2, size=(100, 100))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_foci_names_the_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"foci\.csv"):
+        read_foci(tmp_path)

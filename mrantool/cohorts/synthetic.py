@@ -299,3 +299,17 @@ def make_cohort(
     labels = out / "labels.csv"
     _write_csv(labels, ("slide_id", "label", "patient_id"), design)
     return labels
+
+
+def read_foci(folder: str | Path) -> dict[str, np.ndarray]:
+    """The tumour foci `make_cohort` wrote to `folder`/foci.csv: slide id -> (n, 3) int64 discs (x, y, radius) in
+    level-0 px (slides without foci are absent)."""
+    path = Path(folder) / "foci.csv"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; pass the folder `mrantool demo-data` wrote (it holds foci.csv).")
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    foci: dict[str, list[tuple[int, int, int]]] = {}
+    for row in rows:
+        foci.setdefault(row["slide_id"], []).append((int(row["x"]), int(row["y"]), int(row["radius"])))
+    return {slide: np.array(discs, np.int64) for slide, discs in foci.items()}

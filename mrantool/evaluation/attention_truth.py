@@ -1,4 +1,5 @@
-"""Does attention fall on annotated objects? Top-k attended cells against point annotations (e.g. nucleus centres).
+"""Does attention fall on annotated objects? Top-k attended cells against point annotations (e.g. nucleus centres)
+or annotated regions given as discs (e.g. a generated slide's tumour foci).
 
 For one slide: the share of its k most attended cells whose centre lies within `radius` of an annotated point of the
 target class, against the share expected by chance (the share of the slide's valid cells that lie that close, i.e.
@@ -35,6 +36,15 @@ def near_points(centres: np.ndarray, points: np.ndarray, radius: float) -> np.nd
         return np.zeros(flat.shape[0], bool).reshape(centres.shape[:-1])
     dist, _ = cKDTree(np.asarray(points, np.float64)).query(flat, k=1, distance_upper_bound=radius)
     return np.isfinite(dist).reshape(centres.shape[:-1])
+
+
+def in_discs(centres: np.ndarray, discs: np.ndarray) -> np.ndarray:
+    """Bool array of centres' shape without the last axis: the centre lies inside a disc (x, y, radius) of `discs`."""
+    flat = centres.reshape(-1, 2)
+    inside = np.zeros(flat.shape[0], bool)
+    for x, y, r in np.asarray(discs, np.float64).reshape(-1, 3):
+        inside |= (flat[:, 0] - x) ** 2 + (flat[:, 1] - y) ** 2 < r**2
+    return inside.reshape(centres.shape[:-1])
 
 
 def top_k_hits(attention: np.ndarray, hits: np.ndarray, valid: np.ndarray, k: int) -> AttentionHits:
