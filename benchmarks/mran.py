@@ -153,7 +153,8 @@ def run_job(job: Job, data: Dataset, work: Path) -> dict[str, Any]:
 
     torch.set_num_threads(1)
     out = work / "runs" / job.name
-    if not (out / "metrics.json").exists():
+    reused = (out / "metrics.json").exists()
+    if not reused:
         model, options, settings = MODELS[job.model]
         if out.exists():  # an unfinished earlier attempt
             import shutil
@@ -175,7 +176,7 @@ def run_job(job: Job, data: Dataset, work: Path) -> dict[str, Any]:
         (out / "seconds.txt").write_text(f"{time.perf_counter() - tic:.1f}\n")
     metrics = json.loads((out / "metrics.json").read_text())
     seconds = float((out / "seconds.txt").read_text()) if (out / "seconds.txt").exists() else math.nan
-    return {**asdict(job), "run": str(out), "seconds": seconds,
+    return {**asdict(job), "run": str(out), "seconds": seconds, "reused": reused,
             "folds": [{"fold": f["name"], "auc": f["auc"], "accuracy": f["accuracy"], "best_epoch": f["best_epoch"]}
                       for f in metrics["folds"]]}
 
@@ -326,6 +327,48 @@ def attention_figure(data: Dataset, work: Path, seed: int, path: Path) -> str | 
     return image
 
 
+def focus_attention(table: dict[str, Any], data: Dataset, work: Path) -> dict[str, Any]:
+    """Generated tumour slides: the share of each slide's top 1% attended cells inside a tumour focus, vs chance."""
+    from mrantool.cohorts.synthetic import read_foci
+    from mrantool.config import FitConfig
+    from mrantool.evaluation.attention_truth import in_discs, top_k_hits
+    from mrantool.store import FeatureStore
+    from mrantool.store.geometry import bag_side_l0, cell_centres
+
+    foci = read_foci(Path(data.labels).parent)
+    store = FeatureStore.open(data.store)
+    g = store.identity["geometry"]
+    min_tissue = data.fit.get("patch_min_tissue", FitConfig.model_fields["patch_min_tissue"].default)
+    cells: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # slide -> (inside a focus, on a patch fit kept)
+    for slide_id, discs in foci.items():
+        slide = store.slide(slide_id)
+        centres = cell_centres(slide.coords[:], bag_side_l0(slide.provenance, slide_id), g["grid"], g["cells"])
+        kept = np.asarray(slide.patch_tissue[:]) >= min_tissue
+        cells[slide_id] = in_discs(centres, discs), np.repeat(kept[..., None], g["cells"] ** 2, -1)
+    out: dict[str, Any] = {}
+    for key, entry in table.items():
+        if entry["dataset"] != "generated" or entry["model"] not in ATTENTION_MODELS:
+            continue
+        hits, chance, ratios = [], [], []
+        for seed in entry["seeds"]:
+            folder = work / "runs" / Job("generated", entry["mode"], entry["model"], seed, 0, 0, 0).name / "attention"
+            for slide_id, (inside, valid) in cells.items():
+                if not (folder / f"{slide_id}.npz").exists():
+                    continue
+                att = np.load(folder / f"{slide_id}.npz")
+                cell_att = att["cell"] if "cell" in att else np.repeat(att["patch"][..., None], g["cells"] ** 2, -1)
+                result = top_k_hits(cell_att, inside, valid, max(1, int(valid.sum()) // 100))
+                hits.append(result.hit_share)
+                chance.append(result.chance_share)
+                ratios.append(result.ratio)
+        if hits:
+            out[key] = {"dataset": "generated", "mode": entry["mode"], "model": entry["model"], "slides": len(hits),
+                        "hit_share": float(np.mean(hits)), "chance_share": float(np.mean(chance)),
+                        "ratio_of_means": float(np.mean(hits) / np.mean(chance)),
+                        "median_ratio": float(np.nanmedian(ratios))}
+    return out
+
+
 def border_check(table: dict[str, Any], data: Dataset, work: Path) -> dict[str, Any]:
     """Generated slides: the share of the top 1% of MRAN cell attention on cells with tissue fraction >= 0.9."""
     from mrantool.slides.reader import open_slide
@@ -375,7 +418,8 @@ def markdown(report: dict[str, Any]) -> str:
     table = report["table"]
     lines = ["# MRAN where cells matter", "",
              f"{hw['date']} · {hw['cpu']} · {hw['cores']} cores · torch {hw['torch']} · load average before "
-             f"{report['load_before']:.1f}, after {report['load_after']:.1f} · {report['seconds'] / 60:.0f} min.", "",
+             f"{report['load_before']:.1f}, after {report['load_after']:.1f} · {report['seconds'] / 60:.0f} min"
+             + _reuse_note(report.get("fits")) + ".", "",
              f"Seeds {args['seeds']}; folds: crc {args['folds_crc']}, pcam {args['folds']}, generated "
              f"{args['folds_generated']}; {args['epochs']} epochs at most (early stopping on the validation split); "
              "identical folds for every model of a data set and seed. Mean ± sd over seeds of the CV mean test "
@@ -412,9 +456,26 @@ def markdown(report: dict[str, Any]) -> str:
                   f"Top 1% of MRAN cell attention on cells with tissue fraction >= 0.9: "
                   f"{b['top1pct_on_tissue_ge_0.9']:.3f} (per seed {', '.join(f'{v:.2f}' for v in b['per_seed'])}); "
                   f"all cells: {b['all_cells_on_tissue_ge_0.9']:.3f}.", ""]
+    if report.get("focus"):
+        lines += ["## Generated slides: attention on the tumour foci (tumour slides)", "",
+                  "Share of each tumour slide's top 1% attended cells (among the cells of the patches fit kept) "
+                  "whose centre lies inside a tumour focus the generator drew (foci.csv), against the share of "
+                  "all those cells that do. ABMIL's patch attention is spread evenly over a patch's cells.", ""]
+        rows = [[a["mode"], a["model"], a["slides"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
+                 f"{a['ratio_of_means']:.2f}", f"{a['median_ratio']:.2f}"] for a in report["focus"].values()]
+        lines += [markdown_table(["training", "model", "slide-runs", "top 1% in foci", "chance", "ratio",
+                                  "median per-slide ratio"], rows), ""]
     lines += ["## Targets", ""]
     lines += [f"- {t['target']}: {t['value']} — {'met' if t['met'] else 'NOT met'}" for t in report["targets"]]
     return "\n".join(lines) + "\n"
+
+
+def _reuse_note(fits: dict[str, Any] | None) -> str:
+    """' (N of M fits reused ...)' when finished runs in --work were reused, so the minutes are not the fits'."""
+    if not fits or not fits["reused"]:
+        return ""
+    return (f" ({fits['reused']} of {fits['total']} fits reused from earlier runs in --work; all fits together "
+            f"took {fits['fit_seconds'] / 60:.0f} min of worker time when they ran)")
 
 
 def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -535,7 +596,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     report: dict[str, Any] = {"hardware": hardware(), "settings": {k: str(v) if isinstance(v, Path) else v
                                                                    for k, v in vars(args).items()},
                               "table": table, "paired": [c for c in comparisons if c], "attention": {},
-                              "border": {}, "figure": None}
+                              "border": {}, "focus": {}, "figure": None,
+                              "fits": {"total": len(results), "reused": sum(r["reused"] for r in results),
+                                       "fit_seconds": float(sum(r["seconds"] for r in results))}}
     if "crc" in datasets:
         report["attention"] = crc_attention(table, datasets["crc"], args.work)
         image = attention_figure(datasets["crc"], args.work, 0, args.figure)
@@ -546,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             report["figure_image"] = image
     if "generated" in datasets:
         report["border"] = border_check(table, datasets["generated"], args.work)
+        report["focus"] = focus_attention(table, datasets["generated"], args.work)
     report["seconds"] = time.perf_counter() - started
     report["load_before"], report["load_after"] = load_before, load_average()
     report["targets"] = targets(report)
