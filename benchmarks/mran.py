@@ -244,28 +244,39 @@ def crc_attention(table: dict[str, Any], data: Dataset, work: Path) -> dict[str,
         store = stores[entry["mode"]]
         g = store.identity["geometry"]
         radius = ATTENTION_RADIUS_UM / crc.MPP
-        ratios, hits, chance = [], [], []
+        results: dict[str, list[Any]] = {}
         for seed in entry["seeds"]:
             folder = work / "runs" / Job("crc", entry["mode"], entry["model"], seed, 0, 0, 0).name / "attention"
             for image, label in labels.items():
                 path = folder / f"{image}.npz"
                 if label != 1 or not path.exists():
                     continue
-                att = np.load(path)
                 slide = store.slide(image)
                 centres = cell_centres(slide.coords[:], bag_side_l0(slide.provenance, image), g["grid"], g["cells"])
-                cell_att = att["cell"] if "cell" in att else np.repeat(att["patch"][..., None], g["cells"] ** 2, -1)
                 inside = (centres[..., 0] < 500) & (centres[..., 1] < 500)  # the bag's white margin is no tissue
                 near = near_points(centres, nuclei[image]["epithelial"], radius)
-                result = top_k_hits(cell_att, near, inside, TOP_K_CELLS)
-                hits.append(result.hit_share)
-                chance.append(result.chance_share)
-                ratios.append(result.ratio)
-        if hits:
-            out[key] = {"dataset": "crc", "mode": entry["mode"], "model": entry["model"], "images": len(hits),
-                        "hit_share": float(np.mean(hits)), "chance_share": float(np.mean(chance)),
-                        "ratio_of_means": float(np.mean(hits) / np.mean(chance)),
-                        "median_ratio": float(np.nanmedian(ratios))}
+                for level, cell_att in _levels(np.load(path), g["cells"] ** 2).items():
+                    results.setdefault(level, []).append(top_k_hits(cell_att, near, inside, TOP_K_CELLS))
+        out.update(_hit_summaries(key, entry, results, "images"))
+    return out
+
+
+def _levels(att: Any, cells: int) -> dict[str, np.ndarray]:
+    """Attention per cell of each level a head has: its cells', and its patches' spread evenly over their cells."""
+    patch = np.repeat(att["patch"][..., None], cells, -1) / cells
+    return {"cell": att["cell"], "patch": patch} if "cell" in att else {"patch": patch}
+
+
+def _hit_summaries(key: str, entry: dict[str, Any], results: dict[str, list[Any]], unit: str) -> dict[str, Any]:
+    """Mean hit share, chance and ratios per attention level; the finest level keeps the table's key."""
+    out = {}
+    for i, (level, found) in enumerate(results.items()):
+        hits, chance = [r.hit_share for r in found], [r.chance_share for r in found]
+        out[key if i == 0 else f"{key} ({level} level)"] = {
+            "dataset": entry["dataset"], "mode": entry["mode"], "model": entry["model"], "level": level,
+            unit: len(found), "hit_share": float(np.mean(hits)), "chance_share": float(np.mean(chance)),
+            "ratio_of_means": float(np.mean(hits) / np.mean(chance)),
+            "median_ratio": float(np.nanmedian([r.ratio for r in found]))}
     return out
 
 
@@ -349,23 +360,16 @@ def focus_attention(table: dict[str, Any], data: Dataset, work: Path) -> dict[st
     for key, entry in table.items():
         if entry["dataset"] != "generated" or entry["model"] not in ATTENTION_MODELS:
             continue
-        hits, chance, ratios = [], [], []
+        results: dict[str, list[Any]] = {}
         for seed in entry["seeds"]:
             folder = work / "runs" / Job("generated", entry["mode"], entry["model"], seed, 0, 0, 0).name / "attention"
             for slide_id, (inside, valid) in cells.items():
                 if not (folder / f"{slide_id}.npz").exists():
                     continue
-                att = np.load(folder / f"{slide_id}.npz")
-                cell_att = att["cell"] if "cell" in att else np.repeat(att["patch"][..., None], g["cells"] ** 2, -1)
-                result = top_k_hits(cell_att, inside, valid, max(1, int(valid.sum()) // 100))
-                hits.append(result.hit_share)
-                chance.append(result.chance_share)
-                ratios.append(result.ratio)
-        if hits:
-            out[key] = {"dataset": "generated", "mode": entry["mode"], "model": entry["model"], "slides": len(hits),
-                        "hit_share": float(np.mean(hits)), "chance_share": float(np.mean(chance)),
-                        "ratio_of_means": float(np.mean(hits) / np.mean(chance)),
-                        "median_ratio": float(np.nanmedian(ratios))}
+                for level, cell_att in _levels(np.load(folder / f"{slide_id}.npz"), g["cells"] ** 2).items():
+                    found = top_k_hits(cell_att, inside, valid, max(1, int(valid.sum()) // 100))
+                    results.setdefault(level, []).append(found)
+        out.update(_hit_summaries(key, entry, results, "slides"))
     return out
 
 
@@ -442,11 +446,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Attention against annotated epithelial nuclei (CRCHistoPhenotypes, positive images)", "",
                   f"Share of each image's top {TOP_K_CELLS} attended cells whose centre lies within "
                   f"{ATTENTION_RADIUS_UM:.0f} um of an annotated epithelial nucleus, against the share of all its "
-                  "cells that do (chance: the area such cells cover). ABMIL's patch attention is spread evenly over "
-                  "a patch's cells (ties share their places).", ""]
-        rows = [[a["mode"], a["model"], a["images"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
+                  "cells that do (chance: the area such cells cover). Patch-level attention (ABMIL's, and MRAN's own "
+                  "patch level) is spread evenly over a patch's cells (ties share their places).", ""]
+        rows = [[a["mode"], a["model"], a["level"], a["images"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
                  f"{a['ratio_of_means']:.2f}", f"{a['median_ratio']:.2f}"] for a in report["attention"].values()]
-        lines += [markdown_table(["training", "model", "image-runs", "top-k hit share", "chance", "ratio",
+        lines += [markdown_table(["training", "model", "level", "image-runs", "top-k hit share", "chance", "ratio",
                                   "median per-image ratio"], rows), ""]
         if report.get("figure"):
             lines += [f"Figure: `{report['figure']}` ({report['figure_image']}).", ""]
@@ -460,10 +464,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["## Generated slides: attention on the tumour foci (tumour slides)", "",
                   "Share of each tumour slide's top 1% attended cells (among the cells of the patches fit kept) "
                   "whose centre lies inside a tumour focus the generator drew (foci.csv), against the share of "
-                  "all those cells that do. ABMIL's patch attention is spread evenly over a patch's cells.", ""]
-        rows = [[a["mode"], a["model"], a["slides"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
+                  "all those cells that do. Patch-level attention is spread evenly over a patch's cells.", ""]
+        rows = [[a["mode"], a["model"], a["level"], a["slides"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
                  f"{a['ratio_of_means']:.2f}", f"{a['median_ratio']:.2f}"] for a in report["focus"].values()]
-        lines += [markdown_table(["training", "model", "slide-runs", "top 1% in foci", "chance", "ratio",
+        lines += [markdown_table(["training", "model", "level", "slide-runs", "top 1% in foci", "chance", "ratio",
                                   "median per-slide ratio"], rows), ""]
     lines += ["## Targets", ""]
     lines += [f"- {t['target']}: {t['value']} — {'met' if t['met'] else 'NOT met'}" for t in report["targets"]]
