@@ -8,11 +8,13 @@ Data (../shared/data, see SOURCES.md):
   generated  the demo cohort (`mrantool demo`: 16 generated slides, `mran` preset).
 Every model of a data set and seed sees identical folds (splits depend on the labels, folds and seed only); the
 paired tests compare the default `mran` with each other model, and `mran ens5` (`fit --ensemble 5`, on crc and
-pcam) with the other ensembles, over the (seed, fold) pairs (Wilcoxon signed-rank, two-sided). Attention is
-checked against CRCHistoPhenotypes' annotated epithelial nuclei, and, on the generated slides, against tissue
-borders. Everything is resumable: finished runs in --work are reused.
+pcam) with the other ensembles, over the (seed, fold) pairs (Wilcoxon signed-rank, two-sided). Attention (each
+level a head has) is checked against CRCHistoPhenotypes' annotated epithelial nuclei, and, on the generated
+slides, against the tumour foci they were drawn with and against tissue borders. Everything is resumable:
+finished runs in --work are reused (the report says how many).
 
-    python benchmarks/mran.py                 # the full run, about 100 min on 2 CPU cores (40 of them ensembles)
+    python benchmarks/mran.py                 # the full run: 126 fits, about 280 min of worker time (~2 h 20 min
+                                              # on 2 CPU cores; 100 min of it ensembles, 100 min TransMIL)
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
 """
 
