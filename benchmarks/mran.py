@@ -450,10 +450,7 @@ def markdown(report: dict[str, Any]) -> str:
                   f"{ATTENTION_RADIUS_UM:.0f} um of an annotated epithelial nucleus, against the share of all its "
                   "cells that do (chance: the area such cells cover). Patch-level attention (ABMIL's, and MRAN's own "
                   "patch level) is spread evenly over a patch's cells (ties share their places).", ""]
-        rows = [[a["mode"], a["model"], a["level"], a["images"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
-                 f"{a['ratio_of_means']:.2f}", f"{a['median_ratio']:.2f}"] for a in report["attention"].values()]
-        lines += [markdown_table(["training", "model", "level", "image-runs", "top-k hit share", "chance", "ratio",
-                                  "median per-image ratio"], rows), ""]
+        lines += [_hits_table(report["attention"], "image", "top-k hit share"), ""]
         if report.get("figure"):
             lines += [f"Figure: `{report['figure']}` ({report['figure_image']}).", ""]
     if report["border"]:
@@ -467,13 +464,18 @@ def markdown(report: dict[str, Any]) -> str:
                   "Share of each tumour slide's top 1% attended cells (among the cells of the patches fit kept) "
                   "whose centre lies inside a tumour focus the generator drew (foci.csv), against the share of "
                   "all those cells that do. Patch-level attention is spread evenly over a patch's cells.", ""]
-        rows = [[a["mode"], a["model"], a["level"], a["slides"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
-                 f"{a['ratio_of_means']:.2f}", f"{a['median_ratio']:.2f}"] for a in report["focus"].values()]
-        lines += [markdown_table(["training", "model", "level", "slide-runs", "top 1% in foci", "chance", "ratio",
-                                  "median per-slide ratio"], rows), ""]
+        lines += [_hits_table(report["focus"], "slide", "top 1% in foci"), ""]
     lines += ["## Targets", ""]
     lines += [f"- {t['target']}: {t['value']} — {'met' if t['met'] else 'NOT met'}" for t in report["targets"]]
     return "\n".join(lines) + "\n"
+
+
+def _hits_table(summaries: dict[str, Any], unit: str, hit_column: str) -> str:
+    """The markdown table of `_hit_summaries` results, counted per `unit` ("image" or "slide")."""
+    rows = [[a["mode"], a["model"], a["level"], a[f"{unit}s"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
+             f"{a['ratio_of_means']:.2f}", f"{a['median_ratio']:.2f}"] for a in summaries.values()]
+    return markdown_table(["training", "model", "level", f"{unit}-runs", hit_column, "chance", "ratio",
+                           f"median per-{unit} ratio"], rows)
 
 
 def _reuse_note(fits: dict[str, Any] | None) -> str:
