@@ -50,6 +50,7 @@ CANDIDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "lr5e-5": ({**TODAY, "lr": 5e-5}, {}),
     "depth3": (TODAY, {"depth": 3, "hidden": 64, "attn_dim": 64, "dropout": 0.25}),
     "ens5": ({**TODAY, "ensemble": 5}, {}),  # fit --ensemble 5
+    "ema": ({**TODAY, "weight_ema": 0.99}, {}),  # the weights' moving average is validated and kept
 }
 # The Musk recipe (MuskProtocol): Ilse et al.'s training settings, candidates for its head options.
 MUSK = {"lr": 5e-4, "weight_decay": 5e-4, "val_fraction": 0.1, "patience": 10, "epochs": 100,
@@ -70,6 +71,8 @@ CANDIDATES |= {
     "musk-paper-net-no-val-50": ({**MUSK, "val_fraction": 0.0, "epochs": 50}, {**PAPER_NET, "dropout": 0.5}),
     "musk-1layer-ens5": ({**MUSK, "ensemble": 5}, {"hidden": 64, "attn_dim": 64}),
     "musk-paper-net-ens5": ({**MUSK, "ensemble": 5}, {**PAPER_NET, "dropout": 0.5}),
+    "musk-1layer-ema": ({**MUSK, "weight_ema": 0.99}, {"hidden": 64, "attn_dim": 64}),
+    "musk-paper-net-ema": ({**MUSK, "weight_ema": 0.99}, {**PAPER_NET, "dropout": 0.5}),
 }
 MUSK_SETS, MUSK_REPEATS = ("musk1",), 2  # where the Musk recipe's candidates run, and how often their inner CV
 

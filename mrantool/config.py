@@ -143,6 +143,7 @@ class FitConfig(StageConfig):
     min_epochs: int = 5
     monitor: str = "loss"  # validation loss or "auc" picks the best epoch
     smoothing: float = 0.0  # weight of past epochs in an exponential moving average of the monitored value
+    weight_ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept (0: off)
     lr_schedule: str = "constant"  # constant | cosine (per step, from lr to 0 over `epochs`)
     class_weights: bool = True
     standardize: bool = True  # z-score features with the training fold's per-dimension mean and sd

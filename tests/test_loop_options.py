@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from mrantool.config import FitConfig
 from mrantool.errors import ConfigError
@@ -74,3 +75,46 @@ def test_parameter_groups_keep_their_own_lr_under_the_schedule():
         {"params": [p for n, p in head.named_parameters() if not n.startswith("classifier")], "lr": 0.0}])
     moved = {n for n in frozen if not torch.equal(frozen[n], start[n])}
     assert moved and all(n.startswith("classifier") for n in moved)
+
+
+def test_weight_ema_keeps_the_average_of_the_trajectory_and_leaves_training_alone():
+    """weight_ema validates and keeps an exponential moving average of the weights after each step, with the
+    documented decay min(weight_ema, (1 + n) / (10 + n)); the live weights follow the same path as without it."""
+    rng = np.random.default_rng(0)
+    data = ArrayData({f"s{i}": rng.normal(size=(2, 3, 4)).astype(np.float32) for i in range(8)})
+    ids, y = data.slide_ids, np.array([0, 1] * 4)
+
+    def trained(weight_ema: float) -> tuple[dict, dict, list[dict]]:
+        torch.manual_seed(0)
+        head = create_head("abmil", 4, 2, hidden=8, attn_dim=4)
+        path = []
+        hook = register_optimizer_step_post_hook(
+            lambda *_: path.append({k: v.detach().clone() for k, v in head.state_dict().items()}))
+        try:  # no validation slides: the last epoch's weights (or their average) are kept
+            cfg = FitConfig(store="-", labels="-", out="-", epochs=3, lr=0.05, weight_ema=weight_ema, device="cpu")
+            result = train_fold(head, data, ids, y, [], np.array([]), cfg, seed=0)
+        finally:
+            hook.remove()
+        return result.state, head.state_dict(), path
+
+    plain, plain_live, path = trained(0.0)
+    kept, live, same_path = trained(0.9)
+    assert len(path) == 3 * len(ids)
+    for name in plain:
+        torch.testing.assert_close(live[name], plain_live[name], rtol=0, atol=0)  # training untouched
+        torch.testing.assert_close(plain[name], plain_live[name], rtol=0, atol=0)
+        torch.testing.assert_close(same_path[-1][name], path[-1][name], rtol=0, atol=0)
+    # the average by hand: starts at the initial weights, then a <- d a + (1 - d) w after step n (d capped at 0.9)
+    torch.manual_seed(0)
+    average = {k: v.detach().clone() for k, v in create_head("abmil", 4, 2, hidden=8, attn_dim=4).state_dict().items()}
+    for n, weights in enumerate(path):
+        d = min(0.9, (1 + n) / (10 + n))
+        average = {k: d * average[k] + (1 - d) * weights[k] for k in average}
+    for name in kept:
+        torch.testing.assert_close(kept[name], average[name], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(kept["classifier.weight"], live["classifier.weight"])
+
+
+def test_weight_ema_out_of_range_is_named():
+    with pytest.raises(ConfigError, match=r"weight_ema 1\.0 \(use 0 <= weight_ema < 1"):
+        check_config(FitConfig(store="-", labels="-", out="-", weight_ema=1.0))

@@ -268,11 +268,12 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
     epoch has the lowest validation loss (or highest validation AUC with monitor="auc"; loss when the
     validation slides have one class), after an exponential moving average with weight `smoothing` on the
     past epochs; a member stops after `patience` epochs without improvement once `min_epochs` have run, and
-    sits out the rest. Without validation slides the last epoch is kept. `lr_schedule = "cosine"` anneals a
-    member's lr per step to 0 over `epochs` (`scheduled_lr`). With bag
-    mining, the slide head's bag attention x n_bags of a slide's last step becomes that slide's bag weights
-    for its next step (next epoch). Heads without the batched contract train one member at a time, one
-    slide per step.
+    sits out the rest. With `weight_ema` each member also keeps an exponential moving average of its weights
+    (updated after each of its steps), and that average, not the live weights, is validated and kept. Without
+    validation slides the last epoch is kept. `lr_schedule = "cosine"` anneals a member's lr per step to 0 over
+    `epochs` (`scheduled_lr`). With bag mining, the slide head's bag attention x n_bags of a slide's last step
+    becomes that slide's bag weights for its next step (next epoch). Heads without the batched contract train
+    one member at a time, one slide per step.
     """
     if not members:
         return []
@@ -322,6 +323,8 @@ def train_members(members: Sequence[Member], data: MILData, *, device: torch.dev
                     for group, lr in owned[g]:
                         group["lr"] = scheduled_lr(states[g].cfg, step_index, total, lr)
             optimizer.step()
+            for g in chosen:
+                states[g].average_weights()
             record.add(chosen, loss.detach(), logits, batch.labels, None if batch.full else w)
             if bag_weights is not None:
                 mined.append((chosen, batch.picks, bag))
@@ -423,6 +426,9 @@ class _MemberState:
         self.best_score, self.best_epoch, self.smoothed = math.inf, -1, math.nan
         self.steps = 0
         self.best_state = copy.deepcopy(head.state_dict())
+        self.averages = 0
+        self.averaged = ({k: v.detach().clone() for k, v in head.state_dict().items() if v.is_floating_point()}
+                         if cfg.weight_ema > 0 else None)
         self.history: list[dict[str, float]] = []
         self.epochs_run, self.seconds, self.done = 0, 0.0, False
         self._n_bags = data.n_bags
@@ -434,6 +440,32 @@ class _MemberState:
         """This member's next optimiser step (0-based) and its total steps (its schedule counts its own)."""
         self.steps += 1
         return self.steps - 1, self.cfg.epochs * math.ceil(len(self.member.train_ids) / size)
+
+    def average_weights(self) -> None:
+        """After an optimiser step: move the weight average towards the live weights, with decay
+        min(weight_ema, (1 + n) / (10 + n)) at the n-th step, so that early averages are not held at the init."""
+        if self.averaged is None:
+            return
+        decay = min(self.cfg.weight_ema, (1 + self.averages) / (10 + self.averages))
+        self.averages += 1
+        live = self.member.head.state_dict()
+        with torch.no_grad():
+            keys = list(self.averaged)
+            torch._foreach_lerp_([self.averaged[k] for k in keys], [live[k].detach() for k in keys], 1 - decay)
+
+    @contextmanager
+    def validated_weights(self) -> Iterator[None]:
+        """The weights to validate and keep: the live ones, or (weight_ema) their average, swapped in for now."""
+        if self.averaged is None:
+            yield
+            return
+        head = self.member.head
+        live = {k: v.detach().clone() for k, v in head.state_dict().items() if k in self.averaged}
+        head.load_state_dict(self.averaged, strict=False)
+        try:
+            yield
+        finally:
+            head.load_state_dict(live, strict=False)
 
     def plan_epoch(self, data: MILData, size: int) -> list[list[Pick]]:
         """This epoch's steps: slides in a fresh random order, `size` per step, bags sampled per slide."""
@@ -450,17 +482,18 @@ class _MemberState:
         """Validate, keep the best weights, log, and decide whether this member stops."""
         member, cfg = self.member, self.cfg
         val = None
-        if len(member.val_ids):
-            val = evaluate(member.head, data, member.val_ids, member.val_y, device=device,
-                           class_weights=self.class_weights if cfg.class_weights else None)
-        val_auc = auc(member.val_y, val.probs) if val is not None else math.nan
-        score = -math.inf if val is None else (-val_auc if self.monitor == "auc" else val.loss)
-        if math.isfinite(self.smoothed) and math.isfinite(score):  # exponential moving average over epochs
-            score = cfg.smoothing * self.smoothed + (1 - cfg.smoothing) * score
-        self.smoothed = score
-        if score < self.best_score or val is None:
-            self.best_score, self.best_epoch = score, epoch
-            self.best_state = copy.deepcopy(member.head.state_dict())
+        with self.validated_weights():
+            if len(member.val_ids):
+                val = evaluate(member.head, data, member.val_ids, member.val_y, device=device,
+                               class_weights=self.class_weights if cfg.class_weights else None)
+            val_auc = auc(member.val_y, val.probs) if val is not None else math.nan
+            score = -math.inf if val is None else (-val_auc if self.monitor == "auc" else val.loss)
+            if math.isfinite(self.smoothed) and math.isfinite(score):  # exponential moving average over epochs
+                score = cfg.smoothing * self.smoothed + (1 - cfg.smoothing) * score
+            self.smoothed = score
+            if score < self.best_score or val is None:
+                self.best_score, self.best_epoch = score, epoch
+                self.best_state = copy.deepcopy(member.head.state_dict())
         n = max(sums[2], 1.0)
         log = _EpochLog(epoch + 1, float(sums[0] / n), float(sums[1] / n), val.loss if val else math.nan, val_auc,
                         seconds)

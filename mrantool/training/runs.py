@@ -197,6 +197,7 @@ def check_config(cfg: FitConfig) -> None:
         (cfg.optimizer in OPTIMIZERS, f"optimizer {cfg.optimizer!r} (use {', '.join(OPTIMIZERS)})"),
         (cfg.monitor in MONITORS, f"monitor {cfg.monitor!r} (use {' or '.join(MONITORS)})"),
         (0 <= cfg.smoothing < 1, f"smoothing {cfg.smoothing} (use 0 <= smoothing < 1)"),
+        (0 <= cfg.weight_ema < 1, f"weight_ema {cfg.weight_ema} (use 0 <= weight_ema < 1, e.g. 0.99)"),
         (cfg.lr_schedule in SCHEDULES, f"lr_schedule {cfg.lr_schedule!r} (use {' or '.join(SCHEDULES)})"),
         (cfg.folds >= 2, f"folds {cfg.folds} (use 2 or more)"),
         (cfg.repeats >= 1, f"repeats {cfg.repeats} (use 1 or more)"),
