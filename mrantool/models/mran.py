@@ -67,7 +67,8 @@ class MRAN(MILHead):
     `adapter` width of the trainable cell adapter (0 = none); `t` threshold; `lam` deep-supervision weight;
     `patch_weight`/`cell_weight`/`slide_bag_weight` per-term weights (None = the reference's scaling from `lam`);
     `score_bias` whether the classifiers' biases count in the patch and bag scores; `hidden` slide-head width d;
-    `dropout` on the adapter output and on v; `detach_attention`; `detach_slide` (see the module docstring).
+    `dropout` on the adapter output and on v (0.25: chosen on CRC validation splits, benchmarks/mran_defaults.py;
+    the reference has none); `detach_attention`; `detach_slide` (see the module docstring).
     """
 
     batched = True
@@ -87,7 +88,7 @@ class MRAN(MILHead):
         slide_bag_weight: float | None = None,
         score_bias: bool = False,
         hidden: int = 32,
-        dropout: float = 0.0,
+        dropout: float = 0.25,
         detach_attention: bool = False,
         detach_slide: bool = True,
     ) -> None:
