@@ -446,3 +446,17 @@ def test_check_finds_missing_chunk_and_bad_provenance(store: FeatureStore) -> No
     assert any(d.startswith("slide 'a': patch_emb has an unreadable chunk") for d in defects)
     with pytest.raises(StoreError, match="damaged chunk"):
         store.slide("a").read_patches()
+
+
+def test_creating_a_store_another_process_just_created_opens_it(tmp_path):
+    """Two extractors starting on a new store: the one whose check came before the other's rename must not call
+    the finished store 'not a feature store' (seen in CI as a race)."""
+    from mrantool.store.backends.posix import PosixBackend
+
+    attrs = {"schema_version": 1}
+    PosixBackend(tmp_path / "s.zarr").create_root(attrs)  # the winner
+    PosixBackend(tmp_path / "s.zarr").create_root(attrs)  # the loser: no error
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    with pytest.raises(StoreError, match="exists and is not a feature store"):
+        PosixBackend(tmp_path / "junk").create_root(attrs)

@@ -138,6 +138,8 @@ class PosixBackend(Backend):
         """Build the root group in a temp dir beside the root and rename it into place."""
         root = self.path
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            if attrs and (root / "zarr.json").is_file():
+                return  # another process created the store since the caller looked; opening checks its identity
             raise StoreError(f"{root} exists and is not a feature store; choose a new --store path.")
         if not attrs:
             return
