@@ -148,6 +148,19 @@ def test_arch_override_takes_the_models_dim() -> None:
     assert encoder.identity()["arch"] == "mobilenetv3_small_100" and encoder.identity()["embed_dim"] == 576
 
 
+def test_arch_override_takes_the_models_normalisation() -> None:
+    """A TF-ported EfficientNet was trained on inputs scaled to [-1, 1]; ImageNet statistics would shift every
+    feature of a user's --weights file (the preset's normalisation stays for its own architecture)."""
+    from mrantool.encoders.registry import aligned_preset
+
+    tf_lite = create_encoder(PRESETS["mran-10x"], arch="tf_efficientnet_lite0")
+    assert aligned_preset(PRESETS["mran-10x"], tf_lite).mean == (0.5, 0.5, 0.5)
+    assert tf_lite.identity()["std"] == [0.5, 0.5, 0.5]
+    imagenet = create_encoder(PRESETS["mran-10x"], arch="resnet34")
+    assert imagenet.identity()["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert create_encoder(PRESETS["mran-10x"]).identity()["mean"] == list(PRESETS["mran-10x"].mean)
+
+
 def test_preset_dim_disagreement_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="embed_dim=64"):
         create_encoder(dataclasses.replace(PRESETS["tiny"], embed_dim=64))

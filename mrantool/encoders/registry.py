@@ -104,13 +104,14 @@ def create_encoder(preset: Preset, *, weights: str | Path | None = None, pretrai
         _load_weights(model, path, name, full_keys)
         weights_id = f"sha256:{file_sha256(path)}"
     model.eval()
+    mean, std = _normalisation(model, preset) if overridden else (preset.mean, preset.std)
     return _finish(model, preset, name=name, overridden=overridden, index=index, identity={
         "arch": name,
         "hub": source if pretrained else None,
         "weights": weights_id,
         "model_kwargs": kwargs,
-        "mean": list(preset.mean),
-        "std": list(preset.std),
+        "mean": list(mean),
+        "std": list(std),
         "input_px": preset.input_px,
         "feature_index": preset.feature_index,
         "cells": preset.geometry.cells,
@@ -249,6 +250,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 stripped = True
     return state
+
+
+def _normalisation(model: nn.Module, preset: Preset) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std timm records for an architecture (its weights were trained with them, e.g. 0.5 for
+    TF-ported EfficientNets and AugReg ViTs), else the preset's."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return preset.mean, preset.std
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def _is_head(model: nn.Module, key: str) -> bool:
