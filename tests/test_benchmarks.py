@@ -28,6 +28,7 @@ RERUN = {
     "gpu": "benchmarks/gpu.sh on a machine with a CUDA GPU",
     "mran": "nice python benchmarks/mran.py",
     "mran_defaults": "python benchmarks/mran_defaults.py",
+    "mran_levels": "python benchmarks/mran_levels.py --work W (after benchmarks/mran.py --work W [--encoder imagenet])",
     "musk": "nice -n 5 python benchmarks/musk.py --workers 2",
     "retrieval": "nice python benchmarks/retrieval.py",
     "scale": "nice python benchmarks/scale.py",
@@ -37,8 +38,8 @@ RERUN = {
 OLD_COLUMNS: set[str] = set()  # written by older versions of their scripts (other columns)
 NO_RESULTS = {"gpu"}  # never run on a quiet machine (or a GPU)
 # re-run by their committed scripts: must pass
-RERUN_DONE = {"decode", "end_to_end", "extract", "finetune", "fit", "fit_defaults", "mran", "mran_defaults", "musk",
-              "retrieval", "scale", "sweep", "viewer"}
+RERUN_DONE = {"decode", "end_to_end", "extract", "finetune", "fit", "fit_defaults", "mran", "mran_defaults",
+              "mran_levels", "musk", "retrieval", "scale", "sweep", "viewer"}
 
 
 def stale(name: str, why: str):
