@@ -88,3 +88,39 @@ def test_results_record_the_commit_and_command(name: str) -> None:
     assert report.get("command", "").startswith(f"python benchmarks/{name}.py"), report.get("command")
     assert f"Written by `{report['command']}` at git commit {report['git_commit']}" in (
         RESULTS / f"{name}.md").read_text()
+
+
+def _instances(cells_carry: bool, seed: int = 0) -> dict:
+    """40 slides of 16 patches x 9 cells, half positive with one positive cell. The label is written either into
+    that cell's own features (a patch averages it away) or only into its patch's features (cells are noise)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    n_slides, n_patches, n_cells, dim = 40, 16, 9, 8
+    cells = rng.normal(size=(n_slides, n_patches, n_cells, dim))
+    cell_y = np.zeros((n_slides, n_patches, n_cells), int)
+    bags = {f"s{i}": i % 2 for i in range(n_slides)}
+    for i in range(1, n_slides, 2):
+        p, c = rng.integers(n_patches), rng.integers(n_cells)
+        cell_y[i, p, c] = 1
+        if cells_carry:
+            cells[i, p, c, 0] += 4.0
+    patches = cells.mean(2) + rng.normal(scale=0.3, size=(n_slides, n_patches, dim))
+    if not cells_carry:
+        patches[..., 0] += 4.0 * cell_y.max(2)
+    slides = np.array(list(bags))
+    return {"patch_x": patches.reshape(-1, dim), "patch_y": cell_y.max(2).ravel(),
+            "patch_slide": np.repeat(slides, n_patches), "cell_x": cells.reshape(-1, dim), "cell_y": cell_y.ravel(),
+            "cell_patch": np.repeat(np.arange(n_slides * n_patches), n_cells),
+            "cell_slide": np.repeat(slides, n_patches * n_cells), "bags": bags}
+
+
+@pytest.mark.parametrize("cells_carry", [True, False])
+def test_level_probes_find_the_level_that_carries_the_label(cells_carry: bool) -> None:
+    """benchmarks/mran_levels.py: whichever level holds the label gets the higher bag ceiling and cell AUC."""
+    from benchmarks.mran_levels import probe_levels
+
+    found = probe_levels(_instances(cells_carry))
+    cell_wins = found["cell"]["bag_auc"] > found["patch"]["bag_auc"]
+    localises = found["cell"]["instance_auc"] > found["patch_probe_at_cells"]["instance_auc"]
+    assert cell_wins == cells_carry and localises == cells_carry, found
