@@ -13,8 +13,8 @@ level a head has) is checked against CRCHistoPhenotypes' annotated epithelial nu
 slides, against the tumour foci they were drawn with and against tissue borders. Everything is resumable:
 finished runs in --work are reused (the report says how many).
 
-    python benchmarks/mran.py                 # the full run: 126 fits, about 280 min of worker time (~2 h 20 min
-                                              # on 2 CPU cores; 100 min of it ensembles, 100 min TransMIL)
+    python benchmarks/mran.py                 # the full run: 126 fits, about 320 min of worker time (~2 h 40 min
+                                              # on 2 CPU cores; 130 min of it ensembles, 100 min TransMIL)
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
 
 `--encoder imagenet` extracts the cached data sets with ImageNet weights instead of random init: timm's
@@ -134,7 +134,7 @@ def imagenet_weights(work: Path) -> Path:
     return out
 
 
-def _extract_once(slides: list[str], store: Path, preset: str, **settings: Any) -> None:
+def _extract(slides: list[str], store: Path, preset: str, **settings: Any) -> None:
     from mrantool.config import ExtractConfig
     from mrantool.extract.api import extract
 
@@ -149,15 +149,11 @@ def prepare(name: str, work: Path, e2e: bool, encoder: str = "random") -> Datase
     needs its own `work`)."""
     from mrantool.cohorts import crc
 
-    def _extract(slides: list[str], store: Path, preset: str, **settings: Any) -> None:
-        if encoder == "imagenet" and preset != "small-cnn":
-            settings.update(encoder=IMAGENET_ARCH, weights=str(imagenet_weights(work)))
-        _extract_once(slides, store, preset, **settings)
-
+    weights = {"encoder": IMAGENET_ARCH, "weights": str(imagenet_weights(work))} if encoder == "imagenet" else {}
     if name == "crc":
         images = [str(p) for p in crc.images(CRC_ROOT).values()]
         geometry = {"mpp": crc.MPP, "target_mpp": crc.MPP, "min_tissue": 0.0}
-        _extract(images, work / "crc.zarr", "mran-20x", **geometry)
+        _extract(images, work / "crc.zarr", "mran-20x", **geometry, **weights)
         if e2e:
             _extract(images, work / "crc_small.zarr", "small-cnn", **geometry)
         return Dataset("crc", str(work / "crc.zarr"), str(CRC_ROOT / "labels.csv"), crc.ID_COLUMN, crc.LABEL_COLUMN,
@@ -170,7 +166,7 @@ def prepare(name: str, work: Path, e2e: bool, encoder: str = "random") -> Datase
             make_mosaic_cohort(folder, PCAM_ROOT, tile_mpp=0.97, n_slides=80, tiles_per_slide=16, positives=2,
                                seed=0, label_column="label_metastasis")
         geometry = {"target_mpp": 0.97, "bag_px": 384, "grid": 4, "cells": 3, "min_tissue": 0.0}
-        _extract([str(folder)], work / "pcam.zarr", "mran-10x", **geometry)
+        _extract([str(folder)], work / "pcam.zarr", "mran-10x", **geometry, **weights)
         if e2e:
             _extract([str(folder)], work / "pcam_small.zarr", "small-cnn", **geometry)
         return Dataset("pcam", str(work / "pcam.zarr"), str(folder / "labels.csv"),
@@ -181,7 +177,7 @@ def prepare(name: str, work: Path, e2e: bool, encoder: str = "random") -> Datase
         folder = work / "generated"
         if not (folder / "labels.csv").exists():
             make_cohort(folder, n_slides=16, seed=0)
-        _extract([str(folder)], work / "generated.zarr", "mran")
+        _extract([str(folder)], work / "generated.zarr", "mran", **weights)
         return Dataset("generated", str(work / "generated.zarr"), str(folder / "labels.csv"))
     raise SystemExit(f"unknown data set {name!r}; use crc, pcam or generated")
 

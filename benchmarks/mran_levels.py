@@ -39,7 +39,21 @@ from benchmarks.mran import ATTENTION_RADIUS_UM, CRC_ROOT, ENCODER_NOTES, ENCODE
 FOLDS = 5
 C = 0.1
 CRC_IMAGE_PX = 500
+ROWS = ("patch_x", "patch_y", "patch_slide", "cell_x", "cell_y", "cell_patch", "cell_slide")
 TABLES = {"probes": ["data", "encoder", "level", "instances", "positive", "instance AUC", "bag AUC (max)"]}
+
+
+def _add_patch(rows: dict[str, list[Any]], slide_id: str, features: np.ndarray, label: int,
+               cells: list[tuple[np.ndarray, int]]) -> None:
+    """One patch (features, label) and its kept cells (features, label) into the instance rows."""
+    rows["patch_x"].append(features)
+    rows["patch_y"].append(label)
+    rows["patch_slide"].append(slide_id)
+    for cell_features, cell_label in cells:
+        rows["cell_x"].append(cell_features)
+        rows["cell_y"].append(cell_label)
+        rows["cell_patch"].append(len(rows["patch_y"]) - 1)
+        rows["cell_slide"].append(slide_id)
 
 
 def crc_instances(store: Any) -> dict[str, Any]:
@@ -51,8 +65,7 @@ def crc_instances(store: Any) -> dict[str, Any]:
     nuclei, bag_labels = crc.nuclei(CRC_ROOT), crc.labels(CRC_ROOT)
     g = store.identity["geometry"]
     radius = ATTENTION_RADIUS_UM / crc.MPP
-    rows: dict[str, list[Any]] = {k: [] for k in ("patch_x", "patch_y", "patch_slide", "cell_x", "cell_y",
-                                                  "cell_patch", "cell_slide")}
+    rows: dict[str, list[Any]] = {k: [] for k in ROWS}
     for image in bag_labels:
         slide = store.slide(image)
         centres = cell_centres(slide.coords[:], bag_side_l0(slide.provenance, image), g["grid"], g["cells"])
@@ -60,14 +73,9 @@ def crc_instances(store: Any) -> dict[str, Any]:
         near = near_points(centres, nuclei[image]["epithelial"], radius)
         patches, cells = np.asarray(slide.patch_emb[:]), np.asarray(slide.cell_emb[:])
         for b, p in zip(*np.nonzero(inside.any(-1)), strict=True):
-            rows["patch_x"].append(patches[b, p])
-            rows["patch_y"].append(int(near[b, p][inside[b, p]].any()))
-            rows["patch_slide"].append(image)
-            for c in np.nonzero(inside[b, p])[0]:
-                rows["cell_x"].append(cells[b, p, c])
-                rows["cell_y"].append(int(near[b, p, c]))
-                rows["cell_patch"].append(len(rows["patch_y"]) - 1)
-                rows["cell_slide"].append(image)
+            kept = np.nonzero(inside[b, p])[0]
+            _add_patch(rows, image, patches[b, p], int(near[b, p, kept].any()),
+                       [(cells[b, p, c], int(near[b, p, c])) for c in kept])
     return {**{k: np.asarray(v) for k, v in rows.items()}, "bags": bag_labels}
 
 
@@ -83,8 +91,7 @@ def pcam_instances(store: Any, folder: Path) -> dict[str, Any]:
     tile_label = {(r["slide_id"], int(r["x"]) // side, int(r["y"]) // side): int(r["label"]) for r in tiles}
     g = store.identity["geometry"]
     middle = g["cells"] ** 2 // 2
-    rows: dict[str, list[Any]] = {k: [] for k in ("patch_x", "patch_y", "patch_slide", "cell_x", "cell_y",
-                                                  "cell_patch", "cell_slide")}
+    rows: dict[str, list[Any]] = {k: [] for k in ROWS}
     for slide_id in bag_labels:
         slide = store.slide(slide_id)
         centres = cell_centres(slide.coords[:], bag_side_l0(slide.provenance, slide_id), g["grid"], g["cells"])
@@ -93,15 +100,8 @@ def pcam_instances(store: Any, folder: Path) -> dict[str, Any]:
             for p in range(patches.shape[1]):
                 x, y = centres[b, p, middle]
                 label = tile_label.get((slide_id, int(x // side), int(y // side)))
-                if label is None:
-                    continue
-                rows["patch_x"].append(patches[b, p])
-                rows["patch_y"].append(label)
-                rows["patch_slide"].append(slide_id)
-                rows["cell_x"].append(cells[b, p, middle])
-                rows["cell_y"].append(label)
-                rows["cell_patch"].append(len(rows["patch_y"]) - 1)
-                rows["cell_slide"].append(slide_id)
+                if label is not None:
+                    _add_patch(rows, slide_id, patches[b, p], label, [(cells[b, p, middle], label)])
     return {**{k: np.asarray(v) for k, v in rows.items()}, "bags": bag_labels}
 
 
