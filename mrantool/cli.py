@@ -80,6 +80,11 @@ def demo_data(
     seed: Annotated[int, typer.Option(help="Random seed: the same seed gives the same pixels.")] = 0,
     size: Annotated[int | None, typer.Option(help="Slide side in pixels at 0.5 mpp (generated cohort; default "
                                                   "6144).")] = None,
+    foci: Annotated[int | None, typer.Option(help="Tumour foci per tumour slide (generated cohort; default 1-2 "
+                                                  "per 6144 px square).")] = None,
+    focus_um: Annotated[tuple[float, float] | None, typer.Option(
+        help="Focus radius range in um (generated cohort; default 170 260: foci span patches; 25 40: a few "
+             "tumour nuclei, a signal carried by cells).")] = None,
     from_tiles: Annotated[Path | None, typer.Option(help="Folder of labelled tiles: build a mosaic cohort.")] = None,
     tile_labels: Annotated[Path | None, typer.Option(help="Tile CSV: path (relative to --from-tiles), 0/1 label "
                                                           "(default: labels.csv in --from-tiles).")] = None,
@@ -95,13 +100,16 @@ def demo_data(
 
     Example: mrantool demo-data demo/ --slides 12
 
+    Foci of a few cells: mrantool demo-data foci/ --slides 48 --size 4096 --foci 3 --focus-um 25 40
+
     Mosaic example: mrantool demo-data pcam/ --from-tiles pcam_valid --tile-mpp 0.97 --slides 20 --positives 2
     """
     from mrantool.cohorts.demo_data import demo_data as make_demo_data
 
     result = run_api(lambda: make_demo_data(
-        out, n_slides=slides, seed=seed, size=size, from_tiles=from_tiles, tile_labels=tile_labels, tile_mpp=tile_mpp,
-        tiles_per_slide=tiles_per_slide, positives=positives, label_column=label_column, margin=margin))
+        out, n_slides=slides, seed=seed, size=size, foci=foci, focus_um=focus_um, from_tiles=from_tiles,
+        tile_labels=tile_labels, tile_mpp=tile_mpp, tiles_per_slide=tiles_per_slide, positives=positives,
+        label_column=label_column, margin=margin))
     if isinstance(result, Path):
         console.print(f"wrote {slides} slides and {result}")
         return

@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mrantool.cli import app
+from mrantool.cohorts.synthetic import read_foci
 from mrantool.slides.writer import write_pyramid_tiff
 from mrantool.store import FeatureStore
 from tests.conftest import tissue_image
@@ -197,8 +198,11 @@ def test_query_and_add_refuse_an_index_of_another_store(flow, tmp_path) -> None:
 def test_preview_demo_data_and_import(flow, tmp_path) -> None:
     out = ok("preview", flow["lab"] / "a-0.tif", "--preset", "tiny", "--out", tmp_path / "pre.png")
     assert "a-0: 2 mpp" in out and (tmp_path / "pre.png").is_file()
-    made = ok("demo-data", tmp_path / "cohort", "--slides", "2", "--size", "512", "--seed", "3")
+    made = ok("demo-data", tmp_path / "cohort", "--slides", "2", "--size", "512", "--seed", "3", "--foci", "2",
+              "--focus-um", "25", "40")
     assert "wrote 2 slides" in made and len(list((tmp_path / "cohort").glob("*.tiff"))) == 2
+    radii_um = [r * 0.5 for discs in read_foci(tmp_path / "cohort").values() for _, _, r in discs]
+    assert len(radii_um) == 6 and min(radii_um) >= 12 and max(radii_um) <= 33  # 2 foci of 3 lobes, 25-40 um
     import h5py
 
     with h5py.File(tmp_path / "TCGA-X.h5", "w") as h5:

@@ -162,8 +162,8 @@ def test_pcam_mosaic_from_the_real_tiles(tmp_path):
 
 
 def test_demo_data_refusals_name_the_option(tiles, tmp_path):
-    """A negative seed, a file where the cohort folder goes and --size (generated cohorts only) are one sentence
-    each, with nothing written."""
+    """A negative seed, a file where the cohort folder goes and --size or --focus-um (generated cohorts only) are
+    one sentence each, with nothing written."""
     runner = CliRunner()
     args = ["--from-tiles", str(tiles), "--tile-mpp", "0.5", "--slides", "2", "--tiles-per-slide", "4"]
     negative = runner.invoke(app, ["demo-data", str(tmp_path / "a"), *args, "--seed", "-1"])
@@ -173,6 +173,6 @@ def test_demo_data_refusals_name_the_option(tiles, tmp_path):
     a_file.write_text("")
     taken = runner.invoke(app, ["demo-data", str(a_file), *args])
     assert taken.exit_code == 1 and "is a file, but a folder is written there" in " ".join(taken.output.split())
-    sized = runner.invoke(app, ["demo-data", str(tmp_path / "b"), *args, "--size", "1024"])
-    assert sized.exit_code == 1 and "--size is for the generated cohort" in sized.output
+    sized = runner.invoke(app, ["demo-data", str(tmp_path / "b"), *args, "--size", "1024", "--focus-um", "25", "40"])
+    assert sized.exit_code == 1 and "--size, --focus-um are for the generated cohort" in sized.output
     assert not (tmp_path / "b").exists()

@@ -182,7 +182,7 @@ def test_tumour_focus_patches_match_normal_patches_in_colour_and_stained_area(
     layout = synthetic._layout
 
     def half_focus(rng: np.random.Generator, width: int, height: int, mpp: float, tumour: bool,
-                   n_foci: int | None = None) -> synthetic._Layout:
+                   n_foci: int | None = None, focus_um: tuple[float, float] = (0, 0)) -> synthetic._Layout:
         lay = layout(rng, width, height, mpp, tumour=False)
         lay.focus[:, : lay.focus.shape[1] // 2] = True
         lay.focus &= lay.tissue
@@ -208,11 +208,27 @@ def test_tumour_focus_patches_match_normal_patches_in_colour_and_stained_area(
     assert min(blobs[True]) > 50.0 and max(blobs[False]) < 1.0, blobs
 
 
+def test_small_foci_are_a_few_tumour_nuclei_inside_tissue() -> None:
+    """`focus_um` sets the focus radius: lobes of 0.5-0.8 x a radius drawn in it, holding big dark nuclei that
+    the normal slide of the same seed lacks."""
+    rgb, foci = render_slide(3, (2048, 2048), tumour=True, n_foci=3, focus_um=(25, 40))
+    assert len(foci) == 9  # three lobes per focus
+    discs = np.array(foci)
+    assert discs[:, 2].min() * 0.5 >= 0.5 * 25 - 1 and discs[:, 2].max() * 0.5 <= 0.8 * 40 + 1, discs
+    boxes = [rgb[y0:y1, x0:x1] for x0, y0, x1, y1 in np.column_stack([discs[:, :2] - discs[:, 2:],
+                                                                       discs[:, :2] + discs[:, 2:]])]
+    normal, _ = render_slide(3, (2048, 2048), tumour=False)
+    assert sum(_big_dark_blobs_per_mpx(box) > 0 for box in boxes) >= 5
+    assert _big_dark_blobs_per_mpx(normal) < 1.0
+
+
 def test_make_cohort_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="at least 2"):
         make_cohort(tmp_path, n_slides=1)
     with pytest.raises(ConfigError, match="256"):
         make_cohort(tmp_path, n_slides=2, size=(100, 100))
+    with pytest.raises(ConfigError, match="focus radius"):
+        make_cohort(tmp_path, n_slides=2, focus_um=(40, 20))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -39,6 +39,7 @@ STROMA_TINT = 0.15  # haematoxylin density of stroma
 NUCLEUS_EOSIN = 0.25  # eosin density inside nuclei
 HALO = 1.7  # radius of a tumour nucleus's halo (stroma without haematoxylin tint) / its radius
 DEFAULT_SIZE = (6144, 6144)
+FOCUS_UM = (170.0, 260.0)  # radius range of a tumour focus (three overlapping lobes of 0.5-0.8 x that radius)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class _Layout:
 
 
 def _layout(rng: np.random.Generator, width: int, height: int, mpp: float, tumour: bool,
-            n_foci: int | None = None) -> _Layout:
+            n_foci: int | None = None, focus_um: tuple[float, float] = FOCUS_UM) -> _Layout:
     """Tissue blobs, lumens, stroma texture and (for tumour slides) foci, at 1/Q resolution."""
     qh, qw = -(-height // Q), -(-width // Q)
     coarse = (max(8, qh // 6), max(8, qw // 6))
@@ -148,7 +149,7 @@ def _layout(rng: np.random.Generator, width: int, height: int, mpp: float, tumou
             n_foci = max(1, round(drawn * width * height / (DEFAULT_SIZE[0] * DEFAULT_SIZE[1])))
         for _ in range(n_foci):
             y, x = candidates[rng.integers(len(candidates))]
-            radius = min(rng.uniform(170, 260) / mpp, 0.2 * min(width, height))
+            radius = min(rng.uniform(*focus_um) / mpp, 0.2 * min(width, height))
             for _lobe in range(3):
                 ly = Q * y + rng.uniform(-0.5, 0.5) * radius
                 lx = Q * x + rng.uniform(-0.5, 0.5) * radius
@@ -195,13 +196,13 @@ def _upsample_rows(small: np.ndarray, rows: slice, width: int) -> np.ndarray:
 
 def render_slide(
     seed: int | np.random.SeedSequence, size: tuple[int, int] = DEFAULT_SIZE, *, tumour: bool, mpp: float = 0.5,
-    n_foci: int | None = None,
+    n_foci: int | None = None, focus_um: tuple[float, float] = FOCUS_UM,
 ) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
     """Level-0 RGB (height, width, 3) uint8 of one synthetic slide, and its tumour foci as discs (x, y, radius) in
     level-0 px (empty for a normal slide)."""
     width, height = size
     rng = np.random.default_rng(seed)
-    lay = _layout(rng, width, height, mpp, tumour, n_foci)
+    lay = _layout(rng, width, height, mpp, tumour, n_foci, focus_um)
     nuclei, halo = _nuclei(rng, lay, width, height, mpp)
     eosin = np.clip(np.rint(lay.eosin * UNIT), 0, LEVELS - 1).astype(np.uint8)
     band = 256
@@ -226,8 +227,8 @@ def render_slide(
 
 
 def _write_slide(path: Path, seed: np.random.SeedSequence, size: tuple[int, int], tumour: bool,
-                 mpp: float, n_foci: int | None) -> list[tuple[int, int, int]]:
-    rgb, foci = render_slide(seed, size, tumour=tumour, mpp=mpp, n_foci=n_foci)
+                 mpp: float, n_foci: int | None, focus_um: tuple[float, float]) -> list[tuple[int, int, int]]:
+    rgb, foci = render_slide(seed, size, tumour=tumour, mpp=mpp, n_foci=n_foci, focus_um=focus_um)
     write_pyramid_tiff(path, rgb, mpp=mpp)
     return foci
 
@@ -266,6 +267,7 @@ def make_cohort(
     mpp: float = 0.5,
     workers: int | None = None,
     n_foci: int | None = None,
+    focus_um: tuple[float, float] = FOCUS_UM,
 ) -> Path:
     """Write `n_slides` synthetic pyramidal TIFFs (`<slide_id>.tiff`), `foci.csv` (tumour foci as level-0 discs
     slide_id,x,y,radius) and, last, `labels.csv` (slide_id,label,patient_id) into `out_dir`; return the labels path.
@@ -273,7 +275,9 @@ def make_cohort(
     `size` is the level-0 (width, height) at `mpp` microns/px. `workers` processes render slides in parallel
     (default: the CPUs available, at most 4; about 0.4 GB each at the default size); the output does not depend
     on it. `n_foci` fixes the number of tumour foci per tumour slide (default: 1-2 per default-size area), which
-    sets the witness rate of the MIL problem. Existing files of the same names are replaced.
+    sets the witness rate of the MIL problem; `focus_um` is the (low, high) range of a focus's radius in microns
+    (the default foci span several patches of any preset; e.g. (20, 35) makes foci of a few tumour nuclei, which a
+    patch embedding dilutes and a cell embedding does not). Existing files of the same names are replaced.
     """
     if n_slides < 2:
         raise ConfigError(f"n_slides={n_slides}: a cohort needs at least 2 slides (one per class).")
@@ -283,11 +287,13 @@ def make_cohort(
         raise ConfigError(f"size={size}: give the level-0 (width, height), each at least 256 px.")
     if mpp <= 0:
         raise ConfigError(f"mpp={mpp}: microns per pixel must be positive.")
+    if len(focus_um) != 2 or not 0 < focus_um[0] <= focus_um[1]:
+        raise ConfigError(f"focus_um={focus_um}: give the (low, high) focus radius in microns, 0 < low <= high.")
     out = output_folder(out_dir, "The cohort folder")
     design = cohort_design(n_slides, seed)
     seeds = np.random.SeedSequence(seed).spawn(n_slides)
-    jobs = [(out / f"{sid}.tiff", seeds[i], tuple(size), label == "tumor", mpp, n_foci) for i, (sid, label, _) in
-            enumerate(design)]
+    jobs = [(out / f"{sid}.tiff", seeds[i], tuple(size), label == "tumor", mpp, n_foci, tuple(focus_um))
+            for i, (sid, label, _) in enumerate(design)]
     workers = min(n_slides, workers or min(4, os.cpu_count() or 1))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
