@@ -537,9 +537,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _hits_table(summaries: dict[str, Any], unit: str, hit_column: str) -> str:
     """The markdown table of `_hit_summaries` results, counted per `unit` ("image" or "slide")."""
-    rows = [[a["mode"], a["model"], a["level"], a[f"{unit}s"], f"{a['hit_share']:.3f}", f"{a['chance_share']:.3f}",
-             f"{a['ratio_of_means']:.2f}", f"{a['median_ratio']:.2f}"] for a in summaries.values()]
-    return markdown_table(["training", "model", "level", f"{unit}-runs", hit_column, "chance", "ratio",
+    rows = [[a["dataset"], a["mode"], a["model"], a["level"], a[f"{unit}s"], f"{a['hit_share']:.3f}",
+             f"{a['chance_share']:.3f}", f"{a['ratio_of_means']:.2f}", f"{a['median_ratio']:.2f}"]
+            for a in summaries.values()]
+    return markdown_table(["data", "training", "model", "level", f"{unit}-runs", hit_column, "chance", "ratio",
                            f"median per-{unit} ratio"], rows)
 
 
