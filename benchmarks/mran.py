@@ -15,8 +15,8 @@ level a head has) is checked against CRCHistoPhenotypes' annotated epithelial nu
 slides, against the tumour foci they were drawn with and against tissue borders. Everything is resumable:
 finished runs in --work are reused (the report says how many).
 
-    python benchmarks/mran.py                 # the full run: 126 fits, about 320 min of worker time (~2 h 40 min
-                                              # on 2 CPU cores; 130 min of it ensembles, 100 min TransMIL)
+    python benchmarks/mran.py                 # the full run: 156 fits, about 390 min of worker time (~3 h 25 min
+                                              # on 2 CPU cores; 130 min of it ensembles, 135 min TransMIL)
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
 
 `--encoder imagenet` extracts the cached data sets with ImageNet weights instead of random init: timm's
