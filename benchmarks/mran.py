@@ -75,9 +75,11 @@ IMAGENET_ARCH = "tf_efficientnet_lite0"
 ENCODER_NOTES = {"random": "random-init encoders everywhere (no pretrained weights are reachable here)",
                  "imagenet": f"cached features from ImageNet weights ({IMAGENET_ARCH}, the TF EfficientNet-Lite0 "
                              "release, cut at each preset's stage); end-to-end fits train the small CNN from scratch"}
-# Generated slides whose tumour foci are a few tumour nuclei (radius 25-40 um: about 2x2 of the `mran` preset's
-# 32 um cells, a tenth of its 128 um patch), so the label is carried by cells.
-CELLFOCI = {"slides": 48, "size": (4096, 4096), "foci": 3, "focus_um": (25.0, 40.0)}
+# make_cohort settings of the generated sets: the demo cohort, and slides whose tumour foci are a few tumour nuclei
+# (radius 25-40 um: about 2x2 of the `mran` preset's 32 um cells, a tenth of its 128 um patch), so cells carry
+# the label.
+GENERATED = {"generated": {"n_slides": 16},
+             "cellfoci": {"n_slides": 48, "size": (4096, 4096), "n_foci": 3, "focus_um": (25.0, 40.0)}}
 CELL_DATASETS = ("crc", "pcam", "cellfoci")  # where cells on vs off is judged (the demo's foci span patches)
 ATTENTION_RADIUS_UM = 8.0
 TOP_K_CELLS = 16
@@ -177,23 +179,14 @@ def prepare(name: str, work: Path, e2e: bool, encoder: str = "random") -> Datase
             _extract([str(folder)], work / "pcam_small.zarr", "small-cnn", **geometry)
         return Dataset("pcam", str(work / "pcam.zarr"), str(folder / "labels.csv"),
                        e2e_store=str(work / "pcam_small.zarr") if e2e else None, fit={"patch_min_tissue": 0.0})
-    if name == "generated":
+    if name in GENERATED:
         from mrantool.cohorts.synthetic import make_cohort
 
-        folder = work / "generated"
+        folder = work / name
         if not (folder / "labels.csv").exists():
-            make_cohort(folder, n_slides=16, seed=0)
-        _extract([str(folder)], work / "generated.zarr", "mran", **weights)
-        return Dataset("generated", str(work / "generated.zarr"), str(folder / "labels.csv"))
-    if name == "cellfoci":
-        from mrantool.cohorts.synthetic import make_cohort
-
-        folder = work / "cellfoci"
-        if not (folder / "labels.csv").exists():
-            make_cohort(folder, n_slides=CELLFOCI["slides"], seed=0, size=CELLFOCI["size"], n_foci=CELLFOCI["foci"],
-                        focus_um=CELLFOCI["focus_um"])
-        _extract([str(folder)], work / "cellfoci.zarr", "mran", **weights)
-        return Dataset("cellfoci", str(work / "cellfoci.zarr"), str(folder / "labels.csv"))
+            make_cohort(folder, seed=0, **GENERATED[name])
+        _extract([str(folder)], work / f"{name}.zarr", "mran", **weights)
+        return Dataset(name, str(work / f"{name}.zarr"), str(folder / "labels.csv"))
     raise SystemExit(f"unknown data set {name!r}; use crc, pcam, generated or cellfoci")
 
 
@@ -692,7 +685,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             shown = args.figure.resolve()
             report["figure"] = str(shown.relative_to(root) if shown.is_relative_to(root) else shown)
             report["figure_image"] = image
-    for name in ("generated", "cellfoci"):
+    for name in GENERATED:
         if name in datasets:
             report["border"][name] = border_check(table, datasets[name], args.work)
             report["focus"].update(focus_attention(table, datasets[name], args.work))

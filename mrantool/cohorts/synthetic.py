@@ -276,7 +276,7 @@ def make_cohort(
     (default: the CPUs available, at most 4; about 0.4 GB each at the default size); the output does not depend
     on it. `n_foci` fixes the number of tumour foci per tumour slide (default: 1-2 per default-size area), which
     sets the witness rate of the MIL problem; `focus_um` is the (low, high) range of a focus's radius in microns
-    (the default foci span several patches of any preset; e.g. (20, 35) makes foci of a few tumour nuclei, which a
+    (the default foci span several patches of any preset; e.g. (25, 40) makes foci of a few tumour nuclei, which a
     patch embedding dilutes and a cell embedding does not). Existing files of the same names are replaced.
     """
     if n_slides < 2:
