@@ -18,8 +18,10 @@ slides, against the tumour foci they were drawn with and against tissue borders.
 finished runs in --work are reused (the report says how many).
 
     python benchmarks/mran.py                 # the default run: mran, mran cells off, abmil, gated-abmil,
-                                              # TransMIL 128 wide; pcam also end to end (mran, cells off, abmil)
-    python benchmarks/mran.py --models all    # + mran-reference, TransMIL 512 wide and the ensembles
+                                              # TransMIL 128 wide; pcam also end to end (mran, cells off, abmil):
+                                              # 115 fits, 71 min from scratch on 2 CPU cores
+    python benchmarks/mran.py --models all --name mran_all   # + mran-reference, TransMIL 512 wide, ensembles:
+                                              # 185 fits, about 430 min of worker time
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
     python benchmarks/mran.py --datasets cellfoci-rep --models 'mran,mran cells off,abmil' --e2e-seeds 0 \
         --name mran_cellfoci_rep              # the replication: 15 fits, results/mran_cellfoci_rep.{json,md}
