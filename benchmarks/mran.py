@@ -88,7 +88,6 @@ ENCODER_NOTES = {"random": "random-init encoders everywhere (no pretrained weigh
                              "release, cut at each preset's stage); end-to-end fits train the small CNN from scratch"}
 # make_cohort settings of the generated sets: the demo cohort, and slides whose tumour foci are a few tumour nuclei
 # (radius 25-40 um: about 2x2 of the `mran` preset's 32 um cells, a tenth of its 128 um patch), so cells carry
-# the label.
 # the label. `cellfoci-rep` (not in the default run) replicates cellfoci on 96 fresh slides (its own cohort seed):
 # the confirmatory test of cells on vs off that the first cellfoci run suggested (docs/mran.md).
 GENERATED = {"generated": {"n_slides": 16},
