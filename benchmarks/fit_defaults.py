@@ -71,11 +71,24 @@ CANDIDATES |= {
     "musk-1layer-ens5": ({**MUSK, "ensemble": 5}, {"hidden": 64, "attn_dim": 64}),
     "musk-paper-net-ens5": ({**MUSK, "ensemble": 5}, {**PAPER_NET, "dropout": 0.5}),
 }
+MI_NET = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-3, "val_fraction": 0.0, "epochs": 50}
 # Opt-in only (`--candidates`, results/fit_defaults_ema.md): `weight_ema` stayed off, so the default run leaves it out.
 OPT_IN = {
     "ema": ({**TODAY, "weight_ema": 0.99}, {}),  # the weights' moving average is validated and kept
     "musk-1layer-ema": ({**MUSK, "weight_ema": 0.99}, {"hidden": 64, "attn_dim": 64}),
     "musk-paper-net-ema": ({**MUSK, "weight_ema": 0.99}, {**PAPER_NET, "dropout": 0.5}),
+    # results/fit_defaults_musk_grid.md: learning rate, weight decay, monitor, validation share, standardisation,
+    # and MI-Net's own optimiser (SGD, momentum 0.9, L2 5e-3, 50 epochs, no validation split)
+    "musk-1layer-lr1e-4": ({**MUSK, "lr": 1e-4}, {"hidden": 64, "attn_dim": 64}),
+    "musk-1layer-lr2e-3": ({**MUSK, "lr": 2e-3}, {"hidden": 64, "attn_dim": 64}),
+    "musk-1layer-wd5e-3": ({**MUSK, "weight_decay": 5e-3}, {"hidden": 64, "attn_dim": 64}),
+    "musk-1layer-auc": ({**MUSK, "monitor": "auc"}, {"hidden": 64, "attn_dim": 64}),
+    "musk-1layer-val.2": ({**MUSK, "val_fraction": 0.2}, {"hidden": 64, "attn_dim": 64}),
+    "musk-1layer-no-std": ({**MUSK, "standardize": False}, {"hidden": 64, "attn_dim": 64}),
+    "musk-paper-net-no-std": ({**MUSK, "standardize": False}, {**PAPER_NET, "dropout": 0.5}),
+    "musk-1layer-sgd-no-val-50": ({**MUSK, **MI_NET}, {"hidden": 64, "attn_dim": 64}),
+    "musk-paper-net-sgd-no-val-50": ({**MUSK, **MI_NET}, {**PAPER_NET, "dropout": 0.5}),
+    "musk-paper-net-lr1e-4-no-val-100": ({**MUSK, "lr": 1e-4, "val_fraction": 0.0}, {**PAPER_NET, "dropout": 0.5}),
 }
 MUSK_SETS, MUSK_REPEATS = ("musk1",), 2  # where the Musk recipe's candidates run, and how often their inner CV
 
