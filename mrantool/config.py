@@ -154,6 +154,7 @@ class FitConfig(StageConfig):
     ensemble: int = 1  # models per fold, each with its own seed and validation split; their probabilities averaged
     patch_min_tissue: float = 0.25  # patches with less tissue are masked out
     cell_min_tissue: float = 0.0  # cells with less tissue get no cell attention (0: none masked; docs/fit.md)
+    tissue_weights: bool = False  # MRAN: weights of cells, patches and bags x their tissue area (docs/mran.md)
     cache_gb: float = 4.0
     device: str = "auto"
     threads: int | None = None

@@ -318,6 +318,39 @@ def test_mran_cells_outside_the_cell_mask_get_no_attention_and_do_not_matter():
     assert torch.allclose(again.logits, out.logits) and again.attention["cell"][0, 0, 1] == 0
 
 
+def test_mran_tissue_weights_on_a_hand_computed_bag():
+    # The hand-computed bag above with tissue fractions (fit's tissue_weights): patch 0's cells 1.0 and 0.5 of
+    # tissue, patch 1's both 0.5.
+    cells = torch.tensor([[[[3.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]], [[100.0, 0.0], [0.0, 100.0]]]])
+    mask = torch.tensor([[True, True, False]])
+    tissue = torch.tensor([[[1.0, 0.5], [0.5, 0.5], [1.0, 1.0]]])
+    out = _identity_mran()(cells.mean(2), cells, mask, cell_mask=tissue)
+    # beta0 = (7/9, 2/9) x (1, 0.5), renormalised: 7/8, 1/8; beta1 = (1/2, 1/2) x 0.5, renormalised: 1/2, 1/2.
+    assert torch.allclose(out.aux["beta"][0, :2], torch.tensor([[7 / 8, 1 / 8], [0.5, 0.5]]))
+    # h0 = [11/4, 0], h1 = [0, 1]: shares 11/15, 4/15, minus 0.05 -> 41/54, 13/54; x patch tissue 0.75, 0.5
+    # (its cells' mean), renormalised: 123/149, 26/149.
+    assert torch.allclose(out.aux["alpha"][0], torch.tensor([123 / 149, 26 / 149, 0.0]))
+    assert torch.allclose(out.logits, torch.tensor([123 / 149 * 11 / 4, 26 / 149]))
+    assert torch.allclose(out.attention["cell"][0, 0], torch.tensor([123 / 149 * 7 / 8, 123 / 149 / 8]))
+
+
+def test_mran_tissue_weights_share_bags_by_tissue_area_and_whole_tissue_changes_nothing():
+    torch.manual_seed(0)
+    head = create_head("mran", D, K).eval()
+    patches, cells, mask = _slide(3)
+    mask = torch.ones_like(mask)
+    same = head(patches, cells, mask, cell_mask=torch.ones(cells.shape[:-1]))
+    plain = head(patches, cells, mask)
+    assert torch.allclose(same.logits, plain.logits) and torch.allclose(same.attention["cell"], plain.attention["cell"])
+    two = (patches[:1].expand(2, -1, -1), cells[:1].expand(2, -1, -1, -1), mask[:2])  # two identical bags
+    half = torch.ones(2, P, C)
+    half[1] = 0.5  # the second bag is half glass everywhere
+    out = head(*two, cell_mask=half)
+    assert torch.allclose(out.attention["bag"], torch.tensor([2 / 3, 1 / 3]))
+    assert torch.allclose(out.aux["beta"][0], out.aux["beta"][1]) and torch.allclose(out.aux["alpha"][0],
+                                                                                       out.aux["alpha"][1])
+
+
 @pytest.mark.parametrize("name", ["mran", "mran-reference"])
 def test_mran_cell_mask_batched_equals_one_slide_at_a_time(name):
     torch.manual_seed(0)

@@ -22,6 +22,7 @@ from mrantool.training.data import ArrayData, LRUCache, StoreData, cell_tissue_m
 from mrantool.training.labels import make_labels, read_labels
 from mrantool.training.loop import evaluate, torch_settings, train_fold
 from mrantool.training.metrics import auc, mean_sd, slide_metrics
+from mrantool.training.runs import check_config
 from mrantool.training.splits import make_splits
 
 N_SLIDES, N_BAGS, GRID, CELLS, DIM = 24, 3, 4, 2, 32
@@ -309,6 +310,40 @@ def test_cells_with_little_tissue_get_no_attention_in_fit_and_predict(tmp_path: 
     mask = cell_tissue_mask(np.array([[[0.2, 0.6], [0.1, 0.3]]]), 0.5)
     assert mask.tolist() == [[[False, True], [False, True]]]  # a patch without such a cell keeps its best one
     assert len(predict(report.out, store.path, tmp_path / "p.csv")) == N_SLIDES
+
+
+def test_tissue_weights_fit_and_predict_weigh_glassy_cells_down(tmp_path: Path, cohort: dict) -> None:
+    """Cell 3 of every patch is 10% tissue: with tissue_weights its attention is a tenth of what the same fitted
+    heads give it without the weights, and predict applies the run's setting."""
+    store = FeatureStore.create(tmp_path / "c.zarr", identity())
+    rng = np.random.default_rng(0)
+    cell_tissue = np.ones((N_BAGS, P, C), np.float32)
+    cell_tissue[..., 3] = 0.1
+    for i in range(N_SLIDES):
+        coords, tissue, patches, cells = slide_features(i % 2 == 1, rng)
+        writer = store.begin_slide(f"s{i:02d}", N_BAGS, provenance())
+        writer.write(0, coords, tissue, patches, cells, np.broadcast_to(cell_tissue, (N_BAGS, P, C)))
+        writer.commit()
+    cfg = FitConfig(store=str(store.path), labels=str(cohort["labels"]), out=str(tmp_path / "run"), folds=2,
+                    tissue_weights=True, **FAST)
+    report = fit(cfg)
+    assert json.loads((report.out / "config.json").read_text())["config"]["tissue_weights"] is True
+    weighted = StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0, tissue_weights=True)
+    plain = StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0)
+    bags, same = weighted.bags("s01"), plain.bags("s01")
+    assert bags.cell_mask.dtype == torch.float32 and torch.allclose(bags.cell_mask[..., 3], torch.tensor(0.1), atol=1e-3)
+    _, head, _ = load_fold_models(report.out, None, torch.device("cpu"))[0]
+    with torch.no_grad():
+        beta = head(bags.patches, bags.cells, bags.mask, cell_mask=bags.cell_mask).aux["beta"][bags.mask]
+        raw = head(same.patches, same.cells, same.mask).aux["beta"][same.mask]
+    w = bags.cell_mask[bags.mask]  # the stored fractions (float16): 1 and about 0.1
+    expected = raw[:, 3] * w[:, 3] / (raw * w).sum(-1)
+    assert torch.allclose(beta[:, 3], expected, atol=1e-6)
+    assert len(predict(report.out, store.path, tmp_path / "p.csv")) == N_SLIDES
+    with pytest.raises(ConfigError, match="tissue_weights weighs cells.*reads no cells"):
+        StoreData(store, ["s01"], cells=False, patch_min_tissue=0.25, cache_gb=1.0, tissue_weights=True)
+    with pytest.raises(ConfigError, match="tissue_weights with end_to_end"):
+        check_config(cfg.model_copy(update={"end_to_end": True}))
 
 
 def test_data_cache_mask_and_sampling(cohort: dict) -> None:

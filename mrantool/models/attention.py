@@ -33,6 +33,13 @@ def norm_threshold(scores: Tensor, valid: Tensor, t: float) -> Tensor:
     return torch.where(total > 0, w / total.clamp_min(_TINY), uniform_weights(valid).to(w))
 
 
+def area_weighted(weights: Tensor, area: Tensor) -> Tensor:
+    """`weights * area` renormalised over the last dimension: attention per unit of tissue instead of per item.
+    Rows whose products are all zero stay zero."""
+    w = weights * area
+    return w / w.sum(-1, keepdim=True).clamp_min(_TINY)
+
+
 def masked_softmax(scores: Tensor, valid: Tensor) -> Tensor:
     """Softmax over the valid items of the last dimension; all zeros (never NaN) where nothing is valid."""
     filled = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)  # exp underflows to exactly 0 there

@@ -39,7 +39,13 @@ import torch
 from torch import Tensor, nn
 
 from mrantool.errors import ConfigError
-from mrantool.models.attention import AttentionScore, masked_softmax, norm_threshold, uniform_weights
+from mrantool.models.attention import (
+    AttentionScore,
+    area_weighted,
+    masked_softmax,
+    norm_threshold,
+    uniform_weights,
+)
 from mrantool.models.base import MILHead, MILOutput, weighted_ce
 
 LEVELS = ("cell", "patch", "bag")
@@ -153,14 +159,20 @@ class MRAN(MILHead):
     def _forward(self, patches: Tensor, cells: Tensor | None, mask: Tensor, bag_weights: Tensor | None,
                  cell_mask: Tensor | None) -> MILOutput:
         """Slides (S, n_bags, P, D), cells (S, n_bags, P, C, D), mask (S, n_bags, P), cell_mask (S, n_bags, P, C)
-        | None -> batched MILOutput. Cells outside `cell_mask` (too little tissue) get no attention."""
+        | None -> batched MILOutput. Cells outside `cell_mask` (too little tissue) get no attention. A floating
+        `cell_mask` holds the cells' tissue fractions (fit's `tissue_weights`): then each level's weights are
+        multiplied by tissue area (cell fraction, patch mean, bag sum) and renormalised."""
         aux: dict[str, Tensor] = {}
+        area = None
         if self.cells:
             u = self.dropout(self.adapter(cells.float()))
             valid = mask.unsqueeze(-1).expand(u.shape[:-1])
             if cell_mask is not None:
                 valid = valid & cell_mask.bool()
             beta = self._weights("cell", u, u.norm(dim=-1), valid)
+            if cell_mask is not None and cell_mask.is_floating_point():
+                beta = area_weighted(beta, cell_mask * valid)
+                area = cell_mask.mean(-1) * mask  # each patch's tissue fraction
             h = torch.einsum("sbpc,sbpcd->sbpd", beta, u)
             aux["cell_logits"], aux["beta"] = self.classifier(u), beta
         else:
@@ -168,12 +180,16 @@ class MRAN(MILHead):
         patch_logits = self.classifier(h)
         scores = patch_logits if self.score_bias else patch_logits - self.classifier.bias
         alpha = self._weights("patch", h, scores.norm(dim=-1), mask) if self.patches else uniform_weights(mask)
+        if area is not None:
+            alpha = area_weighted(alpha, area)
         z = torch.einsum("sbp,sbpd->sbd", alpha, h)
         v = self.dropout(self.slide_proj(z.detach() if self.detach_slide else z))
         bag_valid = mask.any(-1)
         slide_bag_logits = self.slide_cls(v)
         bag_scores = slide_bag_logits if self.score_bias else slide_bag_logits - self.slide_cls.bias
         alpha_b = self._weights("bag", v, bag_scores.norm(dim=-1), bag_valid)
+        if area is not None:
+            alpha_b = area_weighted(alpha_b, area.sum(-1))
         logits = self.slide_cls((alpha_b.unsqueeze(-1) * v).sum(-2))
         attention = {"bag": alpha_b, "patch": alpha_b.unsqueeze(-1) * alpha}
         if self.cells:

@@ -53,8 +53,8 @@ def group_tasks(tasks: list[Task], workers: int) -> list[list[Task]]:
     for index, task in enumerate(tasks):
         cfg = task[0].fit_config("")
         key = (("end_to_end", str(index)) if cfg.end_to_end else
-               (*labels_key(cfg), str(cfg.patch_min_tissue), str(cfg.cell_min_tissue), str(cfg.cache_gb),
-                train_together_key(cfg)))
+               (*labels_key(cfg), str(cfg.patch_min_tissue), str(cfg.cell_min_tissue), str(cfg.tissue_weights),
+                str(cfg.cache_gb), train_together_key(cfg)))
         groups.setdefault(key, []).append(task)
     result = list(groups.values())
     while len(result) < workers and any(len(g) > 1 for g in result):
@@ -106,10 +106,11 @@ class Worker:
             self.labels[key] = read_run_labels(cfg, store)
         labels = self.labels[key]
         cells = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options).needs_cells
-        data_key = (*key, cells, cfg.patch_min_tissue, cfg.cell_min_tissue)
+        data_key = (*key, cells, cfg.patch_min_tissue, cfg.cell_min_tissue, cfg.tissue_weights)
         if data_key not in self.data:
             self.data[data_key] = StoreData(store, labels.slide_ids, cells=cells, patch_min_tissue=cfg.patch_min_tissue,
-                                            cache_gb=cfg.cache_gb, cell_min_tissue=cfg.cell_min_tissue)
+                                            cache_gb=cfg.cache_gb, cell_min_tissue=cfg.cell_min_tissue,
+                                            tissue_weights=cfg.tissue_weights)
         return store, labels, self.data[data_key]
 
 

@@ -76,7 +76,7 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
                             "docs/finetune.md).")
     probe = create_head(cfg.model, store.dims.dim, labels.n_classes, **cfg.options)
     data = StoreData(store, labels.slide_ids, cells=probe.needs_cells, patch_min_tissue=cfg.patch_min_tissue,
-                     cache_gb=cfg.cache_gb, cell_min_tissue=cfg.cell_min_tissue)
+                     cache_gb=cfg.cache_gb, cell_min_tissue=cfg.cell_min_tissue, tissue_weights=cfg.tissue_weights)
     return fit_data(cfg, data, labels, identity=store.identity, progress=progress)
 
 
@@ -338,7 +338,8 @@ def predict(run_dir: str | Path, store_path: str | Path, out_csv: str | Path, *,
         models = load_fold_models(run_dir, folds, dev)
         data = StoreData(store, ids, cells=any(h.needs_cells for _, h, _ in models),
                          patch_min_tissue=settings["patch_min_tissue"], cache_gb=settings["cache_gb"],
-                         cell_min_tissue=settings.get("cell_min_tissue", 0.0))  # runs from before: no cell mask
+                         cell_min_tissue=settings.get("cell_min_tissue", 0.0),  # runs from before: no cell mask
+                         tissue_weights=settings.get("tissue_weights", False))
         probs = np.zeros((len(ids), run["n_classes"]))
         emit("start", {"n_slides": len(ids), "n_models": len(models)})
         for i, slide_id in enumerate(ids):

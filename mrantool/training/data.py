@@ -26,6 +26,7 @@ from mrantool.store.health import REDO
 
 CHUNK_BYTES = 256 * 2**20  # bags are read (and converted to float32) in pieces of about this many fp16 bytes
 Entry = tuple[np.ndarray, np.ndarray | None]
+MIN_TISSUE_WEIGHT = 1e-3  # a kept cell's smallest tissue weight, so no kept cell or patch weighs exactly 0
 
 
 @dataclass
@@ -49,12 +50,13 @@ def tissue_mask(patch_tissue: np.ndarray, threshold: float) -> np.ndarray:
     return mask
 
 
-def cell_tissue_mask(cell_tissue: np.ndarray, threshold: float) -> np.ndarray:
-    """(n_bags, P, C) cells with at least `threshold` tissue; a patch with none keeps its most-tissue cell."""
+def cell_tissue_mask(cell_tissue: np.ndarray, threshold: float, weights: bool = False) -> np.ndarray:
+    """(n_bags, P, C) cells with at least `threshold` tissue; a patch with none keeps its most-tissue cell. Bool
+    flags, or with `weights` the cells' tissue fractions (at least MIN_TISSUE_WEIGHT) there and 0 elsewhere."""
     tissue = np.nan_to_num(np.asarray(cell_tissue, dtype=np.float32), nan=0.0)
     mask = tissue >= threshold
     np.put_along_axis(mask, tissue.argmax(-1)[..., None], True, axis=-1)
-    return mask
+    return np.where(mask, np.maximum(tissue, MIN_TISSUE_WEIGHT), 0.0).astype(np.float32) if weights else mask
 
 
 def sample_bags(n_bags: int, max_bags: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -119,7 +121,8 @@ class MILData(ABC):
         """(n_bags, P) bool tissue mask of a slide."""
 
     def cell_mask(self, slide_id: str) -> np.ndarray | None:
-        """(n_bags, P, C) bool: the cells with enough tissue to count, or None when every cell counts."""
+        """(n_bags, P, C) bool: the cells with enough tissue to count, or None when every cell counts; float32
+        tissue fractions instead (0: does not count) when the data weights cells by tissue (`tissue_weights`)."""
         return None
 
     @abstractmethod
@@ -169,13 +172,19 @@ class StoreData(MILData):
     """
 
     def __init__(self, store: FeatureStore, slide_ids: Sequence[str], *, cells: bool, patch_min_tissue: float,
-                 cache_gb: float, cell_min_tissue: float = 0.0) -> None:
+                 cache_gb: float, cell_min_tissue: float = 0.0, tissue_weights: bool = False) -> None:
         self.store = store
         self.slide_ids = list(slide_ids)
         self.in_dim = store.dims.dim
         self.has_cells = store.dims.n_cells > 0
         self.cells = cells and self.has_cells
+        if tissue_weights and not self.cells:
+            where = "this head reads no cells" if self.has_cells else f"store {store.root} has none"
+            raise ConfigError(f"tissue_weights weighs cells, patches and bags by their tissue through the cell level, "
+                              f"but {where}; use a head with cells (mran) on a store with cells, or set "
+                              "tissue_weights = false.")
         self.patch_min_tissue, self.cell_min_tissue = patch_min_tissue, cell_min_tissue
+        self.tissue_weights = tissue_weights
         self.cache = LRUCache(int(cache_gb * 2**30))
         self._slides: dict[str, SlideFeatures] = {}
         self._masks: dict[str, np.ndarray] = {}
@@ -196,11 +205,17 @@ class StoreData(MILData):
         return self._masks[slide_id]
 
     def cell_mask(self, slide_id: str) -> np.ndarray | None:
-        """From the slide's cell tissue fractions (`cell_min_tissue`); None when 0 or the slide has none."""
+        """From the slide's cell tissue fractions (`cell_min_tissue`, `tissue_weights`); None when neither is set
+        or the slide has none."""
         if slide_id not in self._cell_masks:
             tissue = self._slide(slide_id).cell_tissue
-            use = self.cells and self.cell_min_tissue > 0 and tissue is not None
-            self._cell_masks[slide_id] = cell_tissue_mask(tissue[:], self.cell_min_tissue) if use else None
+            if self.tissue_weights and tissue is None:
+                raise ConfigError(f"Slide {slide_id} of store {self.store.root} has no cell tissue fractions, which "
+                                  "tissue_weights needs (it was written before they were kept); extract the slides "
+                                  "into a new store, or set tissue_weights = false.")
+            use = self.cells and (self.cell_min_tissue > 0 or self.tissue_weights) and tissue is not None
+            self._cell_masks[slide_id] = (cell_tissue_mask(tissue[:], self.cell_min_tissue, self.tissue_weights)
+                                          if use else None)
         return self._cell_masks[slide_id]
 
     def bag_values(self, slide_id: str) -> int:

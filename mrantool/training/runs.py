@@ -224,6 +224,8 @@ def check_config(cfg: FitConfig) -> None:
         (cfg.ensemble == 1 or not cfg.end_to_end, f"ensemble {cfg.ensemble} with end_to_end (training from pixels "
                                                   "keeps one model per fold; use ensemble = 1)"),
         (cfg.weights is None or cfg.encoder_from is None, "both weights and encoder_from (pass one of them)"),
+        (not (cfg.tissue_weights and cfg.end_to_end), "tissue_weights with end_to_end (it applies to cached "
+                                                      "features only; use tissue_weights = false)"),
         (cfg.encoder_lr is None or cfg.encoder_lr >= 0, f"encoder_lr {cfg.encoder_lr} (use 0 or more)"),
         (0 <= cfg.color_jitter < 1, f"color_jitter {cfg.color_jitter} (use 0 <= color_jitter < 1)"),
         (cfg.batchnorm in ("batch", "frozen"), f"batchnorm {cfg.batchnorm!r} (use 'batch' or 'frozen')"),

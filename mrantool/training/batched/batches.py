@@ -72,8 +72,9 @@ def collate(data: MILData, picks: Sequence[Sequence[Pick]], device: torch.device
     cell_array = cell_mask = None
     if reads[0][0][1] is not None:
         cell_array = _zeros((*patches.shape[:4], *reads[0][0][1].shape[2:]), dtype, pin)
-        if any(r[3] is not None for row in reads for r in row):
-            cell_mask = _zeros(cell_array.shape[:5], np.bool_, pin)
+        masks = [r[3] for row in reads for r in row if r[3] is not None]
+        if masks:  # bool flags, or float tissue fractions (tissue_weights)
+            cell_mask = _zeros(cell_array.shape[:5], np.result_type(*masks), pin)
     for i, row in enumerate(reads):
         for j, (x, c, m, cm) in enumerate(row):
             n, p = x.shape[:2]
