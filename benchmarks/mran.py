@@ -59,6 +59,7 @@ PCAM_ROOT = SHARED / "real" / "pcam_test"
 MODELS = {  # name in the tables -> (registry name, head options, fit settings)
     "mran": ("mran", {}, {}),
     "mran cells off": ("mran", {"cells": False}, {}),
+    "mran tissue": ("mran", {}, {"tissue_weights": True}),  # each level's weights x tissue area (docs/mran.md)
     "mran-reference": ("mran-reference", {}, {}),
     "abmil": ("abmil", {}, {}),
     "gated-abmil": ("gated-abmil", {}, {}),
@@ -75,8 +76,10 @@ DEFAULT_MODELS = ("mran", "mran cells off", "abmil", "gated-abmil", "transmil 12
 ENSEMBLE_DATASETS = ("crc", "pcam")  # 5x the fits: not on the generated cohort, where every head is near 1.0
 E2E_MODELS = ("mran", "mran cells off", "abmil")
 COMPARISONS = {"mran": [m for m in MODELS if "ens5" not in m and m != "mran"],  # a - b over (seed, fold) pairs
+               "mran tissue": ["mran cells off", "abmil"],
                "mran ens5": ["mran cells off ens5", "abmil ens5", "mran"]}
-ATTENTION_MODELS = ("mran", "mran cells off", "abmil", "mran ens5", "abmil ens5")
+ATTENTION_MODELS = ("mran", "mran cells off", "abmil", "mran ens5", "abmil ens5", "mran tissue")
+BORDER_MODELS = ("mran", "mran tissue")  # the heads with a cell level whose attention the border check reads
 PUBLISHED_CRC_ACCURACY = 0.904  # Ilse et al. 2018, attention MIL, 10-fold CV x 5
 PUBLISHED_CRC_SE = 0.011
 TABLES = {"metrics": ["data", "training", "model", "AUC", "accuracy", "s per fit"],  # columns of mran.md
@@ -434,14 +437,14 @@ def focus_attention(table: dict[str, Any], data: Dataset, work: Path) -> dict[st
     return out
 
 
-def border_check(table: dict[str, Any], data: Dataset, work: Path) -> dict[str, Any]:
-    """Generated slides (`data`: generated or cellfoci): the share of the top 1% of MRAN cell attention on cells
-    with tissue fraction >= 0.9."""
+def border_check(table: dict[str, Any], data: Dataset, work: Path, model: str = "mran") -> dict[str, Any]:
+    """Generated slides (`data`: generated or cellfoci): the share of the top 1% of `model`'s cell attention on
+    cells with tissue fraction >= 0.9."""
     from mrantool.slides.reader import open_slide
     from mrantool.slides.tissue import tissue_mask
     from mrantool.store import FeatureStore
 
-    entry = table.get(f"{data.name}/cache/mran")
+    entry = table.get(f"{data.name}/cache/{model}")
     if entry is None:
         return {}
     store = FeatureStore.open(data.store)
@@ -462,7 +465,7 @@ def border_check(table: dict[str, Any], data: Dataset, work: Path) -> dict[str, 
         fractions[slide_id] = np.stack(bags)
     shares: dict[str, list[float]] = {"slide": [], "patch": []}
     for seed in entry["seeds"]:
-        folder = work / "runs" / Job(data.name, "cache", "mran", seed, 0, 0, 0).name / "attention"
+        folder = work / "runs" / Job(data.name, "cache", model, seed, 0, 0, 0).name / "attention"
         att: dict[str, list[np.ndarray]] = {"slide": [], "patch": []}
         tissue = []
         for slide_id, frac in fractions.items():
@@ -507,8 +510,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{entry['accuracy']['mean']:.3f} ± {entry['accuracy']['sd']:.3f}",
                      f"{np.nanmean(entry['seconds']):.0f}"])
     lines += [markdown_table(TABLES["metrics"], rows), ""]
-    lines += ["## Paired comparisons (over (seed, fold) pairs: the default `mran`, and its 5-model ensemble, minus "
-              "another model)", ""]
+    lines += ["## Paired comparisons (over (seed, fold) pairs: the default `mran`, its 5-model ensemble and `mran "
+              "tissue`, minus another model)", ""]
     rows = [[c["dataset"], c["mode"], f"{c['a']} − {c['b']}", c["metric"], f"{c['mean_diff']:+.3f}",
              f"{c['wins']}/{c['ties']}/{c['losses']}", f"{c['p']:.3g}"] for c in report["paired"]]
     lines += [markdown_table(TABLES["paired"], rows), ""]
@@ -523,7 +526,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"Figure: `{report['figure']}` ({report['figure_image']}).", ""]
     if report["border"]:
         lines += ["## Generated slides: attention away from tissue borders", ""]
-        lines += [f"- {name}: top 1% of MRAN cell attention on cells with tissue fraction >= 0.9: "
+        lines += [f"- {name}: top 1% of cell attention on cells with tissue fraction >= 0.9: "
                   f"{b['top1pct_on_tissue_ge_0.9']:.3f} (per seed {', '.join(f'{v:.2f}' for v in b['per_seed'])}); "
                   f"ranked by the within-patch cell attention alone: "
                   f"{b['within_patch_top1pct_on_tissue_ge_0.9']:.3f}; all cells: "
@@ -709,7 +712,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             report["figure_image"] = image
     for name in GENERATED:
         if name in datasets:
-            report["border"][name] = border_check(table, datasets[name], args.work)
+            for model in BORDER_MODELS:  # keyed by the data set for mran, "<data set> <model>" for the others
+                border = border_check(table, datasets[name], args.work, model)
+                if border:
+                    report["border"][name if model == "mran" else f"{name} {model}"] = border
             report["focus"].update(focus_attention(table, datasets[name], args.work))
     report["seconds"] = time.perf_counter() - started
     report["load_before"], report["load_after"] = load_before, load_average()
