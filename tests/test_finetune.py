@@ -153,3 +153,17 @@ def test_fit_finetune_applies_model_and_options_or_refuses(cohort, tmp_path):
     assert "cannot apply weight_decay, patience (fine-tuning" in refused.output
     again = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "no2"), "--init-run", str(out), "--model", "mran"])
     assert again.exit_code == 1 and "cannot apply model, folds (they come from --init-run" in again.output
+
+
+def test_fit_finetune_applies_or_refuses_every_fit_setting(tmp_path):
+    """`cell_min_tissue`, `ensemble` and five others used to be dropped silently: every FitConfig field must be
+    applied or refused, and a refused one is named."""
+    from mrantool.config import FitConfig
+    from mrantool.training.pixels import finetune as ft
+
+    decided = (*ft.APPLIED_FIT_SETTINGS, *ft.UNUSED_FIT_SETTINGS, *ft.FROM_INIT_RUN, *ft.END_TO_END_ONLY)
+    assert set(FitConfig.model_fields) <= set(decided)
+    for key, value in (("tissue_weights", True), ("cell_min_tissue", 0.5), ("ensemble", 3)):
+        cfg = FitConfig(store=str(tmp_path), labels="l.csv", out=str(tmp_path / "o"), **{key: value})
+        with pytest.raises(ConfigError, match=f"cannot apply {key} "):
+            ft.finetune_from_fit(cfg)

@@ -331,7 +331,8 @@ def test_tissue_weights_fit_and_predict_weigh_glassy_cells_down(tmp_path: Path, 
     weighted = StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0, tissue_weights=True)
     plain = StoreData(store, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0)
     bags, same = weighted.bags("s01"), plain.bags("s01")
-    assert bags.cell_mask.dtype == torch.float32 and torch.allclose(bags.cell_mask[..., 3], torch.tensor(0.1), atol=1e-3)
+    assert bags.cell_mask.dtype == torch.float32
+    assert torch.allclose(bags.cell_mask[..., 3], torch.tensor(0.1), atol=1e-3)
     _, head, _ = load_fold_models(report.out, None, torch.device("cpu"))[0]
     with torch.no_grad():
         beta = head(bags.patches, bags.cells, bags.mask, cell_mask=bags.cell_mask).aux["beta"][bags.mask]
@@ -340,7 +341,7 @@ def test_tissue_weights_fit_and_predict_weigh_glassy_cells_down(tmp_path: Path, 
     expected = raw[:, 3] * w[:, 3] / (raw * w).sum(-1)
     assert torch.allclose(beta[:, 3], expected, atol=1e-6)
     assert len(predict(report.out, store.path, tmp_path / "p.csv")) == N_SLIDES
-    with pytest.raises(ConfigError, match="tissue_weights weighs cells.*reads no cells"):
+    with pytest.raises(ConfigError, match=r"tissue_weights weighs cells.*reads no cells"):
         StoreData(store, ["s01"], cells=False, patch_min_tissue=0.25, cache_gb=1.0, tissue_weights=True)
     with pytest.raises(ConfigError, match="tissue_weights with end_to_end"):
         check_config(cfg.model_copy(update={"end_to_end": True}))
