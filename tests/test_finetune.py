@@ -161,7 +161,10 @@ def test_fit_finetune_applies_or_refuses_every_fit_setting(tmp_path):
     from mrantool.config import FitConfig
     from mrantool.training.pixels import finetune as ft
 
-    decided = (*ft.APPLIED_FIT_SETTINGS, *ft.UNUSED_FIT_SETTINGS, *ft.FROM_INIT_RUN, *ft.END_TO_END_ONLY)
+    applied = ("store", "labels", "out", "id_column", "label_column", "model", "options", "folds", "val_fraction",
+               "seed", "epochs", "lr", "max_bags", "patch_min_tissue", "cache_gb", "device", "threads", "weights",
+               "encoder_lr")  # what finetune_from_fit passes on
+    decided = (*applied, *ft.UNUSED_FIT_SETTINGS, *ft.FROM_INIT_RUN, *ft.END_TO_END_ONLY)
     assert set(FitConfig.model_fields) <= set(decided)
     for key, value in (("tissue_weights", True), ("cell_min_tissue", 0.5), ("ensemble", 3)):
         cfg = FitConfig(store=str(tmp_path), labels="l.csv", out=str(tmp_path / "o"), **{key: value})

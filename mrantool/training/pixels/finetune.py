@@ -340,10 +340,6 @@ UNUSED_FIT_SETTINGS = ("repeats", "weight_decay", "optimizer", "momentum", "pati
                        "smoothing", "weight_ema", "lr_schedule", "class_weights", "standardize", "bag_mining",
                        "batch_size", "parallel_folds", "ensemble", "cell_min_tissue", "tissue_weights",
                        "save_attention")
-# The fit settings it applies; with the three tuples here, every FitConfig field (tests/test_finetune.py checks).
-APPLIED_FIT_SETTINGS = ("store", "labels", "out", "id_column", "label_column", "model", "options", "folds",
-                        "val_fraction", "seed", "epochs", "lr", "max_bags", "patch_min_tissue", "cache_gb", "device",
-                        "threads", "weights", "encoder_lr")
 FROM_INIT_RUN = ("model", "options", "folds", "val_fraction", "patch_min_tissue")
 END_TO_END_ONLY = ("end_to_end", "encoder_from", "augment", "color_jitter", "batchnorm", "pixel_cache_gb")
 
