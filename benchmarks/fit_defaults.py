@@ -72,6 +72,7 @@ CANDIDATES |= {
     "musk-paper-net-ens5": ({**MUSK, "ensemble": 5}, {**PAPER_NET, "dropout": 0.5}),
 }
 MI_NET = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-3, "val_fraction": 0.0, "epochs": 50}
+MI_NET_NET = {**PAPER_NET, "dropout": 0.5, "dropout_at": "last"}  # MI_Net.py: one Dropout(0.5), after fc-64
 # Opt-in only (`--candidates`, results/fit_defaults_ema.md): `weight_ema` stayed off, so the default run leaves it out.
 OPT_IN = {
     "ema": ({**TODAY, "weight_ema": 0.99}, {}),  # the weights' moving average is validated and kept
@@ -89,6 +90,13 @@ OPT_IN = {
     "musk-1layer-sgd-no-val-50": ({**MUSK, **MI_NET}, {"hidden": 64, "attn_dim": 64}),
     "musk-paper-net-sgd-no-val-50": ({**MUSK, **MI_NET}, {**PAPER_NET, "dropout": 0.5}),
     "musk-paper-net-lr1e-4-no-val-100": ({**MUSK, "lr": 1e-4, "val_fraction": 0.0}, {**PAPER_NET, "dropout": 0.5}),
+    # results/fit_defaults_musk_mi_net.md: MI-Net's layout (one dropout, after the last layer), with the recipe, with
+    # MI-Net's optimiser (its Keras l2(0.005) on the loss is weight decay 0.01), and without a validation split
+    "musk-paper-net-last": (MUSK, MI_NET_NET),
+    "musk-paper-net-last-sgd-no-val-50": ({**MUSK, **MI_NET}, MI_NET_NET),
+    "musk-paper-net-last-sgd-wd1e-2-no-val-50": ({**MUSK, **MI_NET, "weight_decay": 1e-2}, MI_NET_NET),
+    "musk-paper-net-last-no-val-50": ({**MUSK, "val_fraction": 0.0, "epochs": 50}, MI_NET_NET),
+    "musk-paper-net-last-lr1e-4-no-val-100": ({**MUSK, "lr": 1e-4, "val_fraction": 0.0}, MI_NET_NET),
 }
 MUSK_SETS, MUSK_REPEATS = ("musk1",), 2  # where the Musk recipe's candidates run, and how often their inner CV
 

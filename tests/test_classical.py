@@ -63,3 +63,12 @@ def test_abmil_depth_builds_the_papers_mil_benchmark_network():
     assert [type(m).__name__ for m in create_head("abmil", 8, 2).embed] == ["Linear", "ReLU", "Dropout"]
     with pytest.raises(ConfigError, match="depth=0"):
         create_head("abmil", 8, 2, depth=0)
+
+
+def test_abmil_dropout_at_last_matches_mi_nets_reference_layout():
+    """MI-Net's MI_Net.py: fc-256, fc-128, fc-64 with ReLU, then one Dropout(0.5) before the pooling."""
+    head = create_head("abmil", 166, 2, hidden=64, depth=3, dropout=0.5, attn_dim=64, dropout_at="last")
+    assert [type(m).__name__ for m in head.embed] == ["Linear", "ReLU"] * 3 + ["Dropout"]
+    assert head.embed[-1].p == 0.5
+    with pytest.raises(ConfigError, match="dropout_at='first'"):
+        create_head("abmil", 8, 2, dropout_at="first")
