@@ -170,3 +170,17 @@ def test_fit_finetune_applies_or_refuses_every_fit_setting(tmp_path):
         cfg = FitConfig(store=str(tmp_path), labels="l.csv", out=str(tmp_path / "o"), **{key: value})
         with pytest.raises(ConfigError, match=f"cannot apply {key} "):
             ft.finetune_from_fit(cfg)
+
+
+def test_an_init_run_fit_with_tissue_weights_is_refused(cohort, tmp_path):
+    """Its heads centre cells at their tissue fraction, which fine-tuning's freshly encoded cells do not carry."""
+    import json
+
+    store, labels, _ = cohort
+    init = tmp_path / "weighted"
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps({"config": {"tissue_weights": True}}))
+    (init / "metrics.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"was fit with tissue_weights.*tissue_weights = false"):
+        finetune(store, labels, tmp_path / "out", init_run=init, device="cpu")
+    assert not (tmp_path / "out").exists()  # refused before anything was written

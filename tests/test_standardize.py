@@ -1,10 +1,13 @@
-"""Input standardisation: patch statistics, cell statistics per cell position, checkpoints old and new."""
+"""Input standardisation: patch statistics, cell statistics per cell position, tissue slopes, checkpoints old and
+new."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from mrantool.errors import ConfigError
 from mrantool.models.registry import create_head
 from mrantool.models.standardize import Standardized
 from mrantool.training.api import feature_stats
@@ -52,3 +55,80 @@ def test_checkpoints_load_with_either_cell_statistics():
     legacy = Standardized(create_head("mran", 8, 2), 8)
     legacy.load_state_dict(old)
     assert torch.all(legacy.cell_mean == 1.5) and torch.all(legacy.cell_sd == 2.5)
+
+
+class _TissueData(ArrayData):
+    """ArrayData whose cells come with tissue fractions, as StoreData gives them under fit's tissue_weights."""
+
+    def __init__(self, cells: dict[str, np.ndarray], tissue: dict[str, np.ndarray]) -> None:
+        super().__init__({k: c.mean(-2) for k, c in cells.items()}, cells)
+        self.tissue = tissue
+
+    def cell_mask(self, slide_id: str) -> np.ndarray:
+        return self.tissue[slide_id]
+
+
+def test_tissue_slopes_match_a_hand_computed_position():
+    # One patch of 3 cell positions seen three times, position 0 at tissue 0, 0.5 and 1 with feature 0, 2, 2:
+    # by hand, mean tissue 0.5, mean feature 4/3, slope cov/var = (1/3)/(1/6) = 2, and the residuals
+    # -1/3, 2/3, -1/3 leave sd sqrt(2)/3 (against sqrt(8)/3 around the plain mean).
+    x = np.array([0.0, 2.0, 2.0], np.float32)
+    t = np.array([0.0, 0.5, 1.0], np.float32)
+    cells = np.zeros((3, 1, 3, 1), np.float32)
+    cells[:, 0, 0, 0] = x
+    cells[:, 0, 1, 0] = x  # position 1: the same features, all at full tissue: no slope to fit
+    tissue = np.ones((3, 1, 3), np.float32)
+    tissue[:, 0, 0] = t
+    data = _TissueData({"s": cells[None].reshape(1, 3, 3, 1)}, {"s": tissue.reshape(1, 3, 3)})
+    stats = feature_stats(data, ["s"])
+    assert stats["cell_tissue_mean"][0].item() == pytest.approx(0.5)
+    assert stats["cell_slope"][0, 0].item() == pytest.approx(2.0, rel=1e-5)
+    assert stats["cell_sd"][0, 0].item() == pytest.approx(2 ** 0.5 / 3, rel=1e-5)
+    assert stats["cell_slope"][1, 0].item() == 0.0 and stats["cell_sd"][1, 0].item() == pytest.approx(8 ** 0.5 / 3)
+
+
+def test_cells_are_centred_at_their_tissue_fraction():
+    """Features that drift with the tissue fraction (glass in the receptive field) reach the head without that
+    drift, so a glassy cell no longer has a large standardised norm; a model with slopes refuses bool masks."""
+    rng = np.random.default_rng(1)
+    drift = rng.normal(size=(4, 8)) * 5.0  # per position and dimension
+    cells, tissue = {}, {}
+    for i in range(6):
+        glassy = rng.random(size=(4, 20, 4)) < 0.2  # most cells are whole tissue, a few lie at a border
+        t = np.where(glassy, rng.uniform(0.2, 1.0, size=glassy.shape), 1.0).astype(np.float32)
+        cells[f"s{i}"] = (rng.normal(size=(4, 20, 4, 8)) + t[..., None] * drift).astype(np.float32)
+        tissue[f"s{i}"] = t
+    data = _TissueData(cells, tissue)
+    stats = feature_stats(data, ["s0", "s1", "s2", "s3", "s4"])
+    assert torch.allclose(stats["cell_slope"], torch.from_numpy(drift).float(), atol=1.0)
+    assert torch.allclose(stats["cell_sd"], torch.ones(4, 8), atol=0.35)  # the noise, not noise + drift
+    head = Standardized(create_head("mran", 8, 2), 8)
+    head.set_stats(**stats)
+    seen = {}
+    head.head.register_forward_pre_hook(lambda module, args: seen.update(cells=args[1]))
+    bags = data.bags("s5")  # held out from the statistics
+    head(bags.patches, bags.cells, bags.mask, cell_mask=torch.from_numpy(tissue["s5"]))
+    norms, t = seen["cells"].norm(dim=-1).flatten(), torch.from_numpy(tissue["s5"]).flatten()
+    assert abs(np.corrcoef(norms, t)[0, 1]) < 0.3
+    plain = Standardized(create_head("mran", 8, 2), 8)
+    plain.set_stats(**feature_stats(ArrayData({k: c.mean(-2) for k, c in cells.items()}, cells),
+                                    ["s0", "s1", "s2", "s3", "s4"]))
+    plain.head.register_forward_pre_hook(lambda module, args: seen.update(cells=args[1]))
+    plain(bags.patches, bags.cells, bags.mask)
+    assert np.corrcoef(seen["cells"].norm(dim=-1).flatten(), t)[0, 1] < -0.5  # glassy cells: large norms
+    with pytest.raises(ConfigError, match="centres cells at their tissue fraction"):
+        head(bags.patches, bags.cells, bags.mask)
+
+
+def test_checkpoints_load_with_or_without_tissue_slopes():
+    head = Standardized(create_head("mran", 8, 2), 8)
+    head.set_stats(torch.zeros(8), torch.ones(8), torch.zeros(4, 8), torch.ones(4, 8), torch.full((4,), 0.7),
+                   torch.full((4, 8), 2.0))
+    fresh = Standardized(create_head("mran", 8, 2), 8)
+    fresh.load_state_dict(head.state_dict())
+    assert fresh.cell_tissue_mean.shape == (4,) and torch.all(fresh.cell_slope == 2.0)
+    before = {k: v for k, v in head.state_dict().items() if k not in ("cell_tissue_mean", "cell_slope")}
+    legacy = Standardized(create_head("mran", 8, 2), 8)
+    legacy.load_state_dict(before)  # a checkpoint from before the slopes: plain centring, no fractions needed
+    assert legacy.cell_slope.numel() == 0
+    legacy(torch.zeros(2, 3, 8), torch.zeros(2, 3, 4, 8), torch.ones(2, 3, dtype=torch.bool))

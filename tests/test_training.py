@@ -332,9 +332,13 @@ def test_tissue_weights_fit_and_predict_weigh_glassy_cells_down(tmp_path: Path, 
     assert bags.cell_mask.dtype == torch.float32
     assert torch.allclose(bags.cell_mask[:, :-2, 3], torch.tensor(0.1), atol=1e-3)  # the tissue patches
     _, head, _ = load_fold_models(report.out, None, torch.device("cpu"))[0]
+    assert head.cell_slope.shape == head.cell_mean.shape  # cells centred at their tissue fraction (test_standardize)
     with torch.no_grad():
         beta = head(bags.patches, bags.cells, bags.mask, cell_mask=bags.cell_mask).aux["beta"][bags.mask]
-        raw = head(same.patches, same.cells, same.mask).aux["beta"][same.mask]
+        cells = head._centred_cells(same.cells, bags.cell_mask) / head.cell_sd  # what the MRAN head is given
+        raw = head.head((same.patches - head.mean) / head.sd, cells, same.mask).aux["beta"][same.mask]
+    with pytest.raises(ConfigError, match="centres cells at their tissue fraction"):
+        head(same.patches, same.cells, same.mask)
     w = bags.cell_mask[bags.mask]  # the stored fractions (float16): 1 and about 0.1
     expected = raw[:, 3] * w[:, 3] / (raw * w).sum(-1)
     assert torch.allclose(beta[:, 3], expected, atol=1e-6)

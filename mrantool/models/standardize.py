@@ -8,8 +8,12 @@ pooled token, a different distribution from its spatial tokens, and even a CNN's
 than its cells, so cells scaled by patch statistics would read "large norm" as "far from the patch mean". Cell
 statistics are kept per cell position (C, D): a CNN's zero padding and a ViT's position embeddings give the cells
 at a patch's corners a systematic offset from its centre cells, which would otherwise look like content (and draw
-norm attention to tissue borders). The statistics are buffers, so checkpoints carry them to predict and heatmaps
-(a checkpoint written before cells had their own statistics loads with the patch statistics for cells).
+norm attention to tissue borders). When the cells come with their tissue fractions (fit's `tissue_weights`), the
+part of each cell feature that follows its tissue fraction is removed too (a least-squares slope per cell position
+and dimension, from the same training cells): glass in a cell's receptive field moves its features away from the
+mean, which standardising would otherwise turn into a large norm at tissue borders (docs/mran.md). The statistics
+are buffers, so checkpoints carry them to predict and heatmaps (a checkpoint written before cells had their own
+statistics loads with the patch statistics for cells, one written before the slopes loads without them).
 """
 
 from __future__ import annotations
@@ -19,7 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mrantool.errors import ConfigError
 from mrantool.models.base import MILHead, MILOutput
+
+CELL_LEVELS = ("mean", "sd", "tissue_mean", "slope")  # cell_<level> buffers, whose shapes come with their statistics
 
 
 class Standardized(nn.Module):
@@ -32,6 +39,8 @@ class Standardized(nn.Module):
         self.register_buffer("sd", torch.ones(dim))
         self.register_buffer("cell_mean", torch.zeros(dim))
         self.register_buffer("cell_sd", torch.ones(dim))
+        self.register_buffer("cell_tissue_mean", torch.zeros(0))  # (C,) mean tissue fraction per cell position
+        self.register_buffer("cell_slope", torch.zeros(0))  # (C, D) feature change per unit of tissue fraction
 
     @property
     def needs_cells(self) -> bool:
@@ -45,19 +54,36 @@ class Standardized(nn.Module):
     def in_dim(self) -> int:
         return self.head.in_dim
 
-    def set_stats(self, mean: Tensor, sd: Tensor, cell_mean: Tensor | None = None,
-                  cell_sd: Tensor | None = None) -> None:
-        """Use these statistics: patches (D,); cells (D,) or per position (C, D), else the patches'. Dimensions
-        with almost no spread (dead ReLU units: under 1% of the level's mean sd) keep sd 1."""
+    def set_stats(self, mean: Tensor, sd: Tensor, cell_mean: Tensor | None = None, cell_sd: Tensor | None = None,
+                  cell_tissue_mean: Tensor | None = None, cell_slope: Tensor | None = None) -> None:
+        """Use these statistics: patches (D,); cells (D,) or per position (C, D), else the patches'; with
+        `cell_tissue_mean` (C,) and `cell_slope` (C, D), cells are centred at their own tissue fraction (`cell_sd`
+        is then the spread left around that line). Dimensions with almost no spread (dead ReLU units: under 1% of
+        the level's mean sd) keep sd 1."""
         self.mean.copy_(mean)
         self.sd.copy_(_spread(sd))
         self.cell_mean = (mean if cell_mean is None else cell_mean).detach().clone().float()
         self.cell_sd = _spread(sd if cell_sd is None else cell_sd).detach().clone().float()
+        if (cell_tissue_mean is None) != (cell_slope is None):
+            raise ValueError("cell_tissue_mean and cell_slope come together")
+        self.cell_tissue_mean, self.cell_slope = (
+            torch.zeros(0) if x is None else x.detach().clone().float() for x in (cell_tissue_mean, cell_slope))
 
     def forward(self, patches: Tensor, cells: Tensor | None = None, mask: Tensor | None = None,
                 **kwargs: Any) -> MILOutput:
-        scaled = None if cells is None else (cells.float() - self.cell_mean) / self.cell_sd
+        scaled = None if cells is None else self._centred_cells(cells, kwargs.get("cell_mask")) / self.cell_sd
         return self.head((patches.float() - self.mean) / self.sd, scaled, mask, **kwargs)
+
+    def _centred_cells(self, cells: Tensor, tissue: Tensor | None) -> Tensor:
+        """Cells minus their mean, taken at each cell's tissue fraction when the statistics have slopes."""
+        centred = cells.float() - self.cell_mean
+        if not self.cell_slope.numel():
+            return centred
+        if tissue is None or not tissue.is_floating_point():
+            raise ConfigError("This model centres cells at their tissue fraction (it was fit with tissue_weights) "
+                              "but got no tissue fractions; pass the cells' fractions as cell_mask, as fit, predict "
+                              "and sweep do for runs with tissue_weights = true.")
+        return centred - (tissue.float() - self.cell_tissue_mean).unsqueeze(-1) * self.cell_slope
 
     def compute_loss(self, out: MILOutput, label: Tensor, **kwargs: Any) -> tuple[Tensor, dict[str, float]]:
         return self.head.compute_loss(out, label, **kwargs)
@@ -66,10 +92,12 @@ class Standardized(nn.Module):
         return self.head.check_inputs(patches, cells, mask)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        for level in ("mean", "sd"):
+        for level in CELL_LEVELS:
             key = f"{prefix}cell_{level}"
             if key not in state_dict and f"{prefix}{level}" in state_dict:
                 state_dict[key] = state_dict[f"{prefix}{level}"]
+            if key not in state_dict and level in ("tissue_mean", "slope"):  # written before the slopes: none
+                state_dict[key] = torch.zeros(0)
             if key in state_dict:  # (D,) or per position (C, D): take the saved shape
                 self._buffers[f"cell_{level}"] = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -262,45 +262,74 @@ def _keep_attention(outputs: dict[str, list[MILOutput]], slide_id: str, out: MIL
 
 
 def feature_stats(data: MILData, slide_ids: Sequence[str],
-                  moments: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]] | None = None,
+                  moments: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None,
                   ) -> dict[str, torch.Tensor]:
     """Mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides) per dimension, and,
     when `data` loads cells (heads that need them), of their cell embeddings per cell position:
-    {"mean", "sd"} (D,) [+ {"cell_mean", "cell_sd"} (C, D)].
+    {"mean", "sd"} (D,) [+ {"cell_mean", "cell_sd"} (C, D)]. When the data gives the cells' tissue fractions
+    (`tissue_weights`), also each position's mean fraction and the least-squares slope of every cell feature on
+    it, {"cell_tissue_mean"} (C,) and {"cell_slope"} (C, D), and "cell_sd" is the spread around that line.
 
     Cells are read only when `data.cells`. `moments` keeps each slide's sums across calls, so the K folds of a CV
     read every slide once.
     """
     moments = {} if moments is None else moments
-    sums: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
+    sums: dict[str, tuple[torch.Tensor, ...]] = {}
     for slide_id in slide_ids:
         if slide_id not in moments:
-            patches, cells = data.read(slide_id, np.arange(data.n_bags(slide_id)), cells=data.cells)
-            mask = data.mask(slide_id)
-            moments[slide_id] = {"patch": _moments(patches[mask])}
-            if cells is not None:
-                moments[slide_id]["cell"] = _moments(cells[mask])
-        for level, (total, squares, count) in moments[slide_id].items():
+            moments[slide_id] = _slide_moments(data, slide_id)
+        for level, values in moments[slide_id].items():
             acc = sums.get(level)
-            sums[level] = (total, squares, count) if acc is None else (acc[0] + total, acc[1] + squares,
-                                                                         acc[2] + count)
+            sums[level] = values if acc is None else tuple(a + v for a, v in zip(acc, values, strict=True))
     if "patch" not in sums:
         return {"mean": torch.zeros(data.in_dim), "sd": torch.ones(data.in_dim)}
     stats = dict(zip(("mean", "sd"), _mean_sd(*sums["patch"]), strict=True))
     if "cell" in sums:
         stats.update(zip(("cell_mean", "cell_sd"), _mean_sd(*sums["cell"]), strict=True))
+    if "tissue" in sums:
+        stats.update(_tissue_slopes(sums["cell"], sums["tissue"]))
     return stats
 
 
-def _moments(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _slide_moments(data: MILData, slide_id: str) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Sums of one slide's tissue patches and, when loaded, of their cells (and of their tissue fractions)."""
+    patches, cells = data.read(slide_id, np.arange(data.n_bags(slide_id)), cells=data.cells)
+    mask = data.mask(slide_id)
+    out = {"patch": _moments(patches[mask])}
+    if cells is not None:
+        out["cell"] = _moments(cells[mask])
+        tissue = data.cell_mask(slide_id)
+        if tissue is not None and tissue.dtype.kind == "f":
+            t = torch.from_numpy(tissue[mask]).double()
+            out["tissue"] = (t.sum(0), (t * t).sum(0), torch.einsum("ncd,nc->cd", torch.from_numpy(
+                np.asarray(cells[mask])).double(), t))
+    return out
+
+
+def _moments(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum and sum of squares over the first axis (float64), and the row count."""
     t = torch.from_numpy(np.asarray(x)).double()
-    return t.sum(0), (t * t).sum(0), len(t)
+    return t.sum(0), (t * t).sum(0), torch.tensor(len(t), dtype=torch.float64)
 
 
-def _mean_sd(total: torch.Tensor, squares: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    mean = total / max(count, 1)
-    return mean.float(), (squares / max(count, 1) - mean * mean).clamp_min(0).sqrt().float()
+def _mean_sd(total: torch.Tensor, squares: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = count.clamp_min(1)
+    mean = total / n
+    return mean.float(), (squares / n - mean * mean).clamp_min(0).sqrt().float()
+
+
+def _tissue_slopes(cell: tuple[torch.Tensor, ...], tissue: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """Per cell position and dimension, the least-squares line of the cell features on the tissue fraction:
+    its pivot (the mean fraction), slope, and the sd left around it. A position whose fraction hardly varies
+    (sd under 0.01) keeps slope 0."""
+    (total, squares, count), (t_sum, t_squares, xt) = cell, tissue
+    n = count.clamp_min(1)
+    mean, t_mean = total / n, t_sum / n
+    t_var = (t_squares / n - t_mean * t_mean).clamp_min(0)
+    slope = (xt / n - t_mean.unsqueeze(-1) * mean) / t_var.clamp_min(1e-12).unsqueeze(-1)
+    slope = torch.where((t_var > 1e-4).unsqueeze(-1), slope, torch.zeros_like(slope))
+    residual = (squares / n - mean * mean - slope * slope * t_var.unsqueeze(-1)).clamp_min(0)
+    return {"cell_tissue_mean": t_mean.float(), "cell_slope": slope.float(), "cell_sd": residual.sqrt().float()}
 
 
 # --- predict ---

@@ -275,6 +275,10 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
                           "slides with `mrantool extract` first.")
     labels = read_labels(labels_csv, store.slide_ids(), id_column=id_column, label_column=label_column)
     run = read_run(init_run) if init_run is not None else None
+    if run is not None and run["config"].get("tissue_weights"):
+        raise ConfigError(f"Run {init_run} was fit with tissue_weights, which fine-tuning does not support (its "
+                          "heads need the cells' tissue fractions, which fine-tuning's freshly encoded cells do not "
+                          "carry); start from a run fit with tissue_weights = false, or without an init run.")
     splits = _fold_splits(labels, run, init_run, folds, val_fraction, seed)
     model, options = (model, dict(options or {})) if run is None else (run["model"], run["head_options"])
     create_head(model, store.dims.dim, labels.n_classes, **options)  # unknown head or option: one ConfigError now
