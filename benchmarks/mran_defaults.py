@@ -40,6 +40,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "t0": ({"t": 0.0}, {}),  # no threshold: every cell keeps its share of the norm
     "ema": ({}, {"weight_ema": 0.99}),  # docs/fit.md: worse on seeds 0-2 already
     "tissue": ({}, {"tissue_weights": True}),  # each level's weights x tissue area (results/mran_defaults_tissue.md)
+    "tissue-centred": ({}, {"tissue_weights": True, "tissue_centring": True}),  # + cells centred at their fraction
 }
 DEFAULT_VARIANTS = ("lam2", "dropout.25", "adapter256", "t0")
 TABLES = {"variants": ["variant", "change", "val loss per seed", "val AUC per seed", "mean loss", "mean AUC",

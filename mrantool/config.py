@@ -155,6 +155,7 @@ class FitConfig(StageConfig):
     patch_min_tissue: float = 0.25  # patches with less tissue are masked out
     cell_min_tissue: float = 0.0  # cells with less tissue get no cell attention (0: none masked; docs/fit.md)
     tissue_weights: bool = False  # MRAN: weights of cells, patches and bags x their tissue area (docs/mran.md)
+    tissue_centring: bool = False  # with tissue_weights: cells standardised around their tissue fraction's mean
     cache_gb: float = 4.0
     device: str = "auto"
     threads: int | None = None

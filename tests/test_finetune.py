@@ -172,15 +172,15 @@ def test_fit_finetune_applies_or_refuses_every_fit_setting(tmp_path):
             ft.finetune_from_fit(cfg)
 
 
-def test_an_init_run_fit_with_tissue_weights_is_refused(cohort, tmp_path):
+def test_an_init_run_fit_with_tissue_centring_is_refused(cohort, tmp_path):
     """Its heads centre cells at their tissue fraction, which fine-tuning's freshly encoded cells do not carry."""
     import json
 
     store, labels, _ = cohort
-    init = tmp_path / "weighted"
+    init = tmp_path / "centred"
     init.mkdir()
-    (init / "config.json").write_text(json.dumps({"config": {"tissue_weights": True}}))
+    (init / "config.json").write_text(json.dumps({"config": {"tissue_weights": True, "tissue_centring": True}}))
     (init / "metrics.json").write_text("{}")
-    with pytest.raises(ConfigError, match=r"was fit with tissue_weights.*tissue_weights = false"):
+    with pytest.raises(ConfigError, match=r"was fit with tissue_centring.*tissue_centring = false"):
         finetune(store, labels, tmp_path / "out", init_run=init, device="cpu")
     assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -80,7 +80,7 @@ def test_tissue_slopes_match_a_hand_computed_position():
     tissue = np.ones((3, 1, 3), np.float32)
     tissue[:, 0, 0] = t
     data = _TissueData({"s": cells[None].reshape(1, 3, 3, 1)}, {"s": tissue.reshape(1, 3, 3)})
-    stats = feature_stats(data, ["s"])
+    stats = feature_stats(data, ["s"], tissue_slopes=True)
     assert stats["cell_tissue_mean"][0].item() == pytest.approx(0.5)
     assert stats["cell_slope"][0, 0].item() == pytest.approx(2.0, rel=1e-5)
     assert stats["cell_sd"][0, 0].item() == pytest.approx(2 ** 0.5 / 3, rel=1e-5)
@@ -89,7 +89,8 @@ def test_tissue_slopes_match_a_hand_computed_position():
 
 def test_cells_are_centred_at_their_tissue_fraction():
     """Features that drift with the tissue fraction (glass in the receptive field) reach the head without that
-    drift, so a glassy cell no longer has a large standardised norm; a model with slopes refuses bool masks."""
+    drift, so a glassy cell no longer has a large standardised norm; a model with slopes refuses calls without
+    the fractions, and data without fractions cannot give slopes."""
     rng = np.random.default_rng(1)
     drift = rng.normal(size=(4, 8)) * 5.0  # per position and dimension
     cells, tissue = {}, {}
@@ -99,7 +100,8 @@ def test_cells_are_centred_at_their_tissue_fraction():
         cells[f"s{i}"] = (rng.normal(size=(4, 20, 4, 8)) + t[..., None] * drift).astype(np.float32)
         tissue[f"s{i}"] = t
     data = _TissueData(cells, tissue)
-    stats = feature_stats(data, ["s0", "s1", "s2", "s3", "s4"])
+    assert "cell_slope" not in feature_stats(data, ["s0"])  # only when asked for (fit's tissue_centring)
+    stats = feature_stats(data, ["s0", "s1", "s2", "s3", "s4"], tissue_slopes=True)
     assert torch.allclose(stats["cell_slope"], torch.from_numpy(drift).float(), atol=1.0)
     assert torch.allclose(stats["cell_sd"], torch.ones(4, 8), atol=0.35)  # the noise, not noise + drift
     head = Standardized(create_head("mran", 8, 2), 8)
@@ -118,6 +120,8 @@ def test_cells_are_centred_at_their_tissue_fraction():
     assert np.corrcoef(seen["cells"].norm(dim=-1).flatten(), t)[0, 1] < -0.5  # glassy cells: large norms
     with pytest.raises(ConfigError, match="centres cells at their tissue fraction"):
         head(bags.patches, bags.cells, bags.mask)
+    with pytest.raises(ConfigError, match="tissue_centring needs the cells' tissue fractions"):
+        feature_stats(ArrayData({k: c.mean(-2) for k, c in cells.items()}, cells), ["s0"], tissue_slopes=True)
 
 
 def test_checkpoints_load_with_or_without_tissue_slopes():

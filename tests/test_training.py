@@ -284,14 +284,17 @@ def test_best_checkpoint_is_a_copy_not_the_live_weights() -> None:
     assert any(not torch.equal(result.state[n], t) for n, t in head.state_dict().items())
 
 
-def border_cell_store(path: Path) -> FeatureStore:
-    """The cohort's features in a store that records cell tissue: cell 3 of every patch is 10% of its patch's."""
+def border_cell_store(path: Path, glass: float = 0.0) -> FeatureStore:
+    """The cohort's features in a store that records cell tissue: cell 3 of every patch is 10% of its patch's.
+    With `glass`, cell 3's fraction varies from patch to patch (5-50%) and its features shift by `glass` x its
+    missing tissue, as glass in a receptive field shifts them."""
     store = FeatureStore.create(path, identity())
     rng = np.random.default_rng(0)
-    cell_tissue = np.ones((N_BAGS, P, C), np.float32)
-    cell_tissue[..., 3] = 0.1
     for i in range(N_SLIDES):
         coords, tissue, patches, cells = slide_features(i % 2 == 1, rng)
+        cell_tissue = np.ones((N_BAGS, P, C), np.float32)
+        cell_tissue[..., 3] = rng.uniform(0.05, 0.5, size=(N_BAGS, P)) if glass else 0.1
+        cells[..., 3, :] += glass * (1 - cell_tissue[..., 3, None])
         writer = store.begin_slide(f"s{i:02d}", N_BAGS, provenance())
         writer.write(0, coords, tissue, patches, cells, cell_tissue * tissue[..., None])
         writer.commit()
@@ -332,13 +335,9 @@ def test_tissue_weights_fit_and_predict_weigh_glassy_cells_down(tmp_path: Path, 
     assert bags.cell_mask.dtype == torch.float32
     assert torch.allclose(bags.cell_mask[:, :-2, 3], torch.tensor(0.1), atol=1e-3)  # the tissue patches
     _, head, _ = load_fold_models(report.out, None, torch.device("cpu"))[0]
-    assert head.cell_slope.shape == head.cell_mean.shape  # cells centred at their tissue fraction (test_standardize)
     with torch.no_grad():
         beta = head(bags.patches, bags.cells, bags.mask, cell_mask=bags.cell_mask).aux["beta"][bags.mask]
-        cells = head._centred_cells(same.cells, bags.cell_mask) / head.cell_sd  # what the MRAN head is given
-        raw = head.head((same.patches - head.mean) / head.sd, cells, same.mask).aux["beta"][same.mask]
-    with pytest.raises(ConfigError, match="centres cells at their tissue fraction"):
-        head(same.patches, same.cells, same.mask)
+        raw = head(same.patches, same.cells, same.mask).aux["beta"][same.mask]
     w = bags.cell_mask[bags.mask]  # the stored fractions (float16): 1 and about 0.1
     expected = raw[:, 3] * w[:, 3] / (raw * w).sum(-1)
     assert torch.allclose(beta[:, 3], expected, atol=1e-6)
@@ -347,6 +346,27 @@ def test_tissue_weights_fit_and_predict_weigh_glassy_cells_down(tmp_path: Path, 
         StoreData(store, ["s01"], cells=False, patch_min_tissue=0.25, cache_gb=1.0, tissue_weights=True)
     with pytest.raises(ConfigError, match="tissue_weights with end_to_end"):
         check_config(cfg.model_copy(update={"end_to_end": True}))
+
+
+def test_tissue_centring_fits_slopes_per_fold_and_predict_applies_them(tmp_path: Path, cohort: dict) -> None:
+    """With tissue_centring each fold's head carries the slopes of its own training cells on their tissue
+    fraction, and predict (which passes the fractions) runs with them; without tissue_weights it is refused."""
+    store = border_cell_store(tmp_path / "c.zarr", glass=2.0)
+    cfg = FitConfig(store=str(store.path), labels=str(cohort["labels"]), out=str(tmp_path / "run"), folds=2,
+                    tissue_weights=True, tissue_centring=True, **FAST)
+    report = fit(cfg)
+    heads = [head for _, head, _ in load_fold_models(report.out, None, torch.device("cpu"))]
+    for head in heads:  # cell 3's features fall by 2 per unit of tissue: found without the labels' help
+        assert head.cell_slope.shape == head.cell_mean.shape
+        assert head.cell_slope[3].mean().item() == pytest.approx(-2.0, abs=0.2)
+        assert torch.all(head.cell_slope[:3] == 0)  # whole-tissue cells: no spread of fractions, no slope
+        assert 0.2 < head.cell_tissue_mean[3] < 0.35
+    assert not torch.equal(heads[0].cell_slope, heads[1].cell_slope)  # each fold's own training slides
+    assert len(predict(report.out, store.path, tmp_path / "p.csv")) == N_SLIDES
+    plain = fit(cfg.model_copy(update={"out": str(tmp_path / "plain"), "tissue_centring": False}))
+    assert load_fold_models(plain.out, None, torch.device("cpu"))[0][1].cell_slope.numel() == 0
+    with pytest.raises(ConfigError, match="tissue_centring without tissue_weights and standardize"):
+        check_config(cfg.model_copy(update={"tissue_weights": False}))
 
 
 def test_data_cache_mask_and_sampling(cohort: dict) -> None:

@@ -8,8 +8,8 @@ pooled token, a different distribution from its spatial tokens, and even a CNN's
 than its cells, so cells scaled by patch statistics would read "large norm" as "far from the patch mean". Cell
 statistics are kept per cell position (C, D): a CNN's zero padding and a ViT's position embeddings give the cells
 at a patch's corners a systematic offset from its centre cells, which would otherwise look like content (and draw
-norm attention to tissue borders). When the cells come with their tissue fractions (fit's `tissue_weights`), the
-part of each cell feature that follows its tissue fraction is removed too (a least-squares slope per cell position
+norm attention to tissue borders). With fit's `tissue_centring` (the cells then come with their tissue fractions),
+the part of each cell feature that follows its tissue fraction is removed too (a least-squares slope per cell position
 and dimension, from the same training cells): glass in a cell's receptive field moves its features away from the
 mean, which standardising would otherwise turn into a large norm at tissue borders (docs/mran.md). The statistics
 are buffers, so checkpoints carry them to predict and heatmaps (a checkpoint written before cells had their own
@@ -80,7 +80,7 @@ class Standardized(nn.Module):
         if not self.cell_slope.numel():
             return centred
         if tissue is None or not tissue.is_floating_point():
-            raise ConfigError("This model centres cells at their tissue fraction (it was fit with tissue_weights) "
+            raise ConfigError("This model centres cells at their tissue fraction (it was fit with tissue_centring) "
                               "but got no tissue fractions; pass the cells' fractions as cell_mask, as fit, predict "
                               "and sweep do for runs with tissue_weights = true.")
         return centred - (tissue.float() - self.cell_tissue_mean).unsqueeze(-1) * self.cell_slope

@@ -115,7 +115,7 @@ def fit_many(cfgs: Sequence[FitConfig], data: MILData, labels: Labels, *, identi
     emit = progress or (lambda event, info: None)
     runs = [_start_run(cfg, data, labels, identity, emit) for cfg in cfgs]
     models = [(run, index, k) for run in runs for index in range(len(run.splits)) for k in range(run.cfg.ensemble)]
-    moments: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]] = {}
+    moments: dict[str, dict[str, tuple[torch.Tensor, ...]]] = {}
     trained: dict[tuple[int, int], list[tuple[Member, FoldResult]]] = {}
     for group in _fold_groups(models, data):
         run0 = group[0][0]
@@ -184,7 +184,7 @@ def train_together_key(cfg: FitConfig) -> str:
 
 
 def _member(run: _Run, index: int, k: int, data: MILData, labels: Labels,
-            moments: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, int]]], emit: Progress) -> Member:
+            moments: dict[str, dict[str, tuple[torch.Tensor, ...]]], emit: Progress) -> Member:
     """Build the seeded head of member `k` of a fold (standardised with its training slides' statistics).
 
     Member 0 is the fold's single model of a run without an ensemble; member k > 0 has its own seed and draws
@@ -209,7 +209,8 @@ def _member(run: _Run, index: int, k: int, data: MILData, labels: Labels,
     if cfg.standardize:
         head = Standardized(head, data.in_dim)
         train_ids = [ids[i] for i in fit_rows]
-        head.set_stats(**feature_stats(data, train_ids, None if data.fold_dependent else moments))
+        head.set_stats(**feature_stats(data, train_ids, None if data.fold_dependent else moments,
+                                       tissue_slopes=cfg.tissue_centring))
     return Member(head, [ids[i] for i in fit_rows], y[fit_rows], [ids[i] for i in val_rows], y[val_rows],
                   cfg, seed, context)
 
@@ -262,13 +263,14 @@ def _keep_attention(outputs: dict[str, list[MILOutput]], slide_id: str, out: MIL
 
 
 def feature_stats(data: MILData, slide_ids: Sequence[str],
-                  moments: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None,
-                  ) -> dict[str, torch.Tensor]:
+                  moments: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None, *,
+                  tissue_slopes: bool = False) -> dict[str, torch.Tensor]:
     """Mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides) per dimension, and,
     when `data` loads cells (heads that need them), of their cell embeddings per cell position:
-    {"mean", "sd"} (D,) [+ {"cell_mean", "cell_sd"} (C, D)]. When the data gives the cells' tissue fractions
-    (`tissue_weights`), also each position's mean fraction and the least-squares slope of every cell feature on
-    it, {"cell_tissue_mean"} (C,) and {"cell_slope"} (C, D), and "cell_sd" is the spread around that line.
+    {"mean", "sd"} (D,) [+ {"cell_mean", "cell_sd"} (C, D)]. With `tissue_slopes` (fit's `tissue_centring`; the
+    data must give the cells' tissue fractions, as with `tissue_weights`), also each position's mean fraction and
+    the least-squares slope of every cell feature on it, {"cell_tissue_mean"} (C,) and {"cell_slope"} (C, D), and
+    "cell_sd" is the spread around that line.
 
     Cells are read only when `data.cells`. `moments` keeps each slide's sums across calls, so the K folds of a CV
     read every slide once.
@@ -286,13 +288,17 @@ def feature_stats(data: MILData, slide_ids: Sequence[str],
     stats = dict(zip(("mean", "sd"), _mean_sd(*sums["patch"]), strict=True))
     if "cell" in sums:
         stats.update(zip(("cell_mean", "cell_sd"), _mean_sd(*sums["cell"]), strict=True))
-    if "tissue" in sums:
+    if tissue_slopes:
+        if "tissue" not in sums:
+            raise ConfigError("tissue_centring needs the cells' tissue fractions, which this data does not give; "
+                              "use cached features of a store with cell tissue fractions and tissue_weights = true.")
         stats.update(_tissue_slopes(sums["cell"], sums["tissue"]))
     return stats
 
 
 def _slide_moments(data: MILData, slide_id: str) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Sums of one slide's tissue patches and, when loaded, of their cells (and of their tissue fractions)."""
+    """Sums of one slide's tissue patches and, when loaded, of their cells (and, when the data gives them, of their
+    tissue fractions: a sweep's variants share these sums, with and without `tissue_centring`)."""
     patches, cells = data.read(slide_id, np.arange(data.n_bags(slide_id)), cells=data.cells)
     mask = data.mask(slide_id)
     out = {"patch": _moments(patches[mask])}

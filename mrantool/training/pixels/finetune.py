@@ -275,10 +275,10 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
                           "slides with `mrantool extract` first.")
     labels = read_labels(labels_csv, store.slide_ids(), id_column=id_column, label_column=label_column)
     run = read_run(init_run) if init_run is not None else None
-    if run is not None and run["config"].get("tissue_weights"):
-        raise ConfigError(f"Run {init_run} was fit with tissue_weights, which fine-tuning does not support (its "
+    if run is not None and run["config"].get("tissue_centring"):
+        raise ConfigError(f"Run {init_run} was fit with tissue_centring, which fine-tuning does not support (its "
                           "heads need the cells' tissue fractions, which fine-tuning's freshly encoded cells do not "
-                          "carry); start from a run fit with tissue_weights = false, or without an init run.")
+                          "carry); start from a run fit with tissue_centring = false, or without an init run.")
     splits = _fold_splits(labels, run, init_run, folds, val_fraction, seed)
     model, options = (model, dict(options or {})) if run is None else (run["model"], run["head_options"])
     create_head(model, store.dims.dim, labels.n_classes, **options)  # unknown head or option: one ConfigError now
@@ -343,7 +343,7 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
 UNUSED_FIT_SETTINGS = ("repeats", "weight_decay", "optimizer", "momentum", "patience", "min_epochs", "monitor",
                        "smoothing", "weight_ema", "lr_schedule", "class_weights", "standardize", "bag_mining",
                        "batch_size", "parallel_folds", "ensemble", "cell_min_tissue", "tissue_weights",
-                       "save_attention")
+                       "tissue_centring", "save_attention")
 FROM_INIT_RUN = ("model", "options", "folds", "val_fraction", "patch_min_tissue")
 END_TO_END_ONLY = ("end_to_end", "encoder_from", "augment", "color_jitter", "batchnorm", "pixel_cache_gb")
 
