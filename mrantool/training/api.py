@@ -301,20 +301,23 @@ def _slide_moments(data: MILData, slide_id: str) -> dict[str, tuple[torch.Tensor
     tissue fractions: a sweep's variants share these sums, with and without `tissue_centring`)."""
     patches, cells = data.read(slide_id, np.arange(data.n_bags(slide_id)), cells=data.cells)
     mask = data.mask(slide_id)
-    out = {"patch": _moments(patches[mask])}
+    out = {"patch": _moments(_float64(patches[mask]))}
     if cells is not None:
-        out["cell"] = _moments(cells[mask])
+        x = _float64(cells[mask])
+        out["cell"] = _moments(x)
         tissue = data.cell_mask(slide_id)
         if tissue is not None and tissue.dtype.kind == "f":
-            t = torch.from_numpy(tissue[mask]).double()
-            out["tissue"] = (t.sum(0), (t * t).sum(0), torch.einsum("ncd,nc->cd", torch.from_numpy(
-                np.asarray(cells[mask])).double(), t))
+            t = _float64(tissue[mask])
+            out["tissue"] = (t.sum(0), (t * t).sum(0), torch.einsum("ncd,nc->cd", x, t))
     return out
 
 
-def _moments(x: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sum and sum of squares over the first axis (float64), and the row count."""
-    t = torch.from_numpy(np.asarray(x)).double()
+def _float64(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x)).double()
+
+
+def _moments(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum and sum of squares over the first axis, and the row count (float64)."""
     return t.sum(0), (t * t).sum(0), torch.tensor(len(t), dtype=torch.float64)
 
 
