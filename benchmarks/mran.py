@@ -67,6 +67,8 @@ MODELS = {  # name in the tables -> (registry name, head options, fit settings)
     "mran tissue": ("mran", {}, {"tissue_weights": True}),  # each level's weights x tissue area (docs/mran.md)
     "mran tissue centred": ("mran", {}, {"tissue_weights": True, "tissue_centring": True}),  # + cells standardised
     # around the mean at their own tissue fraction (fit's tissue_centring)
+    "mran tissue spread": ("mran", {}, {"tissue_weights": True, "tissue_centring": True, "tissue_spread": True}),
+    # + scaled by the spread of cells at their tissue fraction (fit's tissue_spread)
     "mran-reference": ("mran-reference", {}, {}),
     "abmil": ("abmil", {}, {}),
     "gated-abmil": ("gated-abmil", {}, {}),
@@ -85,10 +87,12 @@ E2E_MODELS = ("mran", "mran cells off", "abmil")
 COMPARISONS = {"mran": [m for m in MODELS if "ens5" not in m and m != "mran"],  # a - b over (seed, fold) pairs
                "mran tissue": ["mran cells off", "abmil"],
                "mran tissue centred": ["mran cells off", "abmil", "mran tissue"],
+               "mran tissue spread": ["mran cells off", "abmil", "mran tissue centred"],
                "mran ens5": ["mran cells off ens5", "abmil ens5", "mran"]}
 ATTENTION_MODELS = ("mran", "mran cells off", "abmil", "mran ens5", "abmil ens5", "mran tissue",
-                    "mran tissue centred")
-BORDER_MODELS = ("mran", "mran tissue", "mran tissue centred")  # cell-level heads the border check reads
+                    "mran tissue centred", "mran tissue spread")
+# cell-level heads the border check reads
+BORDER_MODELS = ("mran", "mran tissue", "mran tissue centred", "mran tissue spread")
 PUBLISHED_CRC_ACCURACY = 0.904  # Ilse et al. 2018, attention MIL, 10-fold CV x 5
 PUBLISHED_CRC_SE = 0.011
 TABLES = {"metrics": ["data", "training", "model", "AUC", "accuracy", "s per fit"],  # columns of mran.md

@@ -156,6 +156,7 @@ class FitConfig(StageConfig):
     cell_min_tissue: float = 0.0  # cells with less tissue get no cell attention (0: none masked; docs/fit.md)
     tissue_weights: bool = False  # MRAN: weights of cells, patches and bags x their tissue area (docs/mran.md)
     tissue_centring: bool = False  # with tissue_weights: cells standardised around their tissue fraction's mean
+    tissue_spread: bool = False  # with tissue_centring: and scaled by the spread of cells at their tissue fraction
     cache_gb: float = 4.0
     device: str = "auto"
     threads: int | None = None

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mrantool.errors import ConfigError
 from mrantool.models.base import MILHead, MILOutput
 
-CELL_LEVELS = ("mean", "sd", "tissue_mean", "slope")  # cell_<level> buffers, whose shapes come with their statistics
+CELL_LEVELS = ("mean", "sd", "tissue_mean", "slope", "spread")  # cell_<level> buffers, shaped by their statistics
 
 
 class Standardized(nn.Module):
@@ -41,6 +41,7 @@ class Standardized(nn.Module):
         self.register_buffer("cell_sd", torch.ones(dim))
         self.register_buffer("cell_tissue_mean", torch.zeros(0))  # (C,) mean tissue fraction per cell position
         self.register_buffer("cell_slope", torch.zeros(0))  # (C, D) feature change per unit of tissue fraction
+        self.register_buffer("cell_spread", torch.zeros(0))  # (C, K) residual variance / sd^2 at K tissue knots
 
     @property
     def needs_cells(self) -> bool:
@@ -55,23 +56,31 @@ class Standardized(nn.Module):
         return self.head.in_dim
 
     def set_stats(self, mean: Tensor, sd: Tensor, cell_mean: Tensor | None = None, cell_sd: Tensor | None = None,
-                  cell_tissue_mean: Tensor | None = None, cell_slope: Tensor | None = None) -> None:
+                  cell_tissue_mean: Tensor | None = None, cell_slope: Tensor | None = None,
+                  cell_spread: Tensor | None = None) -> None:
         """Use these statistics: patches (D,); cells (D,) or per position (C, D), else the patches'; with
         `cell_tissue_mean` (C,) and `cell_slope` (C, D), cells are centred at their own tissue fraction (`cell_sd`
         is then the spread left around that line). Dimensions with almost no spread (dead ReLU units: under 1% of
         the level's mean sd) keep sd 1."""
         self.mean.copy_(mean)
-        self.sd.copy_(_spread(sd))
+        self.sd.copy_(floored_sd(sd))
         self.cell_mean = (mean if cell_mean is None else cell_mean).detach().clone().float()
-        self.cell_sd = _spread(sd if cell_sd is None else cell_sd).detach().clone().float()
+        self.cell_sd = floored_sd(sd if cell_sd is None else cell_sd).detach().clone().float()
         if (cell_tissue_mean is None) != (cell_slope is None):
             raise ValueError("cell_tissue_mean and cell_slope come together")
         self.cell_tissue_mean, self.cell_slope = (
             torch.zeros(0) if x is None else x.detach().clone().float() for x in (cell_tissue_mean, cell_slope))
+        if cell_spread is not None and cell_slope is None:
+            raise ValueError("cell_spread needs cell_slope")
+        self.cell_spread = torch.zeros(0) if cell_spread is None else cell_spread.detach().clone().float()
 
     def forward(self, patches: Tensor, cells: Tensor | None = None, mask: Tensor | None = None,
                 **kwargs: Any) -> MILOutput:
-        scaled = None if cells is None else self._centred_cells(cells, kwargs.get("cell_mask")) / self.cell_sd
+        scaled = None
+        if cells is not None:
+            scaled = self._centred_cells(cells, kwargs.get("cell_mask")) / self.cell_sd
+            if self.cell_spread.numel():
+                scaled = scaled / spread_at(self.cell_spread, kwargs["cell_mask"].float()).sqrt().unsqueeze(-1)
         return self.head((patches.float() - self.mean) / self.sd, scaled, mask, **kwargs)
 
     def _centred_cells(self, cells: Tensor, tissue: Tensor | None) -> Tensor:
@@ -96,14 +105,27 @@ class Standardized(nn.Module):
             key = f"{prefix}cell_{level}"
             if key not in state_dict and f"{prefix}{level}" in state_dict:
                 state_dict[key] = state_dict[f"{prefix}{level}"]
-            if key not in state_dict and level in ("tissue_mean", "slope"):  # written before the slopes: none
+            if key not in state_dict and level in ("tissue_mean", "slope", "spread"):  # written before them: none
                 state_dict[key] = torch.zeros(0)
             if key in state_dict:  # (D,) or per position (C, D): take the saved shape
                 self._buffers[f"cell_{level}"] = torch.empty_like(state_dict[key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _spread(sd: Tensor) -> Tensor:
+def spread_at(spread: Tensor, tissue: Tensor) -> Tensor:
+    """`spread` (C, K), given at tissue fractions (k + 0.5) / K, linearly interpolated at `tissue` (..., C)
+    (held constant beyond the first and last knots)."""
+    k = spread.shape[-1]
+    u = (tissue * k - 0.5).clamp(0, k - 1)
+    lo = u.floor().clamp(max=max(k - 2, 0))
+    w = u - lo
+    table = spread.expand(*tissue.shape, k)
+    below = table.gather(-1, lo.long().unsqueeze(-1)).squeeze(-1)
+    above = table.gather(-1, (lo.long() + min(1, k - 1)).unsqueeze(-1)).squeeze(-1)
+    return below * (1 - w) + above * w
+
+
+def floored_sd(sd: Tensor) -> Tensor:
     """sd, with 1 for dimensions whose spread is under 1% of the mean spread (per row of a (C, D) table)."""
     floor = 1e-2 * sd.mean(-1, keepdim=True).clamp_min(1e-12)
     return torch.where(sd > floor, sd, torch.ones_like(sd))

@@ -22,7 +22,7 @@ from mrantool.errors import ConfigError, StoreError
 from mrantool.files import output_file
 from mrantool.models.base import MILOutput, call_head
 from mrantool.models.registry import create_head
-from mrantool.models.standardize import Standardized
+from mrantool.models.standardize import Standardized, floored_sd
 from mrantool.store import FeatureStore
 from mrantool.store.schema import identity_differences
 from mrantool.training.data import MILData, StoreData
@@ -59,6 +59,9 @@ from mrantool.training.runs import (
 )
 from mrantool.training.splits import Split, derive_seed, make_splits, validation_split
 
+SPREAD_BINS = 10  # tissue_spread: equal bins of the cells' tissue fraction, each with its residual spread
+SPREAD_MIN_CELLS = 50  # a bin with fewer training cells at a position keeps spread 1
+
 # --- fit ---
 
 def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
@@ -78,6 +81,7 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
     data = StoreData(store, labels.slide_ids, cells=probe.needs_cells, patch_min_tissue=cfg.patch_min_tissue,
                      cache_gb=cfg.cache_gb, cell_min_tissue=cfg.cell_min_tissue, tissue_weights=cfg.tissue_weights)
     return fit_data(cfg, data, labels, identity=store.identity, progress=progress)
+
 
 
 def fit_data(cfg: FitConfig, data: MILData, labels: Labels, *, identity: dict[str, Any] | None = None,
@@ -210,7 +214,7 @@ def _member(run: _Run, index: int, k: int, data: MILData, labels: Labels,
         head = Standardized(head, data.in_dim)
         train_ids = [ids[i] for i in fit_rows]
         head.set_stats(**feature_stats(data, train_ids, None if data.fold_dependent else moments,
-                                       tissue_slopes=cfg.tissue_centring))
+                                       tissue_slopes=cfg.tissue_centring, tissue_spread=cfg.tissue_spread))
     return Member(head, [ids[i] for i in fit_rows], y[fit_rows], [ids[i] for i in val_rows], y[val_rows],
                   cfg, seed, context)
 
@@ -264,7 +268,7 @@ def _keep_attention(outputs: dict[str, list[MILOutput]], slide_id: str, out: MIL
 
 def feature_stats(data: MILData, slide_ids: Sequence[str],
                   moments: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None, *,
-                  tissue_slopes: bool = False) -> dict[str, torch.Tensor]:
+                  tissue_slopes: bool = False, tissue_spread: bool = False) -> dict[str, torch.Tensor]:
     """Mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides) per dimension, and,
     when `data` loads cells (heads that need them), of their cell embeddings per cell position:
     {"mean", "sd"} (D,) [+ {"cell_mean", "cell_sd"} (C, D)]. With `tissue_slopes` (fit's `tissue_centring`; the
@@ -278,8 +282,8 @@ def feature_stats(data: MILData, slide_ids: Sequence[str],
     moments = {} if moments is None else moments
     sums: dict[str, tuple[torch.Tensor, ...]] = {}
     for slide_id in slide_ids:
-        if slide_id not in moments:
-            moments[slide_id] = _slide_moments(data, slide_id)
+        if slide_id not in moments or (tissue_spread and "tissue_bins" not in moments[slide_id]):
+            moments[slide_id] = _slide_moments(data, slide_id, bins=tissue_spread)
         for level, values in moments[slide_id].items():
             acc = sums.get(level)
             sums[level] = values if acc is None else tuple(a + v for a, v in zip(acc, values, strict=True))
@@ -293,10 +297,12 @@ def feature_stats(data: MILData, slide_ids: Sequence[str],
             raise ConfigError("tissue_centring needs the cells' tissue fractions, which this data does not give; "
                               "use cached features of a store with cell tissue fractions and tissue_weights = true.")
         stats.update(_tissue_slopes(sums["cell"], sums["tissue"]))
+        if tissue_spread:
+            stats["cell_spread"] = _tissue_spread(stats, sums["tissue_bins"])
     return stats
 
 
-def _slide_moments(data: MILData, slide_id: str) -> dict[str, tuple[torch.Tensor, ...]]:
+def _slide_moments(data: MILData, slide_id: str, bins: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
     """Sums of one slide's tissue patches and, when loaded, of their cells (and, when the data gives them, of their
     tissue fractions: a sweep's variants share these sums, with and without `tissue_centring`)."""
     patches, cells = data.read(slide_id, np.arange(data.n_bags(slide_id)), cells=data.cells)
@@ -309,7 +315,35 @@ def _slide_moments(data: MILData, slide_id: str) -> dict[str, tuple[torch.Tensor
         if tissue is not None and tissue.dtype.kind == "f":
             t = _float64(tissue[mask])
             out["tissue"] = (t.sum(0), (t * t).sum(0), torch.einsum("ncd,nc->cd", x, t))
+            if bins:
+                out["tissue_bins"] = _bin_moments(x, t)
     return out
+
+
+def _bin_moments(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per cell position and tissue bin (SPREAD_BINS equal bins of the fraction): count, sums of t and t^2 (C, K),
+    sums of x, x^2 and x t (C, K, D); cells x (N, C, D), fractions t (N, C)."""
+    onehot = torch.nn.functional.one_hot((t * SPREAD_BINS).long().clamp(0, SPREAD_BINS - 1), SPREAD_BINS).double()
+    return (onehot.sum(0), torch.einsum("nck,nc->ck", onehot, t), torch.einsum("nck,nc->ck", onehot, t * t),
+            torch.einsum("nck,ncd->ckd", onehot, x), torch.einsum("nck,ncd->ckd", onehot, x * x),
+            torch.einsum("nck,ncd,nc->ckd", onehot, x, t))
+
+
+def _tissue_spread(stats: dict[str, torch.Tensor], bins: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """(C, K): per tissue bin, the mean squared residual of the cells around their position's tissue line, in units
+    of the cell sd and averaged over dimensions and positions (1 over all cells); the same for every position (edge
+    cells are too few to estimate it per position). Bins with under SPREAD_MIN_CELLS cells get 1."""
+    n, t1, t2, x1, x2, xt = bins
+    slope, sd = stats["cell_slope"].double(), floored_sd(stats["cell_sd"].double())
+    alpha = stats["cell_mean"].double() - stats["cell_tissue_mean"].double().unsqueeze(-1) * slope  # line at t = 0
+    a, b = alpha.unsqueeze(1), slope.unsqueeze(1)  # (C, 1, D)
+    sq = (x2 - 2 * a * x1 - 2 * b * xt + a * a * n.unsqueeze(-1) + 2 * a * b * t1.unsqueeze(-1)
+          + b * b * t2.unsqueeze(-1))  # (C, K, D): sum over the bin's cells of (x - a - b t)^2
+    count = n.sum(0)
+    g = (sq / (sd * sd).unsqueeze(1)).mean(-1).sum(0) / count.clamp_min(1)
+    g = torch.where(count >= SPREAD_MIN_CELLS, g.clamp_min(1e-2), torch.ones_like(g))
+    return g.expand_as(n).float()
+
 
 
 def _float64(x: np.ndarray) -> torch.Tensor:

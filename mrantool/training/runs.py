@@ -229,6 +229,9 @@ def check_config(cfg: FitConfig) -> None:
         (not cfg.tissue_centring or (cfg.tissue_weights and cfg.standardize),
          "tissue_centring without tissue_weights and standardize (it centres the standardised cells at the tissue "
          "fractions that tissue_weights brings; set both to true, or tissue_centring = false)"),
+        (not cfg.tissue_spread or cfg.tissue_centring,
+         "tissue_spread without tissue_centring (it scales the cells around the line tissue_centring fits; set "
+         "tissue_centring = true, or tissue_spread = false)"),
         (cfg.encoder_lr is None or cfg.encoder_lr >= 0, f"encoder_lr {cfg.encoder_lr} (use 0 or more)"),
         (0 <= cfg.color_jitter < 1, f"color_jitter {cfg.color_jitter} (use 0 <= color_jitter < 1)"),
         (cfg.batchnorm in ("batch", "frozen"), f"batchnorm {cfg.batchnorm!r} (use 'batch' or 'frozen')"),

@@ -343,7 +343,7 @@ def finetune(store_path: str | Path, labels_csv: str | Path, out_dir: str | Path
 UNUSED_FIT_SETTINGS = ("repeats", "weight_decay", "optimizer", "momentum", "patience", "min_epochs", "monitor",
                        "smoothing", "weight_ema", "lr_schedule", "class_weights", "standardize", "bag_mining",
                        "batch_size", "parallel_folds", "ensemble", "cell_min_tissue", "tissue_weights",
-                       "tissue_centring", "save_attention")
+                       "tissue_centring", "tissue_spread", "save_attention")
 FROM_INIT_RUN = ("model", "options", "folds", "val_fraction", "patch_min_tissue")
 END_TO_END_ONLY = ("end_to_end", "encoder_from", "augment", "color_jitter", "batchnorm", "pixel_cache_gb")
 
