@@ -1,5 +1,5 @@
-"""Input standardisation: patch statistics, cell statistics per cell position, tissue slopes, checkpoints old and
-new."""
+"""Input standardisation: patch statistics, cell statistics per cell position, tissue slopes and spreads, checkpoints
+old and new."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from mrantool.errors import ConfigError
 from mrantool.models.registry import create_head
-from mrantool.models.standardize import Standardized
+from mrantool.models.standardize import Standardized, spread_at
 from mrantool.training.api import feature_stats
 from mrantool.training.data import ArrayData
 
@@ -136,3 +136,56 @@ def test_checkpoints_load_with_or_without_tissue_slopes():
     legacy.load_state_dict(before)  # a checkpoint from before the slopes: plain centring, no fractions needed
     assert legacy.cell_slope.numel() == 0
     legacy(torch.zeros(2, 3, 8), torch.zeros(2, 3, 4, 8), torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_spread_is_interpolated_between_bin_centres():
+    spread = torch.tensor([[1.0, 2.0, 3.0, 4.0]])  # knots at tissue 0.125, 0.375, 0.625, 0.875
+    at = spread_at(spread, torch.tensor([[0.0], [0.125], [0.25], [0.5], [1.0]])).flatten()
+    assert torch.allclose(at, torch.tensor([1.0, 1.0, 1.5, 2.5, 4.0]))
+
+
+def test_tissue_spread_matches_hand_computed_bins_and_evens_the_norms():
+    """60 whole-tissue cells at +-1 and 60 border cells (tissue 0.55) at +-3, in two dimensions: by hand no slope,
+    mean 0, sd sqrt(5) around the line; squared residuals in sd^2 units 1/5 in bin 9 and 9/5 in bin 5, 1 in the
+    empty bins. Scaled by them, both kinds of cell reach the head with norm sqrt(2), where centring alone leaves the
+    border cells three times as long."""
+    signs = np.tile([1.0, -1.0], 30).astype(np.float32)
+    x = np.concatenate([signs, 3 * signs])[:, None].repeat(2, 1)  # (120, 2)
+    t = np.concatenate([np.ones(60), np.full(60, 0.55)]).astype(np.float32)
+    data = _TissueData({"s": x.reshape(120, 1, 1, 2)}, {"s": t.reshape(120, 1, 1)})
+    stats = feature_stats(data, ["s"], tissue_slopes=True, tissue_spread=True)
+    assert torch.allclose(stats["cell_slope"], torch.zeros(1, 2), atol=1e-6)
+    assert torch.allclose(stats["cell_sd"], torch.full((1, 2), 5 ** 0.5))
+    expected = torch.ones(1, 10)
+    expected[0, 9], expected[0, 5] = 0.2, 1.8
+    assert torch.allclose(stats["cell_spread"], expected, atol=1e-5)
+    seen = {}
+    for spread in (True, False):
+        head = Standardized(create_head("mran", 2, 2), 2)
+        head.set_stats(**{k: v for k, v in stats.items() if spread or k != "cell_spread"})
+        head.head.register_forward_pre_hook(lambda module, args, key=spread: seen.update({key: args[1]}))
+        bags = data.bags("s")
+        head(bags.patches, bags.cells, bags.mask, cell_mask=torch.from_numpy(t.reshape(120, 1, 1)))
+    assert torch.allclose(seen[True].norm(dim=-1), torch.full((120, 1, 1), 2 ** 0.5), atol=1e-4)
+    plain = seen[False].norm(dim=-1).flatten()
+    assert plain[60:].mean().item() == pytest.approx(3 * plain[:60].mean().item(), rel=1e-4)
+    assert "cell_spread" not in feature_stats(data, ["s"], tissue_slopes=True)  # only when asked (tissue_spread)
+
+
+def test_checkpoints_load_with_or_without_tissue_spread():
+    head = Standardized(create_head("mran", 8, 2), 8)
+    head.set_stats(torch.zeros(8), torch.ones(8), torch.zeros(4, 8), torch.ones(4, 8), torch.full((4,), 0.7),
+                   torch.zeros(4, 8), torch.full((4, 10), 4.0))
+    fresh = Standardized(create_head("mran", 8, 2), 8)
+    fresh.load_state_dict(head.state_dict())
+    assert fresh.cell_spread.shape == (4, 10)
+    before = {k: v for k, v in head.state_dict().items() if k != "cell_spread"}
+    legacy = Standardized(create_head("mran", 8, 2), 8)
+    legacy.load_state_dict(before)  # a checkpoint from before the spreads: centred, not scaled
+    assert legacy.cell_spread.numel() == 0
+    cells, tissue = torch.ones(1, 3, 4, 8), torch.full((1, 3, 4), 0.7)
+    seen = {}
+    for model in (fresh, legacy):
+        model.head.register_forward_pre_hook(lambda module, args, m=model: seen.update({id(m): args[1]}))
+        model(torch.zeros(1, 3, 8), cells, torch.ones(1, 3, dtype=torch.bool), cell_mask=tissue)
+    assert torch.allclose(seen[id(fresh)], seen[id(legacy)] / 2)  # divided by sqrt(4)

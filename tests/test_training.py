@@ -367,6 +367,8 @@ def test_tissue_centring_fits_slopes_per_fold_and_predict_applies_them(tmp_path:
     assert load_fold_models(plain.out, None, torch.device("cpu"))[0][1].cell_slope.numel() == 0
     with pytest.raises(ConfigError, match="tissue_centring without tissue_weights and standardize"):
         check_config(cfg.model_copy(update={"tissue_weights": False}))
+    with pytest.raises(ConfigError, match="tissue_spread without tissue_centring"):
+        check_config(cfg.model_copy(update={"tissue_centring": False, "tissue_spread": True}))
 
 
 def test_data_cache_mask_and_sampling(cohort: dict) -> None:
