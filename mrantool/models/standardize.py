@@ -11,7 +11,9 @@ at a patch's corners a systematic offset from its centre cells, which would othe
 norm attention to tissue borders). With fit's `tissue_centring` (the cells then come with their tissue fractions),
 the part of each cell feature that follows its tissue fraction is removed too (a least-squares slope per cell position
 and dimension, from the same training cells): glass in a cell's receptive field moves its features away from the
-mean, which standardising would otherwise turn into a large norm at tissue borders (docs/mran.md). The statistics
+mean, which standardising would otherwise turn into a large norm at tissue borders (docs/mran.md); with
+`tissue_spread` each cell is also divided by the spread of training cells at its tissue fraction around that line
+(border cells vary more than whole-tissue ones, which the line leaves as large norms). The statistics
 are buffers, so checkpoints carry them to predict and heatmaps (a checkpoint written before cells had their own
 statistics loads with the patch statistics for cells, one written before the slopes loads without them).
 """
@@ -60,8 +62,9 @@ class Standardized(nn.Module):
                   cell_spread: Tensor | None = None) -> None:
         """Use these statistics: patches (D,); cells (D,) or per position (C, D), else the patches'; with
         `cell_tissue_mean` (C,) and `cell_slope` (C, D), cells are centred at their own tissue fraction (`cell_sd`
-        is then the spread left around that line). Dimensions with almost no spread (dead ReLU units: under 1% of
-        the level's mean sd) keep sd 1."""
+        is then the spread left around that line); with `cell_spread` (C, K) too, centred cells are divided by the
+        root of its value interpolated at their fraction (`spread_at`). Dimensions with almost no spread (dead ReLU
+        units: under 1% of the level's mean sd) keep sd 1."""
         self.mean.copy_(mean)
         self.sd.copy_(floored_sd(sd))
         self.cell_mean = (mean if cell_mean is None else cell_mean).detach().clone().float()

@@ -60,7 +60,7 @@ from mrantool.training.runs import (
 from mrantool.training.splits import Split, derive_seed, make_splits, validation_split
 
 SPREAD_BINS = 10  # tissue_spread: equal bins of the cells' tissue fraction, each with its residual spread
-SPREAD_MIN_CELLS = 50  # a bin with fewer training cells at a position keeps spread 1
+SPREAD_MIN_CELLS = 50  # a bin with fewer training cells (all positions together) keeps spread 1
 
 # --- fit ---
 
@@ -81,7 +81,6 @@ def fit(cfg: FitConfig, progress: Progress | None = None) -> FitReport:
     data = StoreData(store, labels.slide_ids, cells=probe.needs_cells, patch_min_tissue=cfg.patch_min_tissue,
                      cache_gb=cfg.cache_gb, cell_min_tissue=cfg.cell_min_tissue, tissue_weights=cfg.tissue_weights)
     return fit_data(cfg, data, labels, identity=store.identity, progress=progress)
-
 
 
 def fit_data(cfg: FitConfig, data: MILData, labels: Labels, *, identity: dict[str, Any] | None = None,
@@ -274,7 +273,8 @@ def feature_stats(data: MILData, slide_ids: Sequence[str],
     {"mean", "sd"} (D,) [+ {"cell_mean", "cell_sd"} (C, D)]. With `tissue_slopes` (fit's `tissue_centring`; the
     data must give the cells' tissue fractions, as with `tissue_weights`), also each position's mean fraction and
     the least-squares slope of every cell feature on it, {"cell_tissue_mean"} (C,) and {"cell_slope"} (C, D), and
-    "cell_sd" is the spread around that line.
+    "cell_sd" is the spread around that line; with `tissue_spread` (fit's option of that name) also
+    {"cell_spread"} (C, SPREAD_BINS), the squared spread around the line per bin of the fraction (`_tissue_spread`).
 
     Cells are read only when `data.cells`. `moments` keeps each slide's sums across calls, so the K folds of a CV
     read every slide once.
@@ -304,7 +304,8 @@ def feature_stats(data: MILData, slide_ids: Sequence[str],
 
 def _slide_moments(data: MILData, slide_id: str, bins: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
     """Sums of one slide's tissue patches and, when loaded, of their cells (and, when the data gives them, of their
-    tissue fractions: a sweep's variants share these sums, with and without `tissue_centring`)."""
+    tissue fractions: a sweep's variants share these sums, with and without `tissue_centring`); with `bins`, also
+    the sums per tissue bin that `tissue_spread` needs."""
     patches, cells = data.read(slide_id, np.arange(data.n_bags(slide_id)), cells=data.cells)
     mask = data.mask(slide_id)
     out = {"patch": _moments(_float64(patches[mask]))}
@@ -326,7 +327,7 @@ def _bin_moments(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     onehot = torch.nn.functional.one_hot((t * SPREAD_BINS).long().clamp(0, SPREAD_BINS - 1), SPREAD_BINS).double()
     return (onehot.sum(0), torch.einsum("nck,nc->ck", onehot, t), torch.einsum("nck,nc->ck", onehot, t * t),
             torch.einsum("nck,ncd->ckd", onehot, x), torch.einsum("nck,ncd->ckd", onehot, x * x),
-            torch.einsum("nck,ncd,nc->ckd", onehot, x, t))
+            torch.einsum("nck,ncd->ckd", onehot, x * t.unsqueeze(-1)))  # pairwise: no (N, C, K, D) intermediate
 
 
 def _tissue_spread(stats: dict[str, torch.Tensor], bins: tuple[torch.Tensor, ...]) -> torch.Tensor:
