@@ -9,6 +9,7 @@ its mean validation AUC is not lower.
 
     python benchmarks/mran_defaults.py                                   # 4 variants, 5 seeds: ~35 min
     python benchmarks/mran_defaults.py --variants lam2 --seeds 2         # some of them
+    python benchmarks/mran_defaults.py --variants tissue-spread --name mran_defaults_tissue_spread  # ~32 min
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "ema": ({}, {"weight_ema": 0.99}),  # docs/fit.md: worse on seeds 0-2 already
     "tissue": ({}, {"tissue_weights": True}),  # each level's weights x tissue area (results/mran_defaults_tissue.md)
     "tissue-centred": ({}, {"tissue_weights": True, "tissue_centring": True}),  # + cells centred at their fraction
+    "tissue-spread": ({}, {"tissue_weights": True, "tissue_centring": True, "tissue_spread": True}),  # + scaled
 }
 DEFAULT_VARIANTS = ("lam2", "dropout.25", "adapter256", "t0")
 TABLES = {"variants": ["variant", "change", "val loss per seed", "val AUC per seed", "mean loss", "mean AUC",
