@@ -172,6 +172,40 @@ def test_tissue_spread_matches_hand_computed_bins_and_evens_the_norms():
     assert "cell_spread" not in feature_stats(data, ["s"], tissue_slopes=True)  # only when asked (tissue_spread)
 
 
+class _CountingData(_TissueData):
+    def __init__(self, *args: dict[str, np.ndarray]) -> None:
+        super().__init__(*args)
+        self.reads: list[str] = []
+
+    def read(self, slide_id: str, *args, **kwargs):
+        self.reads.append(slide_id)
+        return super().read(slide_id, *args, **kwargs)
+
+
+def test_spread_statistics_leave_the_line_alone_and_each_slide_is_read_once():
+    """With tissue_spread the slide sums come from the per-bin sums: mean, slope and sd are those computed without
+    it; a shared `moments` (a sweep's folds and variants) reads each slide once when `bins` asks for the per-bin
+    sums on the first read, whichever variant comes first."""
+    rng = np.random.default_rng(2)
+    cells = {f"s{i}": rng.normal(size=(5, 6, 3, 4)).astype(np.float32) for i in range(3)}
+    tissue = {k: rng.uniform(0.0, 1.0, size=(5, 6, 3)).astype(np.float32) for k in cells}
+    for k in cells:
+        cells[k] += 4.0 * tissue[k][..., None]
+    plain = feature_stats(_TissueData(cells, tissue), list(cells), tissue_slopes=True)
+    data = _CountingData(cells, tissue)
+    moments: dict = {}
+    first = feature_stats(data, list(cells), moments, tissue_slopes=True, bins=True)  # a variant without spread
+    spread = feature_stats(data, list(cells), moments, tissue_slopes=True, tissue_spread=True)
+    assert sorted(data.reads) == sorted(cells)
+    for key, value in plain.items():
+        assert torch.allclose(first[key], value, atol=1e-5) and torch.allclose(spread[key], value, atol=1e-5), key
+    assert "cell_spread" not in first and spread["cell_spread"].shape == (3, 10)
+    unshared = _CountingData(cells, tissue)
+    feature_stats(unshared, list(cells), moments := {}, tissue_slopes=True)
+    feature_stats(unshared, list(cells), moments, tissue_slopes=True, tissue_spread=True)
+    assert len(unshared.reads) == 2 * len(cells)  # without `bins` the spread variant reads again (the reason for it)
+
+
 def test_checkpoints_load_with_or_without_tissue_spread():
     head = Standardized(create_head("mran", 8, 2), 8)
     head.set_stats(torch.zeros(8), torch.ones(8), torch.zeros(4, 8), torch.ones(4, 8), torch.full((4,), 0.7),

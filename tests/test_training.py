@@ -17,7 +17,8 @@ from mrantool.config import FitConfig
 from mrantool.errors import ConfigError, LabelsError, StoreError
 from mrantool.models.registry import create_head
 from mrantool.store import FeatureStore, make_identity
-from mrantool.training.api import fit, fit_data, load_fold_models, predict
+from mrantool.training import api
+from mrantool.training.api import fit, fit_data, fit_many, load_fold_models, predict
 from mrantool.training.data import ArrayData, LRUCache, StoreData, cell_tissue_mask, tissue_mask
 from mrantool.training.labels import make_labels, read_labels
 from mrantool.training.loop import evaluate, torch_settings, train_fold
@@ -369,6 +370,29 @@ def test_tissue_centring_fits_slopes_per_fold_and_predict_applies_them(tmp_path:
         check_config(cfg.model_copy(update={"tissue_weights": False}))
     with pytest.raises(ConfigError, match="tissue_spread without tissue_centring"):
         check_config(cfg.model_copy(update={"tissue_centring": False, "tissue_spread": True}))
+
+
+def test_a_sweep_of_centred_and_spread_variants_reads_each_slide_once(tmp_path: Path, cohort: dict,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Variants with and without tissue_spread share one statistics pass (fit_many, as sweeps call it): each slide's
+    sums, per-bin ones included, are taken once; the two train in separate groups (their heads' buffers differ in
+    shape, which once failed the shared group) and only the spread variant's heads carry spreads."""
+    store = border_cell_store(tmp_path / "c.zarr", glass=2.0)
+    labels = read_labels(cohort["labels"], store.slide_ids())
+    cfg = FitConfig(store=str(store.path), labels=str(cohort["labels"]), out=str(tmp_path / "centred"), folds=2,
+                    tissue_weights=True, tissue_centring=True, **FAST)
+    data = StoreData(store, labels.slide_ids, cells=True, patch_min_tissue=cfg.patch_min_tissue, cache_gb=1.0,
+                     tissue_weights=True)
+    reads: list[str] = []
+    slide_moments = api._slide_moments
+    monkeypatch.setattr(api, "_slide_moments", lambda d, sid, bins=False: reads.append(sid) or slide_moments(d, sid,
+                                                                                                          bins))
+    centred, spread = fit_many([cfg, cfg.model_copy(update={"out": str(tmp_path / "spread"), "tissue_spread": True})],
+                               data, labels)
+    assert len(reads) == len(set(reads)) > N_SLIDES / 2  # every training slide of either fold, once
+    assert all(h.cell_spread.numel() == 0 for _, h, _ in load_fold_models(centred.out, None, torch.device("cpu")))
+    assert all(h.cell_spread.shape == (len(h.cell_mean), 10)
+               for _, h, _ in load_fold_models(spread.out, None, torch.device("cpu")))
 
 
 def test_data_cache_mask_and_sampling(cohort: dict) -> None:

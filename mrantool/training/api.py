@@ -119,11 +119,12 @@ def fit_many(cfgs: Sequence[FitConfig], data: MILData, labels: Labels, *, identi
     runs = [_start_run(cfg, data, labels, identity, emit) for cfg in cfgs]
     models = [(run, index, k) for run in runs for index in range(len(run.splits)) for k in range(run.cfg.ensemble)]
     moments: dict[str, dict[str, tuple[torch.Tensor, ...]]] = {}
+    bins = any(run.cfg.tissue_spread for run in runs)  # per-bin sums taken in the first read of each slide
     trained: dict[tuple[int, int], list[tuple[Member, FoldResult]]] = {}
     for group in _fold_groups(models, data):
         run0 = group[0][0]
         with torch_settings(run0.cfg.threads, run0.device):
-            members = [_member(run, index, k, data, labels, moments, emit) for run, index, k in group]
+            members = [_member(run, index, k, data, labels, moments, emit, bins=bins) for run, index, k in group]
             results = train_members(members, data, device=run0.device, progress=emit)
             for (run, index, _), member, result in zip(group, members, results, strict=True):
                 done = trained.setdefault((id(run), index), [])
@@ -162,12 +163,13 @@ def _start_run(cfg: FitConfig, data: MILData, labels: Labels, identity: dict[str
 
 
 def _fold_groups(models: list[tuple[_Run, int, int]], data: MILData) -> list[list[tuple[_Run, int, int]]]:
-    """(run, fold, member) in groups that train together: same head, options and group settings, at most
-    `parallel_folds` models (one fold's members at a time for `fold_dependent` data)."""
+    """(run, fold, member) in groups that train together: same head, options, group settings and standardisation
+    buffers (runs with and without tissue_centring or tissue_spread share the data and the statistics pass, not
+    a group), at most `parallel_folds` models (one fold's members at a time for `fold_dependent` data)."""
     groups: dict[str, list[list[tuple[_Run, int, int]]]] = {}
     for run, index, k in models:
         cfg = run.cfg
-        key = train_together_key(cfg)
+        key = train_together_key(cfg) + str((cfg.tissue_centring, cfg.tissue_spread))  # the heads' buffer shapes
         chunks = groups.setdefault(key, [[]])
         last = chunks[-1]
         if data.fold_dependent:  # a new fold starts a new group (runs compared by identity, not field by field)
@@ -187,7 +189,7 @@ def train_together_key(cfg: FitConfig) -> str:
 
 
 def _member(run: _Run, index: int, k: int, data: MILData, labels: Labels,
-            moments: dict[str, dict[str, tuple[torch.Tensor, ...]]], emit: Progress) -> Member:
+            moments: dict[str, dict[str, tuple[torch.Tensor, ...]]], emit: Progress, *, bins: bool = False) -> Member:
     """Build the seeded head of member `k` of a fold (standardised with its training slides' statistics).
 
     Member 0 is the fold's single model of a run without an ensemble; member k > 0 has its own seed and draws
@@ -213,7 +215,8 @@ def _member(run: _Run, index: int, k: int, data: MILData, labels: Labels,
         head = Standardized(head, data.in_dim)
         train_ids = [ids[i] for i in fit_rows]
         head.set_stats(**feature_stats(data, train_ids, None if data.fold_dependent else moments,
-                                       tissue_slopes=cfg.tissue_centring, tissue_spread=cfg.tissue_spread))
+                                       tissue_slopes=cfg.tissue_centring, tissue_spread=cfg.tissue_spread,
+                                       bins=bins))
     return Member(head, [ids[i] for i in fit_rows], y[fit_rows], [ids[i] for i in val_rows], y[val_rows],
                   cfg, seed, context)
 
@@ -267,7 +270,8 @@ def _keep_attention(outputs: dict[str, list[MILOutput]], slide_id: str, out: MIL
 
 def feature_stats(data: MILData, slide_ids: Sequence[str],
                   moments: dict[str, dict[str, tuple[torch.Tensor, ...]]] | None = None, *,
-                  tissue_slopes: bool = False, tissue_spread: bool = False) -> dict[str, torch.Tensor]:
+                  tissue_slopes: bool = False, tissue_spread: bool = False,
+                  bins: bool = False) -> dict[str, torch.Tensor]:
     """Mean and sd of the tissue patch embeddings of `slide_ids` (the fold's training slides) per dimension, and,
     when `data` loads cells (heads that need them), of their cell embeddings per cell position:
     {"mean", "sd"} (D,) [+ {"cell_mean", "cell_sd"} (C, D)]. With `tissue_slopes` (fit's `tissue_centring`; the
@@ -277,13 +281,14 @@ def feature_stats(data: MILData, slide_ids: Sequence[str],
     {"cell_spread"} (C, SPREAD_BINS), the squared spread around the line per bin of the fraction (`_tissue_spread`).
 
     Cells are read only when `data.cells`. `moments` keeps each slide's sums across calls, so the K folds of a CV
-    read every slide once.
+    read every slide once; `bins` keeps the per-bin sums there too (a sweep of which only some variants use
+    `tissue_spread` then reads every slide once).
     """
     moments = {} if moments is None else moments
     sums: dict[str, tuple[torch.Tensor, ...]] = {}
     for slide_id in slide_ids:
         if slide_id not in moments or (tissue_spread and "tissue_bins" not in moments[slide_id]):
-            moments[slide_id] = _slide_moments(data, slide_id, bins=tissue_spread)
+            moments[slide_id] = _slide_moments(data, slide_id, bins=tissue_spread or bins)
         for level, values in moments[slide_id].items():
             acc = sums.get(level)
             sums[level] = values if acc is None else tuple(a + v for a, v in zip(acc, values, strict=True))
@@ -309,15 +314,22 @@ def _slide_moments(data: MILData, slide_id: str, bins: bool = False) -> dict[str
     patches, cells = data.read(slide_id, np.arange(data.n_bags(slide_id)), cells=data.cells)
     mask = data.mask(slide_id)
     out = {"patch": _moments(_float64(patches[mask]))}
-    if cells is not None:
-        x = _float64(cells[mask])
+    if cells is None:
+        return out
+    x = _float64(cells[mask])
+    tissue = data.cell_mask(slide_id)
+    if tissue is None or tissue.dtype.kind != "f":
         out["cell"] = _moments(x)
-        tissue = data.cell_mask(slide_id)
-        if tissue is not None and tissue.dtype.kind == "f":
-            t = _float64(tissue[mask])
-            out["tissue"] = (t.sum(0), (t * t).sum(0), torch.einsum("ncd,nc->cd", x, t))
-            if bins:
-                out["tissue_bins"] = _bin_moments(x, t)
+        return out
+    t = _float64(tissue[mask])
+    if bins:  # the whole slide's sums are the bins' sums: x and t are squared once
+        out["tissue_bins"] = per_bin = _bin_moments(x, t)
+        n, t1, t2, x1, x2, xt = (s.sum(1) for s in per_bin)
+        out["cell"] = (x1, x2, n[0])
+        out["tissue"] = (t1, t2, xt)
+    else:
+        out["cell"] = _moments(x)
+        out["tissue"] = (t.sum(0), (t * t).sum(0), torch.einsum("ncd,nc->cd", x, t))
     return out
 
 
@@ -344,7 +356,6 @@ def _tissue_spread(stats: dict[str, torch.Tensor], bins: tuple[torch.Tensor, ...
     g = (sq / (sd * sd).unsqueeze(1)).mean(-1).sum(0) / count.clamp_min(1)
     g = torch.where(count >= SPREAD_MIN_CELLS, g.clamp_min(1e-2), torch.ones_like(g))
     return g.expand_as(n).float()
-
 
 
 def _float64(x: np.ndarray) -> torch.Tensor:
