@@ -288,3 +288,28 @@ def test_resume_is_keyed_by_content_not_paths(cohort: dict, tmp_path: Path) -> N
     writer.commit()
     assert status(run_sweep(spec, out)) == {"mean": "ran"}
     assert status(run_sweep(spec, out)) == {"mean": "skipped"}
+
+
+def test_a_group_that_fails_where_its_runs_succeed_alone_is_reported(cohort: dict, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs of one group are retried one by one when the group fails; when every one of them then trains, the
+    failure was the grouping's (once: heads with buffers of different shapes), which the sweep's notes say."""
+    from mrantool.sweep import worker
+
+    def grouped_fails(cfgs, *args, **kwargs):
+        if len(cfgs) > 1:
+            raise RuntimeError("stack expects each tensor to be equal size")
+        return fit_many(cfgs, *args, **kwargs)
+
+    fit_many = worker.fit_many
+    monkeypatch.setattr(worker, "fit_many", grouped_fails)
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(cohort["base"] + '[[variant]]\nname = "a"\nmodel = "mean"\n\n'
+                    '[[variant]]\nname = "b"\nmodel = "mean"\nlr = 0.01\n')
+    result = run_sweep(spec, tmp_path / "SWEEP", workers=1)
+    assert status(result) == {"a": "ran", "b": "ran"}
+    assert "2 run(s) (a, b) trained one by one" in result.notes[0]
+    assert "stack expects each tensor" in result.notes[0] and "mrantool bug" in result.notes[0]
+    monkeypatch.undo()
+    clean = run_sweep(spec, tmp_path / "AGAIN", workers=1)  # the group trains: nothing to report
+    assert status(clean) == {"a": "ran", "b": "ran"} and not any("one by one" in note for note in clean.notes)

@@ -103,8 +103,10 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
     tasks = [(r, str(out / "runs" / r.hash), keys[r.name]) for r in todo]
     executed = (execute_on_ray(tasks, ray) if ray is not None and tasks
                 else execute_locally(group_tasks(tasks, workers), workers, threads))
+    alone: list[RunResult] = []
     for index, result in enumerate(executed, 1):
         results[result.name] = result
+        alone += [result] if result.note else []
         emit("run_end", {"index": index, "n_todo": len(todo), "name": result.name, "hash": result.hash,
                          "status": result.status, "seconds": result.seconds, "error": result.error})
     outcomes = [read_outcome(out / "runs" / r.hash, r.name, r.hash) for r in runs]
@@ -113,6 +115,10 @@ def run_sweep(spec: SweepSpec | str | Path, out_dir: str | Path, *, workers: int
         more = " and more" if len(stale) > 3 else ""
         notes.insert(0, f"{len(stale)} finished run(s) were redone because their store, labels file or mrantool "
                         f"version changed since they ran ({', '.join(stale[:3])}{more}).")
+    if alone:
+        notes.insert(0, f"{len(alone)} run(s) ({', '.join(r.name for r in alone[:3])}) trained one by one because "
+                        f"their folds failed to train together although each run trains alone ({alone[0].note}); "
+                        "their results are right but took longer: please report this as an mrantool bug.")
     result = SweepResult(out, spec.metric, [results[r.name] for r in runs], summary,
                          time.perf_counter() - started, notes)
     emit("end", {"out": str(out), "seconds": result.seconds, "n_ran": result.count("ran"),

@@ -34,6 +34,7 @@ class RunResult:
     status: str
     seconds: float = 0.0
     error: str | None = None
+    note: str | None = None
 
 
 def labels_key(cfg: FitConfig) -> tuple[str, str, str, str]:
@@ -90,7 +91,11 @@ class Worker:
                 write_json(Path(folder) / INPUTS_FILE, {"inputs": inputs, "mrantool_version": __version__})
         except Exception as exc:
             if len(group) > 1:
-                return [result for task in group for result in self.run([task])]
+                results = [result for task in group for result in self.run([task])]
+                if all(r.status == "ran" for r in results):  # no run's own fault: the grouping is, so say it
+                    for r in results:
+                        r.note = f"{type(exc).__name__}: {exc}"
+                return results
             return [record_error(group[0], f"{type(exc).__name__}: {exc}", traceback.format_exc(),
                                  time.perf_counter() - started)]
         seconds = (time.perf_counter() - started) / len(group)
