@@ -184,11 +184,15 @@ def run_provenance() -> dict[str, Any]:
             "command": shlex.join(["python", shown, *argv[1:]])}
 
 
+STARTED = run_provenance()  # the tree as the script starts (every script imports this module first thing)
+
+
 def write_results(out_dir: Path, name: str, report: dict[str, Any], markdown: str) -> tuple[Path, Path]:
-    """Write `<name>.json` and `<name>.md` into `out_dir`, both recording the git commit and the command line
-    (`run_provenance`, unless the report has its own `command` / `git_commit`); return their paths."""
+    """Write `<name>.json` and `<name>.md` into `out_dir`, both recording the git commit and the command line the
+    script started with (`STARTED`: commits made while it ran do not count), unless the report has its own
+    `command` / `git_commit`; return their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = {**run_provenance(), **report}  # a script's own record (e.g. merged runs' commands) wins
+    report = {**STARTED, **report}  # a script's own record (e.g. merged runs' commands) wins
     dirty = " (with uncommitted changes)" if report["git_dirty"] else ""
     markdown = (markdown.rstrip("\n") + f"\n\nWritten by `{report['command']}` at git commit "
                 f"{report['git_commit']}{dirty}.\n")

@@ -64,7 +64,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import hardware, load_average, markdown_table, run_provenance, write_results
+from benchmarks.common import hardware, load_average, markdown_table, write_results
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 CRC_ROOT = SHARED / "real" / "crchistophenotypes"
@@ -686,7 +686,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"{SHARED} is absent: this benchmark needs the real data beside the project.")
     from mrantool.config import parse_options
 
-    provenance = run_provenance()  # the tree as the run starts (the figure it draws is a tracked file)
     extra_fit = parse_options(args.fit)
     started, load_before = time.perf_counter(), load_average()
     if args.encoder != "random":  # its own stores and runs beside the random-init ones
@@ -741,7 +740,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     report["seconds"] = time.perf_counter() - started
     report["load_before"], report["load_after"] = load_before, load_average()
     report["targets"] = targets(report)
-    report.update(provenance)
     json_path, md_path = write_results(args.out, args.name if not args.smoke else f"{args.name}_smoke", report,
                                        markdown(report))
     print(f"wrote {json_path} and {md_path}")

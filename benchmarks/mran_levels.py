@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import hardware, load_average, markdown_table, run_provenance, write_results
+from benchmarks.common import hardware, load_average, markdown_table, write_results
 from benchmarks.mran import ATTENTION_RADIUS_UM, CRC_ROOT, ENCODER_NOTES, ENCODERS, SHARED
 
 FOLDS = 5
@@ -203,8 +203,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             results.append({"dataset": dataset, "encoder": encoder, "store": str(path), "probes": probes})
             print(f"{dataset} {encoder}: patch {probes['patch']}, cell {probes['cell']}", flush=True)
     report = {"hardware": hardware(), "encoders": encoders, "results": results,
-              "seconds": time.perf_counter() - started, "load_before": load_before, "load_after": load_average(),
-              **run_provenance()}
+              "seconds": time.perf_counter() - started, "load_before": load_before, "load_after": load_average()}
     json_path, md_path = write_results(args.out, args.name, report, markdown(report))
     print(f"wrote {json_path} and {md_path}")
 

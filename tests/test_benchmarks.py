@@ -124,3 +124,18 @@ def test_level_probes_find_the_level_that_carries_the_label(cells_carry: bool) -
     cell_wins = found["cell"]["bag_auc"] > found["patch"]["bag_auc"]
     localises = found["cell"]["instance_auc"] > found["patch_probe_at_cells"]["instance_auc"]
     assert cell_wins == cells_carry and localises == cells_carry, found
+
+
+def test_results_record_the_commit_the_script_started_at(tmp_path: Path) -> None:
+    """A benchmark runs for an hour while work goes on: its files name the tree it started from, not the one
+    there when it writes (once a commit made mid-run was recorded)."""
+    code = ("import subprocess, sys\n"
+            "from pathlib import Path\n"
+            "from benchmarks import common\n"
+            "real = common.run_provenance\n"
+            "common.run_provenance = lambda: {**real(), 'git_commit': 'f' * 40}  # as if HEAD moved mid-run\n"
+            "common.write_results(Path(sys.argv[1]), 'probe', {}, '# probe\\n')\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, check=True, timeout=120)
+    report = json.loads((tmp_path / "probe.json").read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert report["git_commit"] == head and report["git_commit"] != "f" * 40
