@@ -421,15 +421,19 @@ def fit(
     weights: Annotated[str | None, typer.Option(help="Encoder weights to start from (--end-to-end; with --finetune "
                                                     "the store's own weights file).")] = None,
     encoder_from: Annotated[str | None, typer.Option(help="--end-to-end: start from this run's fold encoders.")] = None,
+    glass: Annotated[bool, typer.Option("--glass", help="Whole slides on background glass: MRAN's cells weighted, "
+                                        "centred and scaled by tissue (docs/mran.md).")] = False,
 ) -> None:
     """Train a MIL head on a store with patient-grouped, stratified cross-validation.
 
     Example: mrantool fit --store cohort.zarr --labels labels.csv --model mran --out runs/mran -O cells=false
 
+    Whole slides (tissue on glass): mrantool fit --store cohort.zarr --labels labels.csv --out runs/mran --glass
+
     End to end: mrantool fit --end-to-end --store small_cnn.zarr --labels labels.csv --model mran --out runs/e2e
     """
     from mrantool.cli_render import fit_progress, results_table
-    from mrantool.config import FitConfig, parse_options
+    from mrantool.config import GLASS_RECIPE, FitConfig, parse_options
     from mrantool.errors import ConfigError
     from mrantool.training.api import fit as run_fit
     from mrantool.training.pixels.e2e import fit_end_to_end
@@ -442,6 +446,8 @@ def fit(
                              ensemble=ensemble, end_to_end=end_to_end, weights=weights, encoder_from=encoder_from)
         if option:
             cfg.options = {**cfg.options, **parse_options(option)}
+        if glass:
+            cfg = cfg.model_copy(update=GLASS_RECIPE)
         if finetune and cfg.end_to_end:
             raise ConfigError("--finetune and --end-to-end are two ways to train from pixels; pass one of them.")
         return cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -17,12 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from mrantool.cli import app
 from mrantool.cohorts.synthetic import read_foci
+from mrantool.config import GLASS_RECIPE
 from mrantool.slides.writer import write_pyramid_tiff
 from mrantool.store import FeatureStore
+from mrantool.training.runs import load_fold_models
 from tests.conftest import tissue_image
 
 TINY = ["--preset", "tiny", "--workers", "0", "--batch-size", "32", "--device", "cpu", "--quiet"]
@@ -225,6 +229,18 @@ def test_sweep_and_its_hints(flow, tmp_path) -> None:
     assert "[grid]: unknown key 'not_a_key'" in refused("sweep", bad, "--out", tmp_path / "sw2")
 
 
+def test_fit_glass_trains_with_the_glass_recipe_and_refusals_name_it(flow, tmp_path) -> None:
+    fit = ("fit", "--store", flow["store"], "--labels", flow["labels"], "--folds", "2", "--epochs", "1",
+           "--device", "cpu", "--threads", "1", "--quiet", "--glass")
+    assert "fold_1: best epoch" in ok(*fit, "--model", "mran", "--out", tmp_path / "glass")
+    config = json.loads((tmp_path / "glass" / "config.json").read_text())["config"]
+    assert [config[k] for k in GLASS_RECIPE] == [True, True, True]
+    heads = load_fold_models(tmp_path / "glass", None, torch.device("cpu"))
+    assert all(h.cell_spread.numel() > 0 for _, h, _ in heads)  # the spreads reached the saved heads
+    assert "`fit --glass` sets it" in refused(*fit, "--model", "abmil", "--out", tmp_path / "abmil")
+    assert "or drop --glass" in refused(*fit, "--end-to-end", "--out", tmp_path / "e2e")
+
+
 def test_demo_runs_the_whole_flow(tmp_path) -> None:
     out = ok("demo", "--out", tmp_path / "demo", "--preset", "tiny", "--slides", "4", "--size", "1024", "--folds", "2",
              "--epochs", "2")
@@ -239,6 +255,18 @@ def test_fit_finetune_prints_progress_and_reextract_checks_labels(flow, tmp_path
                     tmp_path / "ft", "--folds", "2", "--epochs", "1", "--device", "cpu", "--threads", "1", "--quiet")
     assert code == 0, out
     assert "fold_0: best epoch" in out and "fine-tuning (test AUC)" in out
+
+
+def test_the_command_reference_matches_every_help_text() -> None:
+    """docs/cli.md says it is generated from `--help`; a new option left out of it (as --ensemble once was) fails
+    here. Refresh a block with `COLUMNS=100 mrantool COMMAND --help`, trailing spaces cut."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    blocks = re.findall(r"## (mrantool[\w\- ]*)\n\n```\n(.*?)\n```", text, flags=re.S)
+    assert {cmd for cmd, _ in blocks} >= {"mrantool", "mrantool fit", "mrantool extract", "mrantool sweep"}
+    for cmd, block in blocks:
+        shown = CliRunner().invoke(app, [*cmd.split()[1:], "--help"], env={"COLUMNS": "100", "NO_COLOR": "1"},
+                                terminal_width=100).output
+        assert "\n".join(line.rstrip() for line in shown.splitlines()).strip("\n") == block.strip("\n"), cmd
 
 
 # --- bad inputs: one sentence naming the file and the fix -------------------------------------------------

@@ -182,7 +182,7 @@ class StoreData(MILData):
             where = "this head reads no cells" if self.has_cells else f"store {store.root} has none"
             raise ConfigError(f"tissue_weights weighs cells, patches and bags by their tissue through the cell level, "
                               f"but {where}; use a head with cells (mran) on a store with cells, or set "
-                              "tissue_weights = false.")
+                              "tissue_weights = false (`fit --glass` sets it).")
         self.patch_min_tissue, self.cell_min_tissue = patch_min_tissue, cell_min_tissue
         self.tissue_weights = tissue_weights
         self.cache = LRUCache(int(cache_gb * 2**30))

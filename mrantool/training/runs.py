@@ -225,7 +225,7 @@ def check_config(cfg: FitConfig) -> None:
                                                   "keeps one model per fold; use ensemble = 1)"),
         (cfg.weights is None or cfg.encoder_from is None, "both weights and encoder_from (pass one of them)"),
         (not (cfg.tissue_weights and cfg.end_to_end), "tissue_weights with end_to_end (it applies to cached "
-                                                      "features only; use tissue_weights = false)"),
+                                                      "features only; use tissue_weights = false, or drop --glass)"),
         (not cfg.tissue_centring or (cfg.tissue_weights and cfg.standardize),
          "tissue_centring without tissue_weights and standardize (it centres the standardised cells at the tissue "
          "fractions that tissue_weights brings; set both to true, or tissue_centring = false)"),
