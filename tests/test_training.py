@@ -6,6 +6,7 @@ import copy
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -345,8 +346,16 @@ def test_tissue_weights_fit_and_predict_weigh_glassy_cells_down(tmp_path: Path, 
     assert len(predict(report.out, store.path, tmp_path / "p.csv")) == N_SLIDES
     with pytest.raises(ConfigError, match=r"tissue_weights weighs cells.*reads no cells"):
         StoreData(store, ["s01"], cells=False, patch_min_tissue=0.25, cache_gb=1.0, tissue_weights=True)
+    no_cells = write_store(tmp_path / "no_cells.zarr", n=2, has_cells=False)
+    with pytest.raises(ConfigError, match=r"tissue_weights weighs cells.*store .*no_cells.zarr has none"):
+        StoreData(no_cells, ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0, tissue_weights=True)
     with pytest.raises(ConfigError, match="tissue_weights with end_to_end"):
         check_config(cfg.model_copy(update={"end_to_end": True}))
+    shutil.rmtree(store.path / "slides" / "s01" / "cell_tissue")  # as a store written before they were kept
+    older = StoreData(FeatureStore.open(store.path), ["s01"], cells=True, patch_min_tissue=0.25, cache_gb=1.0,
+                      tissue_weights=True)
+    with pytest.raises(ConfigError, match=r"Slide s01 of store .* has no cell tissue fractions.*`fit --glass` sets it"):
+        older.bags("s01")
 
 
 def test_tissue_centring_fits_slopes_per_fold_and_predict_applies_them(tmp_path: Path, cohort: dict) -> None:

@@ -179,7 +179,7 @@ class StoreData(MILData):
         self.has_cells = store.dims.n_cells > 0
         self.cells = cells and self.has_cells
         if tissue_weights and not self.cells:
-            where = "this head reads no cells" if self.has_cells else f"store {store.root} has none"
+            where = "this head reads no cells" if self.has_cells else f"store {store.path} has none"
             raise ConfigError(f"tissue_weights weighs cells, patches and bags by their tissue through the cell level, "
                               f"but {where}; use a head with cells (mran) on a store with cells, or set "
                               "tissue_weights = false (`fit --glass` sets it).")
@@ -210,9 +210,9 @@ class StoreData(MILData):
         if slide_id not in self._cell_masks:
             tissue = self._slide(slide_id).cell_tissue
             if self.tissue_weights and tissue is None:
-                raise ConfigError(f"Slide {slide_id} of store {self.store.root} has no cell tissue fractions, which "
+                raise ConfigError(f"Slide {slide_id} of store {self.store.path} has no cell tissue fractions, which "
                                   "tissue_weights needs (it was written before they were kept); extract the slides "
-                                  "into a new store, or set tissue_weights = false.")
+                                  "into a new store, or set tissue_weights = false (`fit --glass` sets it).")
             use = self.cells and (self.cell_min_tissue > 0 or self.tissue_weights) and tissue is not None
             self._cell_masks[slide_id] = (cell_tissue_mask(tissue[:], self.cell_min_tissue, self.tissue_weights)
                                           if use else None)
