@@ -10,6 +10,8 @@ its mean validation AUC is not lower.
     python benchmarks/mran_defaults.py                                   # 4 variants, 5 seeds: ~35 min
     python benchmarks/mran_defaults.py --variants lam2 --seeds 2         # some of them
     python benchmarks/mran_defaults.py --variants tissue-spread --name mran_defaults_tissue_spread  # ~32 min
+    python benchmarks/mran_defaults.py --dataset cellfoci-rep --variants tissue-spread \
+        --name mran_defaults_glass_cellfoci_rep     # the same rule on whole slides whose white is glass
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import hardware, load_average, markdown_table, write_results
 from benchmarks.mran import SHARED, Dataset, prepare
 
-FOLDS = {"crc": 10, "pcam": 5, "generated": 4}
+FOLDS = {"crc": 10, "pcam": 5, "generated": 4, "cellfoci": 5, "cellfoci-rep": 5}  # as in benchmarks/mran.py
 # name -> (head options, fit settings) on top of `mran`'s defaults
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "default": ({}, {}),
